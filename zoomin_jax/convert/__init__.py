@@ -1,0 +1,1 @@
+"""Two-way conversion between open_clip checkpoints and zoomin_jax model directories."""

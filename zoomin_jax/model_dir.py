@@ -1,0 +1,82 @@
+"""A model directory: `model.json` (architecture in open_clip's format + preprocessing) and an orbax
+checkpoint of the Flax params under `params/`. Written by `convert import`, read by `load_clip`,
+training init and `convert export`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from zoomin_jax.errors import UserError
+from zoomin_jax.models.clip import CLIP
+from zoomin_jax.models.config import OPENAI_MEAN, OPENAI_STD, CLIPConfig
+
+FORMAT = "zoomin_jax.model/1"
+MODEL_JSON = "model.json"
+PARAMS = "params"
+
+
+def default_preprocess_cfg(cfg: CLIPConfig) -> dict:
+    return {"size": cfg.vision.image_size, "mean": list(OPENAI_MEAN), "std": list(OPENAI_STD),
+            "interpolation": "bicubic", "resize_mode": "shortest"}
+
+
+def save(directory: str | Path, cfg: CLIPConfig, params: dict, preprocess_cfg: dict,
+         preset: str | None = None) -> None:
+    import orbax.checkpoint as ocp
+    directory = Path(directory).absolute()
+    directory.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(directory / PARAMS, params, force=True)
+    meta = {"format": FORMAT, "preset": preset, "model_cfg": dict(cfg.open_clip_cfg),
+            "preprocess_cfg": preprocess_cfg}
+    (directory / MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def read_meta(directory: str | Path) -> dict:
+    path = Path(directory) / MODEL_JSON
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing; pass a directory written by `zoomin_jax.convert import` "
+                        f"or by training.") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON ({err}); rewrite it with `convert import`.") from None
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}; re-run "
+                        f"`convert import` with this version.")
+    return meta
+
+
+def config(directory: str | Path) -> CLIPConfig:
+    return CLIPConfig.from_open_clip(read_meta(directory)["model_cfg"], where=str(Path(directory) / MODEL_JSON))
+
+
+def restore_params(directory: str | Path, cfg: CLIPConfig, sharding=None) -> dict:
+    """Nested param dict (as nnx.to_pure_dict) restored from `params/`, placed by `sharding`."""
+    import orbax.checkpoint as ocp
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(0)))
+    target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+                          nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(Path(directory).absolute() / PARAMS, target)
+
+
+def load_model(directory: str | Path, dtype=None) -> tuple[CLIP, dict]:
+    """(CLIP with the directory's params, preprocess_cfg)."""
+    meta = read_meta(directory)
+    cfg = CLIPConfig.from_open_clip(meta["model_cfg"], where=str(Path(directory) / MODEL_JSON))
+    model = nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(0), dtype=dtype))
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, restore_params(directory, cfg))
+    nnx.update(model, state)
+    return model, meta["preprocess_cfg"]
+
+
+def params_numpy(directory: str | Path, cfg: CLIPConfig) -> dict:
+    return jax.tree.map(np.asarray, restore_params(directory, cfg))

@@ -1,0 +1,155 @@
+"""Flax NNX CLIP whose parameter tree reads like open_clip's state_dict.
+
+Numerics follow open_clip's `CLIP` (DESIGN.md §4): exact-erf GELU unless `quick_gelu`, LayerNorm
+eps 1e-5 with the two-pass variance, causal text mask, EOT (argmax) pooling, projections as x @ W,
+logit_scale stored as a log.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from zoomin_jax.models.config import CLIPConfig, TextConfig, VisionConfig
+
+LOGIT_SCALE_MAX = math.log(100.0)
+
+
+def quick_gelu(x):
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+def exact_gelu(x):
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _layer_norm(width, dtype, rngs):
+    # use_fast_variance=False: E[x^2]-E[x]^2 loses the 1e-5 parity with torch's two-pass LayerNorm.
+    return nnx.LayerNorm(width, epsilon=1e-5, use_fast_variance=False, dtype=dtype, rngs=rngs)
+
+
+def _normal(std):
+    return jax.nn.initializers.normal(stddev=std)
+
+
+class Attention(nnx.Module):
+    """torch.nn.MultiheadAttention: fused q|k|v `in_proj`, then `out_proj`."""
+
+    def __init__(self, width: int, heads: int, layers: int, dtype, rngs: nnx.Rngs):
+        self.heads = heads
+        self.in_proj = nnx.Linear(width, 3 * width, kernel_init=_normal(width ** -0.5), dtype=dtype, rngs=rngs)
+        self.out_proj = nnx.Linear(width, width, kernel_init=_normal(width ** -0.5 * (2 * layers) ** -0.5),
+                                   dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, causal: bool):
+        batch, length, width = x.shape
+        qkv = self.in_proj(x).reshape(batch, length, 3, self.heads, width // self.heads)
+        out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], is_causal=causal)
+        return self.out_proj(out.reshape(batch, length, width))
+
+
+class MLP(nnx.Module):
+    def __init__(self, width: int, hidden: int, layers: int, activation, dtype, rngs: nnx.Rngs):
+        self.activation = activation
+        self.c_fc = nnx.Linear(width, hidden, kernel_init=_normal((2 * width) ** -0.5), dtype=dtype, rngs=rngs)
+        self.c_proj = nnx.Linear(hidden, width, kernel_init=_normal(width ** -0.5 * (2 * layers) ** -0.5),
+                                 dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.c_proj(self.activation(self.c_fc(x)))
+
+
+class ResidualAttentionBlock(nnx.Module):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, layers: int, activation, dtype,
+                 rngs: nnx.Rngs):
+        self.ln_1 = _layer_norm(width, dtype, rngs)
+        self.attn = Attention(width, heads, layers, dtype, rngs)
+        self.ln_2 = _layer_norm(width, dtype, rngs)
+        self.mlp = MLP(width, int(width * mlp_ratio), layers, activation, dtype, rngs)
+
+    def __call__(self, x, causal: bool):
+        x = x + self.attn(self.ln_1(x), causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nnx.Module):
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, activation, dtype,
+                 rngs: nnx.Rngs):
+        self.resblocks = nnx.List([
+            ResidualAttentionBlock(width, heads, mlp_ratio, layers, activation, dtype, rngs)
+            for _ in range(layers)])
+
+    def __call__(self, x, causal: bool):
+        for block in self.resblocks:
+            x = block(x, causal)
+        return x
+
+
+class VisionTransformer(nnx.Module):
+    def __init__(self, cfg: VisionConfig, embed_dim: int, activation, dtype, rngs: nnx.Rngs):
+        scale = cfg.width ** -0.5
+        self.conv1 = nnx.Conv(3, cfg.width, (cfg.patch_size, cfg.patch_size), strides=cfg.patch_size,
+                              padding="VALID", use_bias=False, dtype=dtype, rngs=rngs)
+        self.class_embedding = nnx.Param(scale * jax.random.normal(rngs.params(), (cfg.width,)))
+        self.positional_embedding = nnx.Param(
+            scale * jax.random.normal(rngs.params(), (cfg.grid ** 2 + 1, cfg.width)))
+        self.ln_pre = _layer_norm(cfg.width, dtype, rngs)
+        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, activation, dtype, rngs)
+        self.ln_post = _layer_norm(cfg.width, dtype, rngs)
+        self.proj = nnx.Param(scale * jax.random.normal(rngs.params(), (cfg.width, embed_dim)))
+
+    def tokens(self, pixels):
+        """Transformer output before ln_post: class token [N, W] and patch grid [N, g, g, W]."""
+        x = self.conv1(pixels)
+        n, gh, gw, width = x.shape
+        cls = jnp.broadcast_to(self.class_embedding[...].astype(x.dtype), (n, 1, width))
+        x = jnp.concatenate([cls, x.reshape(n, gh * gw, width)], axis=1)
+        x = self.ln_pre(x + self.positional_embedding[...].astype(x.dtype))
+        x = self.transformer(x, causal=False)
+        return x[:, 0], x[:, 1:].reshape(n, gh, gw, width)
+
+    def head(self, x):
+        """ln_post + proj: the pooling head, shared by class tokens and ROI-pooled patch tokens."""
+        return self.ln_post(x) @ self.proj[...].astype(x.dtype)
+
+    def __call__(self, pixels):
+        return self.head(self.tokens(pixels)[0])
+
+
+class CLIP(nnx.Module):
+    def __init__(self, cfg: CLIPConfig, *, rngs: nnx.Rngs, dtype=None):
+        self.config = cfg
+        activation = quick_gelu if cfg.quick_gelu else exact_gelu
+        text = cfg.text
+        self.visual = VisionTransformer(cfg.vision, cfg.embed_dim, activation, dtype, rngs)
+        self.token_embedding = nnx.Embed(text.vocab_size, text.width, embedding_init=_normal(0.02),
+                                         dtype=dtype, rngs=rngs)
+        self.positional_embedding = nnx.Param(0.01 * jax.random.normal(rngs.params(),
+                                                                       (text.context_length, text.width)))
+        self.transformer = Transformer(text.width, text.layers, text.heads, text.mlp_ratio, activation,
+                                       dtype, rngs)
+        self.ln_final = _layer_norm(text.width, dtype, rngs)
+        self.text_projection = nnx.Param(
+            text.width ** -0.5 * jax.random.normal(rngs.params(), (text.width, cfg.embed_dim)))
+        self.logit_scale = nnx.Param(jnp.asarray(math.log(1 / 0.07), jnp.float32))
+
+    def encode_image(self, pixels):
+        """pixels: float [N, H, W, 3], normalised. Returns [N, embed_dim], not L2-normalised."""
+        return self.visual(pixels)
+
+    def encode_text(self, tokens):
+        """tokens: int [N, context_length] from `zoomin_jax.tokenize`. Returns [N, embed_dim]."""
+        x = self.token_embedding(tokens)
+        x = self.transformer(x + self.positional_embedding[...].astype(x.dtype), causal=True)
+        x = self.ln_final(x)
+        x = x[jnp.arange(x.shape[0]), jnp.argmax(tokens, axis=-1)]
+        return x @ self.text_projection[...].astype(x.dtype)
+
+    def scale(self):
+        """exp(logit_scale), clamped at 100 like open_clip's training loop."""
+        return jnp.exp(jnp.minimum(self.logit_scale[...], LOGIT_SCALE_MAX))
+
+    def __call__(self, pixels, tokens):
+        return self.encode_image(pixels), self.encode_text(tokens), self.scale()
