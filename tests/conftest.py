@@ -1,0 +1,57 @@
+"""Shared fixtures: the real data in ../shared/data and a runner for the CLIs."""
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("ZOOMIN_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        pytest.fail(f"{path} is missing: the tests read real data from ../shared/data "
+                    f"(or ZOOMIN_SHARED_DATA).")
+    return path
+
+
+def roco_captions() -> list[str]:
+    with open(_require(DATA / "captions" / "roco_test_captions.tsv"), newline="") as f:
+        return [row["caption"] for row in csv.DictReader(f, delimiter="\t")]
+
+
+def prostate_captions() -> list[str]:
+    splits = json.loads(_require(DATA / "captions" / "prostate_caption_splits.json").read_text())
+    texts = []
+    for entry in splits.values():
+        if entry.get("caption"):
+            texts.append(entry["caption"])
+        texts += [sub["caption"] for sub in entry["gt_subfigures"]]
+    return texts
+
+
+def real_images() -> list[Image.Image]:
+    """10 real PMC figures (RGB, various sizes) and 4 MedMNIST images (28x28 grayscale)."""
+    paths = sorted(glob.glob(str(_require(DATA / "figures" / "medicat") / "*.png")))
+    images = [Image.open(p) for p in paths]
+    for name in ("pneumoniamnist", "breastmnist"):
+        arrays = np.load(_require(DATA / "medmnist" / f"{name}.npz"))
+        images += [Image.fromarray(arrays["test_images"][i]) for i in range(2)]
+    return images
+
+
+def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=REPO)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
