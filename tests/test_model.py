@@ -6,7 +6,8 @@ import pytest
 from flax import nnx
 
 import zoomin_jax
-from zoomin_jax.convert.mapping import abstract_params, mappings
+from zoomin_jax.convert.mapping import mappings
+from zoomin_jax.models.clip import abstract_params
 from zoomin_jax.models import CLIP, ConfigError, get_preset
 from zoomin_jax.models.config import CLIPConfig
 

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from flax import nnx
 
 from zoomin_jax.errors import UserError
-from zoomin_jax.models.clip import CLIP
+from zoomin_jax.models.clip import CLIP, abstract_params, from_params, nest
 from zoomin_jax.models.config import OPENAI_MEAN, OPENAI_STD, CLIPConfig
 
 FORMAT = "zoomin_jax.model/1"
@@ -60,9 +59,8 @@ def restore_params(directory: str | Path, cfg: CLIPConfig, sharding=None) -> dic
     """Nested param dict (as nnx.to_pure_dict) restored from `params/`, placed by `sharding`."""
     import orbax.checkpoint as ocp
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(0)))
-    target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-                          nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+    target = nest({path: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+                   for path, leaf in abstract_params(cfg).items()})
     with ocp.StandardCheckpointer() as checkpointer:
         return checkpointer.restore(Path(directory).absolute() / PARAMS, target)
 
@@ -71,11 +69,7 @@ def load_model(directory: str | Path, dtype=None) -> tuple[CLIP, dict]:
     """(CLIP with the directory's params, preprocess_cfg)."""
     meta = read_meta(directory)
     cfg = CLIPConfig.from_open_clip(meta["model_cfg"], where=str(Path(directory) / MODEL_JSON))
-    model = nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(0), dtype=dtype))
-    state = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(state, restore_params(directory, cfg))
-    nnx.update(model, state)
-    return model, meta["preprocess_cfg"]
+    return from_params(cfg, restore_params(directory, cfg), dtype), meta["preprocess_cfg"]
 
 
 def params_numpy(directory: str | Path, cfg: CLIPConfig) -> dict:

@@ -2,19 +2,12 @@
 from __future__ import annotations
 
 import numpy as np
-from flax import nnx
 from tqdm import tqdm
 
 from zoomin_jax.convert.table import Mapping, expand
 from zoomin_jax.errors import UserError
-from zoomin_jax.models.clip import CLIP
+from zoomin_jax.models.clip import abstract_params, nest
 from zoomin_jax.models.config import CLIPConfig
-
-
-def abstract_params(cfg: CLIPConfig) -> dict[tuple, object]:
-    """Param path -> ShapeDtypeStruct of a preset, without allocating it."""
-    model = nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(0)))
-    return {path: var.get_value() for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
 def mappings(cfg: CLIPConfig) -> list[Mapping]:
@@ -24,16 +17,6 @@ def mappings(cfg: CLIPConfig) -> list[Mapping]:
 def _listing(keys: list[str], limit: int = 8) -> str:
     more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
-
-
-def _nest(flat: dict[tuple, np.ndarray]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = value
-    return tree
 
 
 def _leaf(tree: dict, path: tuple):
@@ -64,7 +47,7 @@ def state_dict_to_params(state_dict: dict[str, np.ndarray], cfg: CLIPConfig, mod
     for row in tqdm(rows, desc="import", unit="tensor", disable=not progress):
         value = np.asarray(state_dict[row.torch_key])
         flat[row.flax_path] = np.asarray(row.transform.to_flax(value), dtype=row.dtype, order="C")
-    return _nest(flat)
+    return nest(flat)
 
 
 def params_to_state_dict(params: dict, cfg: CLIPConfig, progress: bool = False) -> dict[str, np.ndarray]:

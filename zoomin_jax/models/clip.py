@@ -6,6 +6,7 @@ logit_scale stored as a log.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -153,3 +154,34 @@ class CLIP(nnx.Module):
 
     def __call__(self, pixels, tokens):
         return self.encode_image(pixels), self.encode_text(tokens), self.scale()
+
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_split(cfg: CLIPConfig, dtype) -> tuple[nnx.GraphDef, nnx.State]:
+    # Cached: tracing the initialisers of ViT-L-14 takes seconds.
+    return nnx.split(nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(0), dtype=dtype)))
+
+
+def abstract_params(cfg: CLIPConfig) -> dict[tuple, jax.ShapeDtypeStruct]:
+    """Param path (as in nnx.to_flat_state) -> ShapeDtypeStruct, without allocating the model."""
+    return {path: var.get_value() for path, var in nnx.to_flat_state(_abstract_split(cfg, None)[1])}
+
+
+def nest(flat: dict[tuple, object]) -> dict:
+    """Flat {path tuple: leaf} -> the nested dict layout of nnx.to_pure_dict."""
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return tree
+
+
+def from_params(cfg: CLIPConfig, params: dict, dtype=None) -> CLIP:
+    """A CLIP holding `params` (nested dict as nnx.to_pure_dict), never initialising weights."""
+    graphdef, abstract = _abstract_split(cfg, dtype)
+    state = jax.tree.map(lambda leaf: leaf, abstract)  # a fresh State: the cached one stays abstract
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
