@@ -1,6 +1,5 @@
 """The Flax model and the conversion table, checked against every preset's eval_shape."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx

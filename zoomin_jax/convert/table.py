@@ -86,8 +86,8 @@ def flax_path_str(path: tuple) -> str:
     return ".".join(str(part) for part in path)
 
 
-def expand(abstract_params: dict[tuple, "jax.ShapeDtypeStruct"]) -> list[Mapping]:
-    """Rows instantiated for every param path of a preset, in table order."""
+def expand(abstract_params: dict[tuple, object]) -> list[Mapping]:
+    """Rows instantiated for every param path (-> ShapeDtypeStruct) of a preset, in table order."""
     patterns = [(re.compile(re.escape(f).replace(r"\{i\}", r"(\d+)") + "$"), t, f, tr)
                 for t, f, tr in OPEN_CLIP_TABLE]
     by_row: list[list[Mapping]] = [[] for _ in patterns]

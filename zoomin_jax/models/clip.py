@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from zoomin_jax.models.config import CLIPConfig, TextConfig, VisionConfig
+from zoomin_jax.models.config import CLIPConfig, VisionConfig
 
 LOGIT_SCALE_MAX = math.log(100.0)
 
