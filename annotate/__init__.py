@@ -1,0 +1,1 @@
+"""Panel2Patch annotation stage: compound figures -> panels, per-panel captions, regions -> records."""

@@ -1,0 +1,69 @@
+"""python -m annotate {captions}: the Panel2Patch annotation stage's command line.
+
+  captions --input captions.jsonl --out out.jsonl
+      lines {"id", "caption"} -> lines {"id", "panels": [{"label", "text"}]}; a line that cannot be
+      read goes to OUT.failures.jsonl with its line number and reason, never silently dropped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from annotate.captions import split_caption
+
+
+def _caption_of(line: str) -> tuple[str, str]:
+    item = json.loads(line)
+    if not isinstance(item, dict) or "id" not in item:
+        raise ValueError("not a JSON object with an 'id'")
+    caption = item.get("caption")
+    if not isinstance(caption, str):
+        raise ValueError(f"'caption' is {type(caption).__name__}, not a string")
+    return str(item["id"]), caption
+
+
+def cmd_captions(args) -> int:
+    out, failures_path = Path(args.out), Path(f"{args.out}.failures.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = failed = 0
+    tmp_out, tmp_failures = Path(f"{out}.partial"), Path(f"{failures_path}.partial")
+    with open(args.input, "rb") as source, open(tmp_out, "w") as sink, open(tmp_failures, "w") as failures:
+        for number, raw in enumerate(tqdm(source, desc="captions", unit="caption"), start=1):
+            if not raw.strip():
+                continue
+            try:
+                figure_id, caption = _caption_of(raw.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError) as err:
+                failures.write(json.dumps({"line": number, "stage": "read", "reason": str(err)}) + "\n")
+                failed += 1
+                continue
+            sink.write(json.dumps({"id": figure_id, "panels": split_caption(caption)}) + "\n")
+            done += 1
+    os.replace(tmp_out, out)
+    os.replace(tmp_failures, failures_path)
+    print(f"captions: {done} split, {failed} failed ({failures_path})", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m annotate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("captions", help="split compound-figure captions per panel")
+    p.add_argument("--input", required=True, help="JSONL with id and caption per line")
+    p.add_argument("--out", required=True, help="output JSONL")
+    args = parser.parse_args(argv)
+    try:
+        return {"captions": cmd_captions}[args.command](args)
+    except OSError as err:
+        print(f"error: {err.filename}: {err.strerror}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

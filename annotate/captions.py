@@ -1,0 +1,206 @@
+"""Rule-based caption decomposition: a compound-figure caption -> one text per panel label.
+
+Panel markers come in a few styles: "(A)", "(a, b)", "(A–C)", "((c), (d))", "A)", "A.", "A:", "A and
+C:", "B1/B2", and bare "a ... b ..." lists. A marker that starts a clause labels the text after it
+(prefix); one that ends a clause labels the text before it (postfix, "... for LDLR (a);"); one inside
+a clause ("same case as (A) with ...") is a reference and labels nothing. Every panel text starts
+with the caption's shared context (the text before the first marker). A caption with no panel
+markers yields one panel with label "".
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+_LABEL = r"(?:[A-Za-z](?:\d{1,2})?|\d{1,2}|left|right|top|bottom|upper|lower|middle|center)"
+_JOIN = r"(?:\s*(?:,\s*and\s+|,|&|/)\s*|\s+(?:and|or)\s+)"
+_RANGE = r"(?:\s*[-–—]\s*|\s+to\s+)"
+_GROUP = rf"{_LABEL}(?:(?:{_RANGE}|{_JOIN}){_LABEL})*"
+_LETTER_GROUP = rf"[A-Za-z]\d{{0,2}}(?:(?:{_RANGE}|{_JOIN})[A-Za-z]\d{{0,2}})*"
+# "((a), (b))", "(A)", "(A–C)", "(A and B)", "(B1/B2)"
+_PAREN_GROUP = rf"\(\s*\(\s*{_GROUP}\s*\)(?:{_JOIN}\(\s*{_GROUP}\s*\))*\s*\)|\(\s*{_GROUP}\s*\)"
+_STYLES = {
+    "paren": re.compile(_PAREN_GROUP),
+    # "A) text", "A. text", "A: text", "A, text", "A and C: text" at the start of a clause; letters only
+    # so that "p<0.05)" or "2.5." never look like labels.
+    "closing": re.compile(rf"(?:^|(?<=[.;:,)\]]\s)|(?<=[a-z0-9)\]][.;:])|(?<=\band\s)|(?<=\s{{2}}))({_LETTER_GROUP})"
+                          rf"(\)|[.:,](?=\s|[A-Z]))"),
+    # "1: untreated; 2) treated" at the start of a clause
+    "numbered": re.compile(r"(?:^|(?<=[.;:]\s))(\d{1,2})(?=[:)]\s)[:)]"),
+    # "Top: H&E. Bottom panel: Ki-67."
+    "positional": re.compile(r"(?:^|(?<=[.;]\s))(?i:(left|right|top|bottom|upper|lower|middle|center)"
+                             r"(?:\s+(?:panel|row|image|column))?)\s*[:)]"),
+    # "a *10 magnification ... b *40 ...": a bare letter after a clause boundary
+    "bare": re.compile(r"(?:^|(?<=[.;:,]\s)|(?<=[a-z][.;:]))([A-Za-z])(?=\s+\S)"),
+}
+_HEMATOXYLIN_EOSIN = re.compile(r"\(?\s*H\s*(?:&|and|-|/)\s*E\s*\)?[.:,)]?", re.IGNORECASE)
+_POSITIONAL = {"left", "right", "top", "bottom", "upper", "lower", "middle", "center"}
+
+
+@dataclasses.dataclass
+class Marker:
+    start: int
+    end: int
+    labels: list[str]
+    text: str
+    role: str = ""  # prefix, postfix or reference
+
+
+def _expand(group: str) -> list[str]:
+    """'A–C' -> [A, B, C]; 'A, D and G' -> [A, D, G]; 'B1/B2' -> [B1, B2]."""
+    group = re.sub(r"[()]", " ", group)
+    labels: list[str] = []
+    for part in re.split(_JOIN, group.strip()):
+        bounds = re.split(_RANGE, part.strip())
+        if len(bounds) == 2 and len(bounds[0]) == len(bounds[1]) == 1 and bounds[0] < bounds[1] \
+                and bounds[0].isalpha() == bounds[1].isalpha():
+            first, last = bounds
+            labels += [chr(c) for c in range(ord(first), ord(last) + 1)]
+        elif len(bounds) == 2 and bounds[0].isdigit() and bounds[1].isdigit() and int(bounds[0]) < int(bounds[1]):
+            labels += [str(n) for n in range(int(bounds[0]), int(bounds[1]) + 1)]
+        else:
+            labels += [b for b in bounds if b]
+    return labels
+
+
+def _find(caption: str, style: str) -> list[Marker]:
+    found = []
+    for match in _STYLES[style].finditer(caption):
+        group = match.group(0) if style == "paren" else match.group(1)
+        group = group.lower() if style == "positional" else group
+        labels = _expand(group)
+        if labels and all(re.fullmatch(_LABEL, label) for label in labels):
+            found.append(Marker(match.start(), match.end(), labels, match.group(0)))
+    return found
+
+
+def _position(caption: str, marker: Marker, style: str) -> str:
+    """'start' of a clause, 'end' of a clause, or 'inside' one."""
+    raw_before = caption[:marker.start]
+    before, after = raw_before.rstrip(), caption[marker.end:].lstrip()
+    # "tumorigenesis(a) H&E": no space before the parenthesis means a lost sentence break.
+    starts = not before or before[-1] in ".;:,)]" or style != "paren" or raw_before == before
+    ends = not after or after[0] in ".;,:" or re.match(r"(and|or)\b", after) is not None
+    if starts and not (ends and after[:1] in ".;"):
+        return "start"
+    return "end" if ends else "inside"
+
+
+def _assign_roles(caption: str, markers: list[Marker], style: str) -> None:
+    """prefix / postfix / reference. A mid-clause marker repeating a known label is a reference
+    ("same case as (A) with"); one with a new label follows the caption's leading style."""
+    seen: set[str] = set()
+    leading = None
+    for marker in markers:
+        position = _position(caption, marker, style)
+        new = any(label not in seen for label in marker.labels)
+        if position == "start":
+            marker.role = "prefix"
+        elif position == "end" and new:
+            marker.role = "postfix"
+        elif new:
+            marker.role = leading or "prefix"
+        else:
+            marker.role = "reference"
+        if marker.role != "reference":
+            leading = leading or marker.role
+            seen.update(marker.labels)
+
+
+def _letters(labels) -> list[str]:
+    return [label[0] for label in labels if label.lower() not in _POSITIONAL]
+
+
+def _plausible(markers: list[Marker]) -> bool:
+    """Panel labels start at a/A/1 and cover at least two panels in one case."""
+    labels = [label for m in markers if m.role != "reference" for label in m.labels]
+    letters = _letters(labels)
+    if len(set(labels)) < 2:
+        return False
+    if all(label.lower() in _POSITIONAL for label in labels):
+        return True
+    if letters and all(c.isdigit() for c in letters):
+        return "1" in labels
+    alpha = [c for c in letters if c.isalpha()]
+    if not alpha or not (all(c.isupper() for c in alpha) or all(c.islower() for c in alpha)):
+        return False
+    return alpha[0].lower() == "a" and len(set(alpha)) >= 2
+
+
+def _label_key(label: str):
+    return (label[0].isdigit(), int(label) if label.isdigit() else 0, label.lower(), label)
+
+
+def _keep_label_run(markers: list[Marker]) -> list[Marker]:
+    """Drop markers outside the run of panel letters a, b, c… (one gap allowed): "(N)" for normal
+    glands or "(H & E)" among panels A–F are abbreviations, not panels."""
+    markers = [m for m in markers if m.role != "reference" and not _HEMATOXYLIN_EOSIN.fullmatch(m.text)]
+    cased = [label[0] for m in markers for label in m.labels
+             if label[0].isalpha() and label.lower() not in _POSITIONAL]
+    if not cased:
+        return markers
+    # Panel letters share one case: "(A)…(D)" with "c1 and c2:" inside D's text keeps A–D.
+    upper = sum(c.isupper() for c in cased) * 2 >= len(cased)
+    markers = [m for m in markers if all(label[0].isupper() == upper for label in m.labels)]
+    letters = {label[0].lower() for m in markers for label in m.labels}
+    run, c = set(), "a"
+    while c in letters or chr(ord(c) + 1) in letters:
+        run.add(c)
+        c = chr(ord(c) + 1)
+    return [m for m in markers if all(label.lower() not in _POSITIONAL and label[0].lower() in run
+                                      for label in m.labels)]
+
+
+def _markers(caption: str) -> list[Marker]:
+    for style in ("paren", "closing", "numbered", "positional", "bare"):
+        markers = _find(caption, style)
+        if style == "paren":
+            markers += [m for m in _find(caption, "closing") if not any(
+                o.start <= m.start < o.end for o in markers)]
+            markers.sort(key=lambda m: m.start)
+        _assign_roles(caption, markers, style)
+        markers = _keep_label_run(markers)
+        if style == "bare":  # a, b, c… in order only: a bare "a" is usually the article
+            markers = [m for n, m in enumerate(markers) if ord(m.labels[0].lower()) - ord("a") == n]
+        if _plausible(markers):
+            return markers
+    return []
+
+
+def _clean(text: str) -> str:
+    text = re.sub(r"\s+", " ", text).strip(" ,;")
+    return re.sub(r"^(?:and|or)\s+", "", text)
+
+
+def split_caption(caption: str) -> list[dict]:
+    """[{'label', 'text'}] in label order of first appearance; one unlabelled panel if no markers."""
+    caption = caption or ""
+    markers = _markers(caption)
+    if not markers:
+        return [{"label": "", "text": _clean(caption)}]
+    # Spans between markers: a prefix marker owns the text after it, a postfix one the text before.
+    first = markers[0]
+    context_end = first.start
+    if first.role == "postfix":  # the shared context ends where the first labelled clause begins
+        context_end = max(caption.rfind(p, 0, first.start) for p in (". ", ": ", ".")) + 1
+    texts: dict[str, list[str]] = {}
+    for n, marker in enumerate(markers):
+        if marker.role == "prefix":
+            end = markers[n + 1].start if n + 1 < len(markers) else len(caption)
+            if n + 1 < len(markers) and markers[n + 1].role == "postfix":
+                end = _clause_start(caption, marker.end, markers[n + 1].start)
+            span = caption[marker.end:end]
+        else:
+            previous_end = markers[n - 1].end if n else context_end
+            span = caption[max(previous_end, context_end):marker.start]
+        for label in marker.labels:
+            texts.setdefault(label, []).append(_clean(span))
+    context = _clean(caption[:context_end])
+    # Letters and numbers in label order; "top"/"bottom" as the caption reads.
+    order = list(texts) if any(label.lower() in _POSITIONAL for label in texts) else sorted(texts, key=_label_key)
+    return [{"label": label, "text": _clean(" ".join([context, *texts[label]]))} for label in order]
+
+
+def _clause_start(caption: str, lo: int, hi: int) -> int:
+    cut = max(caption.rfind(p, lo, hi) for p in (". ", "; "))
+    return cut + 1 if cut >= lo else hi

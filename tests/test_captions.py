@@ -1,0 +1,73 @@
+"""Caption decomposition on real hand-split captions, real single-figure captions, and the styles."""
+import csv
+import json
+
+import pytest
+
+from annotate.captions import split_caption
+from annotate.metrics import caption_split_scores, token_f1
+from conftest import DATA, run_cli
+
+
+def test_prostate_hand_splits():
+    splits = json.loads((DATA / "captions" / "prostate_caption_splits.json").read_text())
+    predicted = [split_caption(entry["caption"]) for entry in splits.values()]
+    reference = [[{"label": s["label"]["text"], "text": s["caption"]} for s in entry["gt_subfigures"]]
+                 for entry in splits.values()]
+    scores = caption_split_scores(predicted, reference)
+    print(scores)
+    assert scores["captions"] == 196 and scores["panels"] == 849
+    assert scores["label_set_exact_match"] >= 0.90
+    assert scores["mean_token_f1"] >= 0.80
+
+
+def test_roco_single_figure_captions_stay_whole():
+    with open(DATA / "captions" / "roco_test_captions.tsv", newline="") as f:
+        captions = [row["caption"] for row in csv.DictReader(f, delimiter="\t")]
+    single = sum(len(split_caption(c)) == 1 for c in captions) / len(captions)
+    print(f"ROCO one-panel rate {single:.4f} of {len(captions)}")
+    assert single >= 0.97
+
+
+@pytest.mark.parametrize("caption,expected", [
+    ("Renal biopsy. (A–C) PAS stain. (D) Electron microscopy.",
+     {"A": "Renal biopsy. PAS stain.", "B": "Renal biopsy. PAS stain.", "C": "Renal biopsy. PAS stain.",
+      "D": "Renal biopsy. Electron microscopy."}),
+    ("Tumour growth. (A and B) Xenografts at day 7. (C) Weights.",
+     {"A": "Tumour growth. Xenografts at day 7.", "B": "Tumour growth. Xenografts at day 7.",
+      "C": "Tumour growth. Weights."}),
+    ("Ki-67 staining. (A1/A2) Control. (B1/B2) Treated.",
+     {"A1": "Ki-67 staining. Control.", "A2": "Ki-67 staining. Control.",
+      "B1": "Ki-67 staining. Treated.", "B2": "Ki-67 staining. Treated."}),
+    ("Mouse lungs. a, wild type; b, knockout.", {"a": "Mouse lungs. wild type", "b": "Mouse lungs. knockout."}),
+    ("Western blots. 1: untreated; 2: treated.", {"1": "Western blots. untreated", "2": "Western blots. treated."}),
+    ("Top: H&E stain. Bottom: Ki-67 stain.", {"top": "H&E stain.", "bottom": "Ki-67 stain."}),
+    ("Axial CT (left) and coronal MRI (right).", {"left": "Axial CT", "right": "coronal MRI"}),
+    ("H&E of liver. A: portal tract. B: central vein (same field as A).",
+     {"A": "H&E of liver. portal tract.", "B": "H&E of liver. central vein (same field as A)."}),
+    ("Chest radiograph with consolidation in the right lower lobe (arrow).",
+     {"": "Chest radiograph with consolidation in the right lower lobe (arrow)."}),
+    ("", {"": ""}),
+])
+def test_marker_styles(caption, expected):
+    assert {p["label"]: p["text"] for p in split_caption(caption)} == expected
+
+
+def test_token_f1():
+    assert token_f1("Nuclei, stained.", "stained nuclei") == 1.0
+    assert token_f1("a b", "a c") == 0.5
+    assert token_f1("", "") == 1.0 and token_f1("x", "") == 0.0
+
+
+def test_cli_records_unreadable_lines(tmp_path):
+    lines = [json.dumps({"id": "f1", "caption": "(A) Control. (B) Treated."}).encode(), b"{not json",
+             json.dumps({"id": "f2", "caption": None}).encode(), b"\xff\xfe bad utf-8",
+             json.dumps({"id": "f3", "caption": "CT of the abdomen."}).encode()]
+    (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    run_cli("-m", "annotate", "captions", "--input", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out.jsonl"))
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [o["id"] for o in out] == ["f1", "f3"]
+    assert [p["label"] for p in out[0]["panels"]] == ["A", "B"] and len(out[1]["panels"]) == 1
+    failures = [json.loads(line) for line in (tmp_path / "out.jsonl.failures.jsonl").read_text().splitlines()]
+    assert [f["line"] for f in failures] == [2, 3, 4]
+    assert "not a string" in failures[1]["reason"]
