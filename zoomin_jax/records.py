@@ -70,11 +70,12 @@ def new_figure(**values) -> dict:
     return validate(record)
 
 
-def clip_box(box, width: int, height: int) -> list[float] | None:
-    """The box clipped to the image, or None when nothing with positive area is left."""
+def clip_box(box, width: float, height: float, left: float = 0.0, top: float = 0.0) -> list[float] | None:
+    """The box (corners in any order) clipped to [left, top, width, height] — the image by default —
+    or None when nothing with positive area is left."""
     x0, y0, x1, y1 = (float(v) for v in box)
-    x0, x1 = sorted((min(max(x0, 0.0), width), min(max(x1, 0.0), width)))
-    y0, y1 = sorted((min(max(y0, 0.0), height), min(max(y1, 0.0), height)))
+    x0, x1 = sorted((min(max(x0, left), width), min(max(x1, left), width)))
+    y0, y1 = sorted((min(max(y0, top), height), min(max(y1, top), height)))
     return [x0, y0, x1, y1] if x1 > x0 and y1 > y0 else None
 
 

@@ -1,0 +1,27 @@
+"""Every threshold of the annotation pipeline, in one place with its default (DESIGN.md §10)."""
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class AnnotateConfig:
+    # Qwen2.5-VL input resolution: smart_resize keeps H*W within these, in multiples of 28.
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+    # Refuse decoding anything larger (decompression bombs).
+    max_image_pixels: int = 64_000_000
+    # Panels: NMS among proposals that share an identifier, over scales and crops.
+    panel_nms_iou: float = 0.5
+    # Regions: a caption-phrase box is kept when its centre lies within `marker_gate_tau` of a
+    # marker centre, distances normalised by the panel diagonal.
+    marker_gate_tau: float = 0.25
+    # Keep caption-phrase boxes in panels that have no markers at all (nothing to gate against).
+    keep_ungated_caption_boxes: bool = True
+    # An unmatched marker (arrow, asterisk…) becomes a region this many times its own size.
+    marker_dilation: float = 3.0
+    region_nms_iou: float = 0.5
+    # Degenerate boxes: shortest side in pixels, longest/shortest side, area as a fraction of the panel.
+    min_region_side: float = 8.0
+    max_region_aspect: float = 8.0
+    min_region_area_fraction: float = 0.002

@@ -1,0 +1,86 @@
+"""Reading LVLM grounding answers, which are untrusted text, into boxes in original pixels.
+
+Qwen2.5-VL usually answers with a fenced JSON list such as
+  [{"bbox_2d": [34, 12, 410, 388], "label": "A"}, ...]
+sometimes with prose around it, wrong key names, or cut off mid-list at the token limit. Its
+coordinates are absolute pixels of the image it saw, which smart_resize made a multiple of 28 within
+min/max pixels (unlike Qwen2-VL's 0-1000 grid): they are mapped back to the original image here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+from zoomin_jax.records import clip_box
+
+_BOX_KEYS = ("bbox_2d", "bbox", "box", "bounding_box", "coordinates")
+_LABEL_KEYS = ("label", "text", "identifier", "name", "id")
+_FENCE = re.compile(r"```(?:json|JSON)?\s*(.*?)(?:```|$)", re.DOTALL)
+
+
+@dataclasses.dataclass
+class Parsed:
+    items: list[dict]  # {"box": [x0, y0, x1, y1] in original pixels, "label": str}
+    problems: list[str]  # one reason per thing that was dropped or repaired
+
+
+def _json_objects(text: str) -> tuple[list, bool]:
+    """JSON objects in `text`: the whole list when it parses, else every complete {...} in it."""
+    fenced = _FENCE.search(text)
+    body = fenced.group(1) if fenced else text
+    start = body.find("[")
+    if start >= 0:
+        try:
+            value, _ = json.JSONDecoder().raw_decode(body[start:])
+            if isinstance(value, list):
+                return value, False
+        except json.JSONDecodeError:
+            pass
+    decoder, objects, position = json.JSONDecoder(), [], 0
+    while (position := body.find("{", position)) >= 0:
+        try:
+            value, end = decoder.raw_decode(body, position)
+            objects.append(value)
+            position = end
+        except json.JSONDecodeError:
+            position += 1
+    return objects, True
+
+
+def resized_size(height: int, width: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """(height, width) of the image Qwen2.5-VL actually sees."""
+    return smart_resize(height, width, factor=28, min_pixels=min_pixels, max_pixels=max_pixels)
+
+
+def parse_boxes(text: str, original_size: tuple[int, int], seen_size: tuple[int, int]) -> Parsed:
+    """Boxes in original pixels from an answer about an image of `seen_size` (height, width)."""
+    height, width = original_size
+    seen_h, seen_w = seen_size
+    objects, salvaged = _json_objects(text or "")
+    problems = ["truncated or malformed JSON; kept the complete objects"] if salvaged and objects else []
+    if not objects:
+        return Parsed([], [f"no JSON boxes in answer: {text[:80]!r}" if text else "empty answer"])
+    items = []
+    for obj in objects:
+        if not isinstance(obj, dict):
+            problems.append(f"not an object: {str(obj)[:40]}")
+            continue
+        box = next((obj[k] for k in _BOX_KEYS if k in obj), None)
+        if not (isinstance(box, list) and len(box) == 4 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
+            problems.append(f"no 4-number box in {json.dumps(obj)[:60]}")
+            continue
+        x0, y0, x1, y1 = box
+        scaled = [x0 * width / seen_w, y0 * height / seen_h, x1 * width / seen_w, y1 * height / seen_h]
+        clipped = clip_box(scaled, width, height)
+        if clipped is None:
+            problems.append(f"box {box} lies outside the {seen_w}x{seen_h} input")
+            continue
+        if clipped != [float(v) for v in scaled]:
+            problems.append(f"box {box} clipped to the image")
+        label = next((obj[k] for k in _LABEL_KEYS if k in obj), "")
+        items.append({"box": clipped, "label": str(label).strip()})
+    return Parsed(items, problems)

@@ -1,0 +1,86 @@
+"""Region fusion rules (DESIGN.md §10): marker-proximity gate, dilation, NMS, clipping, degenerate filter.
+
+Path A gives marker boxes (arrows, asterisks, circles…), path B caption-phrase boxes. A phrase box
+near a marker is the region that marker points at ('fused'); a marker that no phrase box claims
+becomes a region by dilating it ('marker'); phrase boxes in a panel without markers are kept as
+'caption' regions when the config allows. Boxes are [x0, y0, x1, y1] in original pixels.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torchvision.ops import nms
+
+from annotate.config import AnnotateConfig
+from zoomin_jax.records import clip_box
+
+
+def centre(box) -> tuple[float, float]:
+    return (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+
+
+def within_gate(box, marker_box, panel_box, tau: float) -> bool:
+    """Centre distance, normalised by the panel diagonal, at most tau."""
+    (x, y), (mx, my) = centre(box), centre(marker_box)
+    diagonal = math.hypot(panel_box[2] - panel_box[0], panel_box[3] - panel_box[1])
+    return math.hypot(x - mx, y - my) <= tau * diagonal
+
+
+def dilate(box, factor: float) -> list[float]:
+    """The box scaled by `factor` about its centre (callers clip it)."""
+    (x, y), half_w, half_h = centre(box), (box[2] - box[0]) * factor / 2, (box[3] - box[1]) * factor / 2
+    return [x - half_w, y - half_h, x + half_w, y + half_h]
+
+
+def is_degenerate(box, panel_box, cfg: AnnotateConfig) -> bool:
+    width, height = box[2] - box[0], box[3] - box[1]
+    panel_area = (panel_box[2] - panel_box[0]) * (panel_box[3] - panel_box[1])
+    return (min(width, height) < cfg.min_region_side
+            or max(width, height) > cfg.max_region_aspect * min(width, height)
+            or width * height < cfg.min_region_area_fraction * panel_area)
+
+
+def non_max_suppression(regions: list[dict], iou: float) -> list[dict]:
+    """Highest-score regions first; drop any overlapping a kept one by more than `iou`."""
+    if not regions:
+        return []
+    boxes = torch.tensor([r["box"] for r in regions], dtype=torch.float64)
+    scores = torch.tensor([r["score"] for r in regions], dtype=torch.float64)
+    return [regions[i] for i in nms(boxes, scores, iou).tolist()]
+
+
+def fuse_regions(panel_box, markers: list[dict], phrases: list[dict], cfg: AnnotateConfig) -> list[dict]:
+    """Regions of one panel.
+
+    markers: {"box", "kind", "score"}; phrases: {"box", "text", "score"} (caption clauses grounded).
+    Returns {"box", "marker_box", "marker_kind", "text_sub", "source", "score"}, clipped to the panel.
+    """
+    regions, claimed = [], set()
+    for phrase in phrases:
+        gated = [n for n, m in enumerate(markers)
+                 if within_gate(phrase["box"], m["box"], panel_box, cfg.marker_gate_tau)]
+        if gated:
+            nearest = min(gated, key=lambda n: math.dist(centre(phrase["box"]), centre(markers[n]["box"])))
+            claimed.add(nearest)
+            marker = markers[nearest]
+            regions.append({"box": phrase["box"], "marker_box": marker["box"], "marker_kind": marker["kind"],
+                            "text_sub": phrase["text"], "source": "fused",
+                            "score": phrase["score"] * marker["score"]})
+        elif not markers and cfg.keep_ungated_caption_boxes:
+            regions.append({"box": phrase["box"], "marker_box": None, "marker_kind": "none",
+                            "text_sub": phrase["text"], "source": "caption", "score": phrase["score"]})
+    for n, marker in enumerate(markers):
+        if n not in claimed:
+            regions.append({"box": dilate(marker["box"], cfg.marker_dilation), "marker_box": marker["box"],
+                            "marker_kind": marker["kind"], "text_sub": "", "source": "marker",
+                            "score": marker["score"]})
+    kept = []
+    for region in regions:
+        # Clipped to the panel: a region never spills into the neighbouring panel.
+        region["box"] = clip_box(region["box"], panel_box[2], panel_box[3], panel_box[0], panel_box[1])
+        if region["box"] is None:
+            continue
+        if not is_degenerate(region["box"], panel_box, cfg):
+            kept.append(region)
+    return non_max_suppression(kept, cfg.region_nms_iou)

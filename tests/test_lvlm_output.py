@@ -1,0 +1,56 @@
+"""Parsing realistic Qwen2.5-VL grounding answers into boxes in original pixels."""
+import pytest
+
+from annotate.lvlm_output import parse_boxes, resized_size
+
+
+@pytest.mark.parametrize("original,seen", [
+    ((468, 634), (476, 644)),      # a real medicat figure: rounded to multiples of 28
+    ((4000, 3000), (1148, 840)),   # shrunk under max_pixels
+    ((28, 28), (56, 56)),          # a MedMNIST image, grown to min_pixels
+])
+def test_smart_resize_cases(original, seen):
+    assert resized_size(*original, min_pixels=56 * 56, max_pixels=28 * 28 * 1280) == seen
+
+
+def test_boxes_map_back_to_original_pixels():
+    answer = '```json\n[{"bbox_2d": [322, 238, 644, 476], "label": "B"}]\n```'
+    parsed = parse_boxes(answer, original_size=(468, 634), seen_size=(476, 644))
+    assert parsed.items == [{"box": [317.0, 234.0, 634.0, 468.0], "label": "B"}] and parsed.problems == []
+    parsed = parse_boxes('[{"bbox_2d": [28, 28, 56, 56], "label": "a"}]', (28, 28), (56, 56))
+    assert parsed.items[0]["box"] == [14.0, 14.0, 28.0, 28.0]
+    parsed = parse_boxes('[{"bbox_2d": [0, 0, 840, 1148], "label": "A"}]', (4000, 3000), (1148, 840))
+    assert parsed.items[0]["box"] == [0.0, 0.0, 3000.0, 4000.0]
+
+
+def test_prose_around_fenced_json():
+    answer = ('Sure! The figure has two panels:\n```json\n[\n  {"bbox_2d": [10, 12, 300, 400], "label": "A"},\n'
+              '  {"bbox_2d": [310, 12, 600, 400], "label": "B"}\n]\n```\nPanel A shows a stained section.')
+    parsed = parse_boxes(answer, (476, 644), (476, 644))
+    assert [i["label"] for i in parsed.items] == ["A", "B"] and parsed.problems == []
+
+
+def test_truncated_answer_keeps_complete_objects():
+    answer = '```json\n[{"bbox_2d": [10, 12, 300, 400], "label": "A"}, {"bbox_2d": [310, 12, 60'
+    parsed = parse_boxes(answer, (476, 644), (476, 644))
+    assert parsed.items == [{"box": [10.0, 12.0, 300.0, 400.0], "label": "A"}]
+    assert parsed.problems == ["truncated or malformed JSON; kept the complete objects"]
+
+
+def test_wrong_keys_and_bad_boxes_are_reported():
+    answer = ('[{"box": [1, 2, 30, 40], "text": "C"}, {"coords": [1, 2, 3, 4]}, {"bbox_2d": [1, 2, 3]},'
+              ' {"bbox_2d": [700, 500, 900, 600], "label": "D"}, {"bbox_2d": [600, 400, 700, 500], "label": "E"},'
+              ' {"bbox_2d": ["a", 1, 2, 3]}, "A"]')
+    parsed = parse_boxes(answer, (476, 644), (476, 644))
+    assert parsed.items == [{"box": [1.0, 2.0, 30.0, 40.0], "label": "C"},
+                            {"box": [600.0, 400.0, 644.0, 476.0], "label": "E"}]
+    reasons = " | ".join(parsed.problems)
+    assert reasons.count("no 4-number box") == 3 and "outside the 644x476 input" in reasons
+    assert "clipped to the image" in reasons and "not an object" in reasons
+
+
+@pytest.mark.parametrize("answer", ["", "I cannot identify any panels in this image.", "```json\n```",
+                                    "[]", "null", "\x00\xff garbage"])
+def test_garbage_gives_no_boxes_and_a_reason(answer):
+    parsed = parse_boxes(answer, (476, 644), (476, 644))
+    assert parsed.items == [] and len(parsed.problems) == 1

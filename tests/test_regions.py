@@ -1,0 +1,54 @@
+"""Each region fusion rule on hand-computed cases."""
+from annotate.config import AnnotateConfig
+from annotate.regions import dilate, fuse_regions, is_degenerate, non_max_suppression, within_gate
+
+CFG = AnnotateConfig()
+PANEL = [0, 0, 100, 100]  # diagonal 141.42; tau 0.25 -> 35.36 px
+
+
+def test_gate_uses_centre_distance_over_panel_diagonal():
+    assert within_gate([40, 40, 60, 60], [65, 65, 75, 75], PANEL, 0.25)      # 28.3 px
+    assert not within_gate([40, 40, 60, 60], [75, 75, 85, 85], PANEL, 0.25)  # 42.4 px
+    assert within_gate([40, 40, 60, 60], [75, 75, 85, 85], [0, 0, 200, 200], 0.25)  # 42.4 <= 70.7
+
+
+def test_dilation_about_the_centre():
+    assert dilate([10, 10, 20, 30], 3.0) == [0.0, -10.0, 30.0, 50.0]
+
+
+def test_degenerate_boxes():
+    big = [0, 0, 1000, 1000]  # min area 0.002 * 1e6 = 2000 px^2
+    assert is_degenerate([0, 0, 5, 50], big, CFG)        # side 5 < 8
+    assert is_degenerate([0, 0, 100, 12], big, CFG)      # aspect 8.3 > 8
+    assert is_degenerate([0, 0, 40, 40], big, CFG)       # 1600 < 2000
+    assert not is_degenerate([0, 0, 50, 50], big, CFG)   # 2500
+
+
+def test_nms_keeps_the_best_of_overlapping_boxes():
+    regions = [{"box": [0, 0, 10, 10], "score": 0.5}, {"box": [1, 1, 11, 11], "score": 0.9},  # IoU 0.68
+               {"box": [5, 0, 15, 10], "score": 0.4}]  # IoU 0.33 with the best
+    assert [r["score"] for r in non_max_suppression(regions, 0.5)] == [0.9, 0.4]
+
+
+def test_fusion_paths():
+    panel = [100, 0, 300, 200]  # diagonal 282.8 -> gate 70.7 px
+    markers = [{"box": [150, 50, 160, 60], "kind": "arrow", "score": 0.9},     # claimed by the phrase
+               {"box": [270, 170, 280, 180], "kind": "asterisk", "score": 0.8}]  # unclaimed -> dilated
+    phrases = [{"box": [160, 40, 220, 100], "text": "apoptotic nuclei", "score": 1.0},  # 36 px from arrow
+               {"box": [100, 150, 130, 200], "text": "far away", "score": 1.0}]          # gated out
+    regions = fuse_regions(panel, markers, phrases, CFG)
+    assert [(r["source"], r["marker_kind"], r["text_sub"]) for r in regions] == [
+        ("fused", "arrow", "apoptotic nuclei"), ("marker", "asterisk", "")]
+    fused, marker = regions
+    assert fused["box"] == [160.0, 40.0, 220.0, 100.0] and abs(fused["score"] - 0.9) < 1e-12
+    assert fused["marker_box"] == [150, 50, 160, 60]
+    # Dilated 3x about (275, 175) -> [260, 160, 290, 190], inside the panel.
+    assert marker["box"] == [260.0, 160.0, 290.0, 190.0]
+
+
+def test_regions_are_clipped_to_their_panel_and_ungated_phrases_kept_without_markers():
+    regions = fuse_regions([100, 0, 300, 200], [], [{"box": [80, -20, 160, 60], "text": "x", "score": 1.0}], CFG)
+    assert [(r["source"], r["box"]) for r in regions] == [("caption", [100.0, 0.0, 160.0, 60.0])]
+    strict = AnnotateConfig(keep_ungated_caption_boxes=False)
+    assert fuse_regions([100, 0, 300, 200], [], [{"box": [80, -20, 160, 60], "text": "x", "score": 1.0}],
+                        strict) == []
