@@ -1,0 +1,188 @@
+"""Figures to annotate, from a JSONL manifest, WebDataset tar shards (BIOMEDICA) or PMC JATS XML.
+
+Every source yields `Figure`s and, for whatever cannot be read, `InputFailure`s with a reason:
+nothing is dropped silently. Images are not decoded here, only located or read as bytes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import posixpath
+import tarfile
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Iterator, Sequence
+
+_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".gif", ".bmp", ".webp")
+_XLINK_HREF = "{http://www.w3.org/1999/xlink}href"
+
+
+@dataclasses.dataclass
+class Figure:
+    figure_id: str
+    source: str
+    caption: str
+    context: list[str] = dataclasses.field(default_factory=list)
+    license: str = ""
+    image_bytes: bytes | None = None
+    image_path: Path | None = None
+    panel_type: str = ""
+
+    def read_image_bytes(self) -> bytes:
+        if self.image_bytes is not None:
+            return self.image_bytes
+        if self.image_path is None:
+            raise FileNotFoundError(f"no image file found for {self.figure_id}")
+        return self.image_path.read_bytes()
+
+
+@dataclasses.dataclass
+class InputFailure:
+    figure_id: str
+    source: str
+    stage: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TarFields:
+    """Where a WebDataset sample's JSON keeps each field; the first key present wins."""
+    caption: Sequence[str] = ("caption", "image_caption")
+    context: Sequence[str] = ("context", "image_context", "inline_references")
+    license: Sequence[str] = ("license", "image_license")
+    panel_type: Sequence[str] = ("panel_type", "image_panel_type", "image_primary_label")
+
+
+def _first(meta: dict, keys: Sequence[str], default):
+    return next((meta[k] for k in keys if meta.get(k) is not None), default)
+
+
+def _as_text_list(value) -> list[str]:
+    if isinstance(value, str):
+        return [value] if value.strip() else []
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, str) and v.strip()]
+    return []
+
+
+def read_manifest(path: Path) -> Iterator[Figure | InputFailure]:
+    """JSONL lines {"id", "image" (relative to the manifest), "caption", "context"?, "license"?}."""
+    with open(path, "rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            where = f"{path}:{number}"
+            if not raw.strip():
+                continue
+            try:
+                item = json.loads(raw.decode("utf-8"))
+                if not isinstance(item, dict) or not isinstance(item.get("id"), (str, int)):
+                    raise ValueError("not a JSON object with an 'id'")
+                if not isinstance(item.get("image"), str):
+                    raise ValueError("no 'image' path")
+            except (UnicodeDecodeError, ValueError) as err:
+                yield InputFailure(where, str(path), "read", f"manifest line unreadable: {err}")
+                continue
+            caption = item.get("caption")
+            yield Figure(str(item["id"]), where, caption if isinstance(caption, str) else "",
+                         _as_text_list(item.get("context")), str(item.get("license") or ""),
+                         image_path=(path.parent / item["image"]))
+
+
+def _unsafe(name: str) -> bool:
+    normal = posixpath.normpath(name)
+    return name.startswith("/") or normal == ".." or normal.startswith("../")
+
+
+def read_tar(path: Path, fields: TarFields = TarFields()) -> Iterator[Figure | InputFailure]:
+    """WebDataset samples: members sharing a key (name up to the first dot) form one figure."""
+    sample_key, members = None, {}
+
+    def finish():
+        meta_bytes = members.get("json")
+        image_ext = next((ext for ext in members if "." + ext in _IMAGE_EXTENSIONS), None)
+        where = f"{path}:{sample_key}"
+        if image_ext is None:
+            return InputFailure(sample_key, where, "read", f"sample has no image member ({sorted(members)})")
+        try:
+            meta = json.loads(meta_bytes.decode("utf-8")) if meta_bytes is not None else {}
+            if not isinstance(meta, dict):
+                raise ValueError("its JSON is not an object")
+        except (UnicodeDecodeError, ValueError) as err:
+            return InputFailure(sample_key, where, "read", f"sample JSON unreadable: {err}")
+        caption = _first(meta, fields.caption, "")
+        return Figure(sample_key, where, caption if isinstance(caption, str) else "",
+                      _as_text_list(_first(meta, fields.context, [])), str(_first(meta, fields.license, "")),
+                      image_bytes=members[image_ext], panel_type=str(_first(meta, fields.panel_type, "")))
+
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                if _unsafe(member.name):
+                    yield InputFailure(member.name, str(path), "read",
+                                       f"tar member path {member.name!r} escapes the archive; refused")
+                    continue
+                directory, base = posixpath.split(member.name)
+                key, _, ext = base.partition(".")
+                key = posixpath.join(directory, key)
+                if key != sample_key and sample_key is not None:
+                    yield finish()
+                    members = {}
+                sample_key = key
+                members[ext.lower()] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError) as err:
+        yield InputFailure(str(path), str(path), "read", f"tar unreadable after {sample_key!r}: {err}")
+        return
+    if sample_key is not None:
+        yield finish()
+
+
+def _text(element) -> str:
+    return " ".join("".join(element.itertext()).split()) if element is not None else ""
+
+
+def read_jats(path: Path) -> Iterator[Figure | InputFailure]:
+    """Figures of one PMC article: caption (title + paragraphs), the paragraphs citing each figure,
+    and the graphic file next to the article (any usual image extension)."""
+    try:
+        root = ET.parse(path).getroot()
+    except (ET.ParseError, OSError) as err:
+        yield InputFailure(str(path), str(path), "read", f"JATS XML unreadable: {err}")
+        return
+    article_id = _text(root.find(".//article-id[@pub-id-type='pmc']")) or path.stem
+    license_ = _text(root.find(".//license"))[:200]
+    citing: dict[str, list[str]] = {}
+    for paragraph in root.iter("p"):
+        for xref in paragraph.iter("xref"):
+            if xref.get("ref-type") == "fig":
+                for rid in (xref.get("rid") or "").split():
+                    if (text := _text(paragraph)) not in citing.setdefault(rid, []):
+                        citing[rid].append(text)
+    for number, fig in enumerate(root.iter("fig")):
+        fig_id = fig.get("id") or f"fig{number}"
+        caption = _text(fig.find("caption"))
+        graphic = fig.find(".//graphic")
+        href = graphic.get(_XLINK_HREF) if graphic is not None else None
+        image_path = None
+        if href:
+            candidates = [path.parent / href] + [path.parent / (href + ext) for ext in _IMAGE_EXTENSIONS]
+            image_path = next((c for c in candidates if c.is_file()), None)
+        yield Figure(f"{article_id}/{fig_id}", f"{path}#{fig_id}", caption, citing.get(fig_id, []), license_,
+                     image_path=image_path)
+
+
+def iter_inputs(paths: Sequence[str | Path], fields: TarFields = TarFields()) -> Iterator[Figure | InputFailure]:
+    """Figures from every input file, in order; the reader is chosen by suffix."""
+    for path in map(Path, paths):
+        suffixes = "".join(path.suffixes).lower()
+        if not path.exists():
+            yield InputFailure(str(path), str(path), "read", "input file does not exist")
+        elif suffixes.endswith((".jsonl", ".json")):
+            yield from read_manifest(path)
+        elif suffixes.endswith((".tar", ".tar.gz", ".tgz")):
+            yield from read_tar(path, fields)
+        elif suffixes.endswith((".nxml", ".xml")):
+            yield from read_jats(path)
+        else:
+            yield InputFailure(str(path), str(path), "read",
+                               "unknown input type; use .jsonl manifests, .tar shards or .nxml/.xml articles")

@@ -1,0 +1,86 @@
+"""Reading figures from manifests, WebDataset tars and real PMC JATS articles; bad input is recorded."""
+import io
+import json
+import shutil
+import tarfile
+
+from PIL import Image
+
+from annotate.inputs import Figure, InputFailure, iter_inputs
+from conftest import DATA
+
+
+def png_bytes(size=(40, 30)):
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_real_jats_articles(tmp_path):
+    articles = sorted((DATA / "jats").glob("*.nxml"))
+    for article in articles:
+        shutil.copy(article, tmp_path)
+    shutil.copy(DATA / "jats" / "pone.0000217.nxml", tmp_path)
+    (tmp_path / "pone.0000217.g001.tif").write_bytes(png_bytes())
+    figures = list(iter_inputs(sorted(tmp_path.glob("*.nxml"))))
+    assert all(isinstance(f, Figure) for f in figures) and len(figures) == 17
+    fig1 = next(f for f in figures if f.figure_id.endswith("pone-0000217-g001"))
+    assert fig1.caption.startswith("Fisher's geometric model in two-dimensional phenotypic space.")
+    assert fig1.context and all("Fig. 1" in c or "Figure 1" in c for c in fig1.context)
+    assert fig1.read_image_bytes() == png_bytes()
+    assert sum(f.image_path is None for f in figures) == 16  # their image files are not shipped
+    assert len({f.figure_id for f in figures}) == 17
+
+
+def test_manifest_lines_and_failures(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.png").write_bytes(png_bytes())
+    lines = [json.dumps({"id": "a", "image": "img/a.png", "caption": "(A) x. (B) y.", "context": ["see Fig. 1"]}),
+             "{broken", json.dumps({"id": "b", "caption": "no image key"}),
+             json.dumps({"id": "c", "image": "img/missing.png", "caption": ""})]
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+    items = list(iter_inputs([tmp_path / "m.jsonl"]))
+    assert [type(i).__name__ for i in items] == ["Figure", "InputFailure", "InputFailure", "Figure"]
+    assert items[0].read_image_bytes() == png_bytes() and items[0].context == ["see Fig. 1"]
+    assert "no 'image' path" in items[2].reason and items[1].figure_id.endswith("m.jsonl:2")
+
+
+def add(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def test_webdataset_tar_with_unsafe_and_broken_members(tmp_path):
+    path = tmp_path / "shard-000000.tar"
+    with tarfile.open(path, "w") as tar:
+        add(tar, "PMC1_fig1.jpg", png_bytes())
+        add(tar, "PMC1_fig1.json", json.dumps({"image_caption": "(a) Chest CT. (b) MRI.", "license": "CC BY",
+                                               "image_context": ["as in Figure 1"]}).encode())
+        add(tar, "../evil.jpg", png_bytes())
+        add(tar, "PMC2_fig3.png", png_bytes())
+        add(tar, "PMC2_fig3.json", b"\xff not json")
+        add(tar, "PMC3_fig1.json", b"{}")
+    items = list(iter_inputs([path]))
+    kinds = [(type(i).__name__, i.figure_id) for i in items]
+    # A refused member is reported at once; a sample when its last member has been read.
+    assert kinds == [("InputFailure", "../evil.jpg"), ("Figure", "PMC1_fig1"), ("InputFailure", "PMC2_fig3"),
+                     ("InputFailure", "PMC3_fig1")]
+    assert items[1].caption == "(a) Chest CT. (b) MRI." and items[1].license == "CC BY"
+    assert items[1].context == ["as in Figure 1"] and items[1].read_image_bytes() == png_bytes()
+    assert "escapes the archive" in items[0].reason and "no image member" in items[3].reason
+    assert "sample JSON unreadable" in items[2].reason
+
+
+def test_unreadable_tar_keeps_what_was_read(tmp_path):
+    path = tmp_path / "shard.tar"
+    with tarfile.open(path, "w") as tar:
+        add(tar, "k1.png", png_bytes())
+        add(tar, "k1.json", b'{"caption": "ok"}')
+        add(tar, "k2.png", png_bytes((400, 400)) * 20)
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    items = list(iter_inputs([path, tmp_path / "nope.tar", tmp_path / "notes.txt"]))
+    assert isinstance(items[0], Figure) and items[0].figure_id == "k1"
+    assert isinstance(items[1], InputFailure) and "tar unreadable" in items[1].reason
+    assert "does not exist" in items[2].reason and "does not exist" in items[3].reason
