@@ -1,8 +1,10 @@
-"""python -m annotate {captions}: the Panel2Patch annotation stage's command line.
+"""python -m annotate {captions,synth}: the Panel2Patch annotation stage's command line.
 
   captions --input captions.jsonl --out out.jsonl
       lines {"id", "caption"} -> lines {"id", "panels": [{"label", "text"}]}; a line that cannot be
       read goes to OUT.failures.jsonl with its line number and reason, never silently dropped.
+  synth --out DIR --num N --seed S [--layouts CSV] [--medmnist NPZ]
+      compound figures with ground truth: DIR/images/*.png, DIR/manifest.jsonl, DIR/gt.jsonl.
 """
 from __future__ import annotations
 
@@ -50,6 +52,13 @@ def cmd_captions(args) -> int:
     return 0
 
 
+def cmd_synth(args) -> int:
+    from annotate.synth import synthesize
+    out = synthesize(Path(args.out), args.num, args.seed, args.layouts, args.medmnist)
+    print(f"synth: {args.num} figures in {out}", file=sys.stderr)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m annotate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,9 +66,15 @@ def main(argv=None) -> int:
     p = sub.add_parser("captions", help="split compound-figure captions per panel")
     p.add_argument("--input", required=True, help="JSONL with id and caption per line")
     p.add_argument("--out", required=True, help="output JSONL")
+    p = sub.add_parser("synth", help="synthetic compound figures with ground truth")
+    p.add_argument("--out", required=True)
+    p.add_argument("--num", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layouts", help="CSV of real layouts shaped like zou_train.csv (default: random grids)")
+    p.add_argument("--medmnist", help="MedMNIST .npz whose train_images also fill panels")
     args = parser.parse_args(argv)
     try:
-        return {"captions": cmd_captions}[args.command](args)
+        return {"captions": cmd_captions, "synth": cmd_synth}[args.command](args)
     except OSError as err:
         print(f"error: {err.filename}: {err.strerror}", file=sys.stderr)
         return 1

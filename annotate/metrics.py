@@ -31,3 +31,32 @@ def caption_split_scores(predicted: list[list[dict]], reference: list[list[dict]
                 for r in ref]
     return {"captions": len(reference), "label_set_exact_match": exact / max(len(reference), 1),
             "mean_token_f1": sum(f1s) / max(len(f1s), 1), "panels": len(f1s)}
+
+
+def match_boxes(predicted: list, reference: list, iou_threshold: float = 0.5) -> list[tuple[int, int]]:
+    """One-to-one (predicted, reference) index pairs maximising total IoU, each pair >= threshold."""
+    if not predicted or not reference:
+        return []
+    import torch
+    from scipy.optimize import linear_sum_assignment
+    from torchvision.ops import box_iou
+    iou = box_iou(torch.tensor(predicted, dtype=torch.float64), torch.tensor(reference, dtype=torch.float64)).numpy()
+    rows, cols = linear_sum_assignment(-iou)
+    return [(int(r), int(c)) for r, c in zip(rows, cols) if iou[r, c] >= iou_threshold]
+
+
+def panel_scores(predicted: list[list[dict]], reference: list[list[dict]]) -> dict:
+    """Micro precision / recall / F1 of panel boxes at IoU 0.5, and label accuracy over matched
+    reference panels that carry a label."""
+    true_pos = n_pred = n_ref = labelled = labels_right = 0
+    for pred, ref in zip(predicted, reference, strict=True):
+        pairs = match_boxes([p["box"] for p in pred], [r["box"] for r in ref])
+        true_pos, n_pred, n_ref = true_pos + len(pairs), n_pred + len(pred), n_ref + len(ref)
+        for p, r in pairs:
+            if ref[r]["label"]:
+                labelled += 1
+                labels_right += pred[p]["label"] == ref[r]["label"]
+    precision, recall = true_pos / max(n_pred, 1), true_pos / max(n_ref, 1)
+    return {"figures": len(reference), "panels": n_ref, "precision": precision, "recall": recall,
+            "f1": 2 * precision * recall / max(precision + recall, 1e-12),
+            "label_accuracy": labels_right / max(labelled, 1), "labelled_panels": labelled}

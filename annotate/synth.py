@@ -1,0 +1,193 @@
+"""Synthetic compound figures with ground truth, for the demo and for measuring the annotators.
+
+Layouts are random grids or real ones from a CSV shaped like ../shared/data/layouts/zou_train.csv
+(path,px1,py1,px2,py2,panel,lx1,ly1,lx2,ly2,label; no header). Panels are filled with real pictures
+that ship inside scikit-image (IHC stain, fluorescent cells, fundus, microaneurysms, a CT phantom),
+optional MedMNIST arrays, or procedurally drawn charts; panel letters are drawn in their label boxes;
+arrows point at objects; and each caption says what is drawn (kind, stain, colour, count), so a
+model can learn from it.
+"""
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import functools
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+COLOURS = {"red": (200, 40, 40), "blue": (40, 70, 200), "green": (40, 150, 60), "orange": (230, 130, 20),
+           "purple": (120, 50, 160)}
+
+
+@dataclasses.dataclass
+class Layout:
+    name: str
+    width: int
+    height: int
+    panels: list[tuple[list[float], list[float] | None, str]]  # (panel box, label box, label)
+
+
+@functools.lru_cache(maxsize=1)
+def _pictures() -> dict[str, tuple[np.ndarray, str]]:
+    from skimage import data
+    from skimage.data import shepp_logan_phantom
+    phantom = (shepp_logan_phantom() * 255).astype(np.uint8)
+    return {"ihc": (data.immunohistochemistry(), "immunohistochemistry of tissue with brown DAB stain"),
+            "cells": (data.cell(), "phase-contrast micrograph of cells"),
+            "fundus": (data.retina(), "fundus photograph of the retina"),
+            "microaneurysms": (data.microaneurysms(), "fundus detail with microaneurysms"),
+            "phantom": (phantom, "axial CT slice of a head phantom")}
+
+
+def load_layouts(csv_path: str | Path, margin: int = 4) -> list[Layout]:
+    """Figures of a zou_train-shaped CSV; the canvas is the panels' extent plus a margin."""
+    rows = collections.defaultdict(list)
+    with open(csv_path, newline="") as f:
+        for row in csv.reader(f):
+            rows[row[0]].append(row)
+    layouts = []
+    for name, panel_rows in rows.items():
+        panels = []
+        for row in panel_rows:
+            box = [float(v) for v in row[1:5]]
+            label_box = [float(v) for v in row[6:10]] if row[6] else None
+            panels.append((box, label_box, row[10] if label_box else ""))
+        # Zou's labels write a lowercase figure's "c" as "C" (they look alike); a real caption and
+        # the drawn letter would agree, so use the figure's majority case throughout.
+        letters = [label for _, _, label in panels if label.isalpha()]
+        lower = sum(label.islower() for label in letters) * 2 > len(letters)
+        panels = [(box, label_box, label.lower() if lower else label.upper() if letters else label)
+                  for box, label_box, label in panels]
+        width = int(max(p[0][2] for p in panels)) + margin
+        height = int(max(p[0][3] for p in panels)) + margin
+        layouts.append(Layout(name, width, height, panels))
+    return layouts
+
+
+def grid_layout(rng: np.random.Generator, name: str) -> Layout:
+    rows, cols = int(rng.integers(1, 3)), int(rng.integers(1, 4))
+    cell, gap = int(rng.integers(160, 260)), int(rng.integers(6, 20))
+    panels = []
+    for n in range(rows * cols):
+        r, c = divmod(n, cols)
+        x0, y0 = gap + c * (cell + gap), gap + r * (cell + gap)
+        label = "ABCDEFGH"[n]
+        panels.append(([x0, y0, x0 + cell, y0 + cell], [x0 + 4, y0 + 4, x0 + 30, y0 + 30], label))
+    return Layout(name, gap + cols * (cell + gap), gap + rows * (cell + gap), panels)
+
+
+def _font(size: int):
+    return ImageFont.load_default(size=max(8, size))
+
+
+def _fill_picture(rng, picture: np.ndarray, size: tuple[int, int]) -> Image.Image:
+    """A random crop of the picture, with the panel's aspect ratio, resized to fill the panel."""
+    w, h = size
+    ph, pw = picture.shape[:2]
+    scale = rng.uniform(0.5, 1.0) * min(pw / w, ph / h)
+    cw, ch = max(2, int(w * scale)), max(2, int(h * scale))
+    x, y = int(rng.integers(0, pw - cw + 1)), int(rng.integers(0, ph - ch + 1))
+    return Image.fromarray(picture[y:y + ch, x:x + cw]).convert("RGB").resize((w, h), Image.BILINEAR)
+
+
+def _draw_chart(rng, size: tuple[int, int]) -> tuple[Image.Image, str]:
+    w, h = size
+    image = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(image)
+    left, top, right, bottom = int(w * 0.1), int(h * 0.08), int(w * 0.96), int(h * 0.9)
+    draw.line([(left, top), (left, bottom), (right, bottom)], fill="black", width=max(1, w // 150))
+    colour = str(rng.choice(list(COLOURS)))
+    count = int(rng.integers(2, 7))
+    if rng.random() < 0.5:
+        step = (right - left) / count
+        for n in range(count):
+            bar_top = bottom - (bottom - top) * rng.uniform(0.2, 0.95)
+            draw.rectangle([left + n * step + step * 0.2, bar_top, left + (n + 1) * step - step * 0.2, bottom],
+                           fill=COLOURS[colour])
+        return image, f"bar chart of {count} groups in {colour}"
+    xs = np.linspace(left + 4, right, count + 2)
+    ys = bottom - (bottom - top) * rng.uniform(0.1, 0.95, size=count + 2)
+    draw.line(list(zip(xs, ys)), fill=COLOURS[colour], width=max(2, w // 100))
+    return image, f"line plot of {count + 2} time points in {colour}"
+
+
+def _draw_arrow(draw: ImageDraw.ImageDraw, tip, length: float, colour) -> list[float]:
+    """An arrow from the upper left pointing at `tip`; returns its bounding box."""
+    tx, ty = tip
+    tail = (tx - length, ty - length)
+    width = max(2, int(length / 8))
+    draw.line([tail, (tx, ty)], fill=colour, width=width)
+    head = length * 0.4
+    draw.polygon([(tx, ty), (tx - head, ty - head * 0.35), (tx - head * 0.35, ty - head)], fill=colour)
+    return [tail[0] - width, tail[1] - width, tx + width, ty + width]
+
+
+def render(layout: Layout, rng: np.random.Generator, medmnist: np.ndarray | None = None) -> tuple[Image.Image, dict]:
+    """The figure image and its ground truth (panels with label, kind, text; regions; caption)."""
+    image = Image.new("RGB", (layout.width, layout.height), "white")
+    draw = ImageDraw.Draw(image)
+    pictures = _pictures()
+    panels, regions, clauses = [], [], []
+    for panel_id, (box, label_box, label) in enumerate(layout.panels):
+        x0, y0, x1, y1 = (int(round(v)) for v in box)
+        size = (max(1, x1 - x0), max(1, y1 - y0))
+        if rng.random() < 0.3:
+            content, description = _draw_chart(rng, size)
+            kind = "chart"
+        elif medmnist is not None and rng.random() < 0.25:
+            content = Image.fromarray(medmnist[int(rng.integers(len(medmnist)))]).convert("RGB").resize(size)
+            description, kind = "chest radiograph", "photo"
+        else:
+            name = str(rng.choice(sorted(pictures)))
+            picture, description = pictures[name]
+            content, kind = _fill_picture(rng, picture, size), "photo"
+        image.paste(content, (x0, y0))
+        text = description
+        if kind == "photo" and min(size) >= 60 and rng.random() < 0.6:
+            target = (x0 + size[0] * rng.uniform(0.45, 0.8), y0 + size[1] * rng.uniform(0.45, 0.8))
+            length = min(size) * 0.18
+            marker_box = _draw_arrow(draw, target, length, (255, 235, 0))
+            side = min(size) * 0.2
+            region_box = [target[0] - side / 2, target[1] - side / 2, target[0] + side / 2, target[1] + side / 2]
+            regions.append({"panel_id": panel_id, "box": [float(v) for v in region_box],
+                            "marker_box": [float(v) for v in marker_box], "marker_kind": "arrow",
+                            "text_sub": "the arrow marks the region of interest"})
+            text += "; the arrow marks the region of interest"
+        if label_box is not None:
+            lx0, ly0, lx1, ly1 = label_box
+            draw.rectangle([lx0, ly0, lx1, ly1], fill="white")
+            draw.text(((lx0 + lx1) / 2, (ly0 + ly1) / 2), label, fill="black", anchor="mm",
+                      font=_font(int((ly1 - ly0) * 0.9)))
+        panels.append({"panel_id": panel_id, "label": label, "box": [float(x0), float(y0), float(x1), float(y1)],
+                       "kind": kind, "text": text})
+        clauses.append(f"({label}) {text[0].upper()}{text[1:]}." if label else f"{text[0].upper()}{text[1:]}.")
+    caption = "Representative biomedical images and measurements. " + " ".join(clauses)
+    return image, {"panels": panels, "regions": regions, "caption": caption,
+                   "width": layout.width, "height": layout.height}
+
+
+def synthesize(out: Path, num: int, seed: int, layouts_csv: str | None = None,
+               medmnist_npz: str | None = None) -> Path:
+    """Write out/images/*.png, out/manifest.jsonl (for `annotate run`) and out/gt.jsonl."""
+    rng = np.random.default_rng(seed)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    medmnist = np.load(medmnist_npz)["train_images"] if medmnist_npz else None
+    if layouts_csv:
+        pool = load_layouts(layouts_csv)
+        picks = rng.choice(len(pool), size=min(num, len(pool)), replace=False)
+        layouts = [pool[int(i)] for i in sorted(picks)]
+    else:
+        layouts = [grid_layout(rng, f"grid{n}") for n in range(num)]
+    with open(out / "manifest.jsonl", "w") as manifest, open(out / "gt.jsonl", "w") as gt:
+        for n, layout in enumerate(layouts):
+            figure_id = f"synth-{seed}-{n:05d}"
+            image, truth = render(layout, rng, medmnist)
+            image.save(out / "images" / f"{figure_id}.png")
+            manifest.write(json.dumps({"id": figure_id, "image": f"images/{figure_id}.png",
+                                       "caption": truth["caption"], "layout": layout.name}) + "\n")
+            gt.write(json.dumps({"id": figure_id, **truth}) + "\n")
+    return out
