@@ -1,4 +1,9 @@
-"""python -m annotate {captions,synth}: the Panel2Patch annotation stage's command line.
+"""python -m annotate {run,captions,synth}: the Panel2Patch annotation stage's command line.
+
+  run --input PATH... --out DIR --backend heuristic [--num-shards N --shard-index I]
+      figures (.jsonl manifests, WebDataset .tar shards, JATS .nxml) -> DIR/records-SSSSS-of-NNNNN
+      .array_record, DIR/failures-….jsonl (id, stage, reason), DIR/summary-….json; resumable. The
+      shard comes from the flags, else SLURM_ARRAY_TASK_ID/COUNT, else RANK/WORLD_SIZE.
 
   captions --input captions.jsonl --out out.jsonl
       lines {"id", "caption"} -> lines {"id", "panels": [{"label", "text"}]}; a line that cannot be
@@ -52,6 +57,19 @@ def cmd_captions(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    from annotate.backends import make_backend
+    from annotate.run import run_shard, shard_from_env
+    num_shards, shard_index = shard_from_env(args.num_shards, args.shard_index)
+    if not 0 <= shard_index < num_shards:
+        print(f"error: shard index {shard_index} is outside 0..{num_shards - 1}", file=sys.stderr)
+        return 1
+    summary = run_shard(args.input, args.out, make_backend(args.backend, args.model), num_shards, shard_index,
+                        batch_size=args.batch_size, part_size=args.part_size)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def cmd_synth(args) -> int:
     from annotate.synth import synthesize
     out = synthesize(Path(args.out), args.num, args.seed, args.layouts, args.medmnist)
@@ -63,6 +81,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m annotate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="annotate figures into ArrayRecord shards")
+    p.add_argument("--input", nargs="+", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--backend", default="heuristic", choices=["heuristic"])
+    p.add_argument("--model", help="model directory for LVLM backends")
+    p.add_argument("--num-shards", type=int)
+    p.add_argument("--shard-index", type=int)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--part-size", type=int, default=256, help="records per part file (the unit of resume)")
     p = sub.add_parser("captions", help="split compound-figure captions per panel")
     p.add_argument("--input", required=True, help="JSONL with id and caption per line")
     p.add_argument("--out", required=True, help="output JSONL")
@@ -74,7 +101,7 @@ def main(argv=None) -> int:
     p.add_argument("--medmnist", help="MedMNIST .npz whose train_images also fill panels")
     args = parser.parse_args(argv)
     try:
-        return {"captions": cmd_captions, "synth": cmd_synth}[args.command](args)
+        return {"run": cmd_run, "captions": cmd_captions, "synth": cmd_synth}[args.command](args)
     except OSError as err:
         print(f"error: {err.filename}: {err.strerror}", file=sys.stderr)
         return 1

@@ -1,0 +1,33 @@
+"""Annotation backends behind one interface (`pipeline.Backend`): heuristic on CPU; qwen and vllm
+arrive with their own module and are imported only when chosen."""
+from __future__ import annotations
+
+from PIL import Image
+
+from annotate.captions import split_caption
+from annotate.heuristic import SplitConfig, assign_labels, split_panels
+from annotate.pipeline import Proposal
+
+
+class HeuristicBackend:
+    """XY-cut panels, caption labels in reading order, no markers (so no regions)."""
+    name = "heuristic"
+    model_id = "xy-cut"
+
+    def __init__(self, split_cfg: SplitConfig = SplitConfig()):
+        self.split_cfg = split_cfg
+
+    def propose(self, images: list[Image.Image], captions: list[str]) -> list[Proposal]:
+        proposals = []
+        for image, caption in zip(images, captions, strict=True):
+            boxes = split_panels(image, self.split_cfg)
+            labels = assign_labels(boxes, [p["label"] for p in split_caption(caption)])
+            proposals.append(Proposal([{"box": box, "label": label, "score": 1.0}
+                                       for box, label in zip(boxes, labels)]))
+        return proposals
+
+
+def make_backend(name: str, model: str | None = None):
+    if name == "heuristic":
+        return HeuristicBackend()
+    raise ValueError(f"backend {name!r} is not available in this version; use --backend heuristic")

@@ -1,0 +1,137 @@
+"""One figure in, one validated figure record out (or a FigureError saying which stage failed and why).
+
+Stages: read the bytes, decode the image (size-capped), propose panels (backend), split the caption
+per panel label, classify panels, mine regions (backend markers + caption phrases, fused), build the
+record. The record keeps the original encoded bytes untouched; decoding is only for analysis.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import time
+import warnings
+from typing import Protocol
+
+import numpy as np
+from PIL import Image
+
+from annotate.captions import split_caption
+from annotate.config import AnnotateConfig
+from annotate.heuristic import panel_kind
+from annotate.inputs import Figure
+from annotate.regions import fuse_regions
+from zoomin_jax import records
+
+PROMPT_VERSION = "panel2patch-1"
+
+
+class FigureError(Exception):
+    def __init__(self, stage: str, reason: str):
+        super().__init__(f"{stage}: {reason}")
+        self.stage, self.reason = stage, reason
+
+
+@dataclasses.dataclass
+class Proposal:
+    """What a backend sees in one figure. Boxes in original pixels."""
+    panels: list[dict]                                         # {"box", "label", "score"}
+    markers: dict[int, list[dict]] = dataclasses.field(default_factory=dict)   # panel index -> markers
+    phrases: dict[int, list[dict]] = dataclasses.field(default_factory=dict)   # panel index -> phrase boxes
+    panel_descriptions: dict[int, str] = dataclasses.field(default_factory=dict)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+
+class Backend(Protocol):
+    name: str
+    model_id: str
+
+    def propose(self, images: list[Image.Image], captions: list[str]) -> list[Proposal]:
+        """One proposal per image, in order; a backend never raises for one bad figure."""
+
+
+def decode(data: bytes, cfg: AnnotateConfig) -> Image.Image:
+    """An RGB image for analysis; FigureError for empty, corrupt, truncated or oversized files."""
+    if not data:
+        raise FigureError("decode", "empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > cfg.max_image_pixels:
+                raise FigureError("decode", f"{width}x{height} exceeds max_image_pixels={cfg.max_image_pixels} "
+                                            f"(decompression bomb guard)")
+            image.load()
+    except FigureError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise FigureError("decode", f"decompression bomb refused: {err}") from None
+    except (OSError, ValueError, SyntaxError) as err:
+        raise FigureError("decode", f"unreadable or truncated image: {err}") from None
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit and float images: stretch to 8 bits rather than clip to white.
+        pixels = np.asarray(image, dtype=np.float64)
+        low, high = float(pixels.min()), float(pixels.max())
+        image = Image.fromarray(((pixels - low) / max(high - low, 1e-9) * 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def build_record(figure: Figure, data: bytes, image: Image.Image, proposal: Proposal, backend: Backend,
+                 cfg: AnnotateConfig, seconds: float) -> dict:
+    width, height = image.size
+    boxes = [p for p in proposal.panels if records.clip_box(p["box"], width, height)]
+    if not boxes:  # a figure with no detectable panels is one panel
+        boxes = [{"box": [0.0, 0.0, float(width), float(height)], "label": "", "score": 0.0}]
+        proposal.warnings.append("no panels proposed; the whole figure is one panel")
+    # Each panel gets its sub-caption; a panel the caption does not name gets the whole caption.
+    by_label = {p["label"]: p["text"] for p in split_caption(figure.caption) if p["label"]}
+    panels, regions = [], []
+    for panel_id, proposed in enumerate(boxes):
+        box = records.clip_box(proposed["box"], width, height)
+        label = proposed["label"]
+        panels.append(records.new_panel(
+            panel_id=panel_id, label=label, box=box, text=by_label.get(label, figure.caption.strip()),
+            text_lvlm=proposal.panel_descriptions.get(panel_id, ""), kind=panel_kind(image, box),
+            score=float(proposed["score"])))
+        for region in fuse_regions(box, proposal.markers.get(panel_id, []), proposal.phrases.get(panel_id, []),
+                                   cfg):
+            regions.append(records.new_region(panel_id=panel_id, text_lvlm="", **region))
+    return records.new_figure(
+        figure_id=figure.figure_id, source=figure.source, license=figure.license, image_bytes=data,
+        width=width, height=height, caption=figure.caption, context=figure.context, panels=panels,
+        regions=regions, annotation={"backend": backend.name, "model": backend.model_id,
+                                     "prompt_version": PROMPT_VERSION, "seconds": round(seconds, 4),
+                                     "warnings": proposal.warnings})
+
+
+def annotate_batch(figures: list[Figure], backend: Backend, cfg: AnnotateConfig) -> list[dict | FigureError]:
+    """Records (or the error of each figure that failed), in input order."""
+    start = time.perf_counter()
+    decoded: list[tuple[Figure, bytes, Image.Image] | FigureError] = []
+    for figure in figures:
+        try:
+            data = figure.read_image_bytes()
+        except OSError as err:
+            decoded.append(FigureError("read", f"image unreadable: {err}"))
+            continue
+        try:
+            decoded.append((figure, data, decode(data, cfg)))
+        except FigureError as err:
+            decoded.append(err)
+    good = [d for d in decoded if not isinstance(d, FigureError)]
+    proposals = iter(backend.propose([image for _, _, image in good], [f.caption for f, _, _ in good]))
+    seconds = (time.perf_counter() - start) / max(len(figures), 1)
+    results: list[dict | FigureError] = []
+    for item in decoded:
+        if isinstance(item, FigureError):
+            results.append(item)
+            continue
+        figure, data, image = item
+        try:
+            results.append(build_record(figure, data, image, next(proposals), backend, cfg, seconds))
+        except records.RecordError as err:
+            results.append(FigureError("record", str(err)))
+    return results

@@ -1,0 +1,114 @@
+"""`annotate run`: bad input recorded with reasons, sharding, and kill -9 / resume exactly once."""
+import io
+import json
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from annotate.backends import HeuristicBackend
+from annotate.run import run_shard
+from annotate.synth import synthesize
+from conftest import REPO
+from zoomin_jax import records
+
+
+def encoded(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def ids_in(out):
+    got = [r["figure_id"] for r in records.iter_records(sorted(out.glob("records-*.array_record")))]
+    for path in out.glob("failures-*.jsonl"):
+        got += [json.loads(line)["id"] for line in path.read_text().splitlines()]
+    return got
+
+
+@pytest.fixture(scope="module")
+def figures(tmp_path_factory):
+    return synthesize(tmp_path_factory.mktemp("synth"), num=40, seed=3)
+
+
+def test_bad_inputs_are_recorded_and_the_shard_finishes(tmp_path, figures):
+    d = tmp_path / "img"
+    d.mkdir()
+    rgb = Image.open(figures / "images" / "synth-3-00000.png").convert("RGB")
+    (d / "empty.png").write_bytes(b"")
+    jpeg = encoded(rgb, "JPEG")
+    (d / "truncated.jpg").write_bytes(jpeg[:len(jpeg) // 3])
+    (d / "bomb.png").write_bytes(encoded(Image.new("1", (9000, 9000)), "PNG"))  # 81 Mpx in a few kB
+    (d / "cmyk.jpg").write_bytes(encoded(rgb.convert("CMYK"), "JPEG"))
+    (d / "sixteen.png").write_bytes(encoded(Image.fromarray((np.asarray(rgb.convert("L"), np.uint16) * 257)), "PNG"))
+    (d / "palette.png").write_bytes(encoded(rgb.convert("P"), "PNG"))
+    (d / "alpha.png").write_bytes(encoded(rgb.convert("RGBA"), "PNG"))
+    caption = "Kidney biopsy. (A) PAS stain. (B) Electron micrograph."
+    lines = [json.dumps({"id": name, "image": f"img/{name}.{ext}", "caption": caption}).encode()
+             for name, ext in (("empty", "png"), ("truncated", "jpg"), ("bomb", "png"), ("cmyk", "jpg"),
+                               ("sixteen", "png"), ("palette", "png"), ("alpha", "png"), ("missing", "png"))]
+    lines.append(b'{"id": "latin1", "image": "img/cmyk.jpg", "caption": "\xe9t\xe9"}')
+    lines.append(json.dumps({"id": "nocaption", "image": "img/alpha.png", "caption": ""}).encode())
+    lines.append(json.dumps({"id": "cmyk", "image": "img/palette.png", "caption": caption}).encode())  # duplicate
+    (tmp_path / "manifest.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    with tarfile.open(tmp_path / "evil.tar", "w") as tar:
+        for name, data in (("../escape.png", encoded(rgb, "PNG")), ("ok.png", encoded(rgb, "PNG")),
+                           ("ok.json", json.dumps({"caption": caption}).encode())):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (tmp_path / "broken.tar").write_bytes(b"\x00" * 100 + b"not a tar at all" * 50)
+
+    out = tmp_path / "out"
+    summary = run_shard([str(tmp_path / "manifest.jsonl"), str(tmp_path / "evil.tar"), str(tmp_path / "broken.tar")],
+                        out, HeuristicBackend())
+    got = {r["figure_id"]: r for r in records.iter_records(out / "records-00000-of-00001.array_record")}
+    assert sorted(got) == ["alpha", "cmyk", "nocaption", "ok", "palette", "sixteen"]
+    assert got["cmyk"]["image_bytes"] == (d / "cmyk.jpg").read_bytes()  # original bytes, untouched
+    assert got["nocaption"]["caption"] == "" and len(got["ok"]["panels"]) >= 1
+    failures = {f["id"]: f for f in map(json.loads, (out / "failures-00000-of-00001.jsonl").read_text().splitlines())}
+    reasons = {k: f"{v['stage']}: {v['reason']}" for k, v in failures.items()}
+    assert "empty file" in reasons["empty"] and "truncated" in reasons["truncated"]
+    assert "decompression bomb" in reasons["bomb"] and "No such file" in reasons["missing"]
+    assert "duplicate id" in reasons["cmyk"] and "escapes the archive" in reasons["../escape.png"]
+    assert any("manifest line unreadable" in r for k, r in reasons.items() if k.endswith("manifest.jsonl:9"))
+    assert any("tar unreadable" in r for k, r in reasons.items() if k.endswith("broken.tar"))
+    assert summary["figures"] == 6 and summary["failures"] == len(failures) == 8
+
+
+def test_shards_partition_the_inputs(tmp_path, figures):
+    manifest = str(figures / "manifest.jsonl")
+    for index in range(3):
+        run_shard([manifest], tmp_path, HeuristicBackend(), num_shards=3, shard_index=index)
+    expected = [json.loads(line)["id"] for line in (figures / "manifest.jsonl").read_text().splitlines()]
+    got = ids_in(tmp_path)
+    assert sorted(got) == sorted(expected) and len(list(tmp_path.glob("summary-*-of-00003.json"))) == 3
+
+
+def test_kill_9_mid_shard_then_resume_gives_each_id_once(tmp_path):
+    data = synthesize(tmp_path / "synth", num=120, seed=5)
+    lines = (data / "manifest.jsonl").read_text().splitlines()
+    lines += [json.dumps({"id": f"gone-{n}", "image": f"images/gone-{n}.png", "caption": ""}) for n in range(15)]
+    (data / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "annotate", "run", "--input", str(data / "manifest.jsonl"), "--out", str(out),
+               "--batch-size", "2", "--part-size", "10"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(list(out.glob("records-*.part-*.array_record"))) < 3 and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "summary-00000-of-00001.json").exists(), "the run finished before it was killed"
+    subprocess.run(command, cwd=REPO, check=True, capture_output=True)
+    got = ids_in(out)
+    expected = [json.loads(line)["id"] for line in lines]
+    assert len(got) == len(set(got)) == len(expected) and set(got) == set(expected)
+    summary = json.loads((out / "summary-00000-of-00001.json").read_text())
+    assert summary["resumed_with_done"] >= 30 and summary["figures"] == 120 and summary["failures"] == 15
+    assert not list(out.glob("*.part-*")) and not list(out.glob("*.partial"))
