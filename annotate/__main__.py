@@ -1,6 +1,6 @@
 """python -m annotate {run,captions,synth}: the Panel2Patch annotation stage's command line.
 
-  run --input PATH... --out DIR --backend heuristic [--num-shards N --shard-index I]
+  run --input PATH... --out DIR --backend heuristic|qwen [--model DIR] [--num-shards N --shard-index I]
       figures (.jsonl manifests, WebDataset .tar shards, JATS .nxml) -> DIR/records-SSSSS-of-NNNNN
       .array_record, DIR/failures-….jsonl (id, stage, reason), DIR/summary-….json; resumable. The
       shard comes from the flags, else SLURM_ARRAY_TASK_ID/COUNT, else RANK/WORLD_SIZE.
@@ -64,7 +64,12 @@ def cmd_run(args) -> int:
     if not 0 <= shard_index < num_shards:
         print(f"error: shard index {shard_index} is outside 0..{num_shards - 1}", file=sys.stderr)
         return 1
-    summary = run_shard(args.input, args.out, make_backend(args.backend, args.model), num_shards, shard_index,
+    try:
+        backend = make_backend(args.backend, args.model)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    summary = run_shard(args.input, args.out, backend, num_shards, shard_index,
                         batch_size=args.batch_size, part_size=args.part_size)
     print(json.dumps(summary, indent=2))
     return 0
@@ -84,7 +89,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("run", help="annotate figures into ArrayRecord shards")
     p.add_argument("--input", nargs="+", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--backend", default="heuristic", choices=["heuristic"])
+    p.add_argument("--backend", default="heuristic", choices=["heuristic", "qwen"])
     p.add_argument("--model", help="model directory for LVLM backends")
     p.add_argument("--num-shards", type=int)
     p.add_argument("--shard-index", type=int)

@@ -1,10 +1,11 @@
-"""Annotation backends behind one interface (`pipeline.Backend`): heuristic on CPU; qwen and vllm
-arrive with their own module and are imported only when chosen."""
+"""Annotation backends behind one interface (`pipeline.Backend`): heuristic on CPU, qwen
+(transformers, imported only when chosen)."""
 from __future__ import annotations
 
 from PIL import Image
 
 from annotate.captions import split_caption
+from annotate.config import AnnotateConfig
 from annotate.heuristic import SplitConfig, assign_labels, split_panels
 from annotate.pipeline import Proposal
 
@@ -27,7 +28,12 @@ class HeuristicBackend:
         return proposals
 
 
-def make_backend(name: str, model: str | None = None):
+def make_backend(name: str, model: str | None = None, cfg: AnnotateConfig = AnnotateConfig()):
     if name == "heuristic":
         return HeuristicBackend()
-    raise ValueError(f"backend {name!r} is not available in this version; use --backend heuristic")
+    if name == "qwen":
+        if not model:
+            raise ValueError("--backend qwen needs --model, a Qwen2.5-VL directory (save_pretrained layout)")
+        from annotate.qwen import QwenBackend
+        return QwenBackend(model, cfg)
+    raise ValueError(f"backend {name!r} is not available in this version; use heuristic or qwen")

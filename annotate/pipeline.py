@@ -19,10 +19,10 @@ from annotate.captions import split_caption
 from annotate.config import AnnotateConfig
 from annotate.heuristic import panel_kind
 from annotate.inputs import Figure
+from annotate.prompts import VERSION as PROMPT_VERSION
 from annotate.regions import fuse_regions
 from zoomin_jax import records
 
-PROMPT_VERSION = "panel2patch-1"
 
 
 class FigureError(Exception):

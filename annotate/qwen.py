@@ -1,0 +1,79 @@
+"""The `qwen` backend: Qwen2.5-VL (transformers) proposes panels with labels, markers and short panel
+descriptions, in batched generation (bf16 on CUDA, float32 on CPU).
+
+Answers are untrusted text: `lvlm_output.parse_boxes` keeps what is usable and every problem becomes
+a warning in the record's annotation, never an exception. Prompts are versioned in `prompts.py`.
+"""
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from annotate import prompts
+from annotate.config import AnnotateConfig
+from annotate.lvlm_output import parse_boxes, resized_size
+from annotate.pipeline import Proposal
+
+_MARKER_KINDS = {"arrow", "arrowhead", "asterisk", "circle", "letter", "inset"}
+
+
+def _inside(box, panel) -> bool:
+    x, y = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return panel[0] <= x <= panel[2] and panel[1] <= y <= panel[3]
+
+
+class QwenBackend:
+    name = "qwen"
+
+    def __init__(self, model_path: str, cfg: AnnotateConfig = AnnotateConfig(), max_new_tokens: int = 256,
+                 device: str | None = None):
+        from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
+        # The processor's resize bounds are the ones `parse_boxes` maps back from.
+        self.processor = AutoProcessor.from_pretrained(
+            model_path, size={"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels})
+        self.processor.tokenizer.padding_side = "left"  # batched generation continues each prompt's end
+        self.cfg, self.max_new_tokens, self.model_id = cfg, max_new_tokens, str(model_path)
+
+    def _generate(self, images: list[Image.Image], questions: list[str]) -> list[str]:
+        texts = [self.processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+            tokenize=False, add_generation_prompt=True) for q in questions]
+        batch = self.processor(text=texts, images=images, padding=True, return_tensors="pt").to(self.device)
+        with torch.inference_mode():
+            out = self.model.generate(**batch, max_new_tokens=self.max_new_tokens, do_sample=False)
+        return self.processor.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    def _seen(self, image: Image.Image) -> tuple[int, int]:
+        return resized_size(image.height, image.width, self.cfg.min_pixels, self.cfg.max_pixels)
+
+    def propose(self, images: list[Image.Image], captions: list[str]) -> list[Proposal]:
+        if not images:
+            return []
+        proposals = []
+        panel_answers = self._generate(images, [prompts.PANELS] * len(images))
+        marker_answers = self._generate(images, [prompts.MARKERS] * len(images))
+        for image, panel_answer, marker_answer in zip(images, panel_answers, marker_answers, strict=True):
+            size = (image.height, image.width)
+            panels = parse_boxes(panel_answer, size, self._seen(image))
+            markers = parse_boxes(marker_answer, size, self._seen(image))
+            proposal = Proposal([{"box": p["box"], "label": p["label"][:3], "score": 1.0} for p in panels.items],
+                                warnings=[f"panels: {w}" for w in panels.problems] +
+                                         [f"markers: {w}" for w in markers.problems])
+            for marker in markers.items:
+                kind = marker["label"].lower() if marker["label"].lower() in _MARKER_KINDS else "arrow"
+                owner = next((n for n, p in enumerate(proposal.panels) if _inside(marker["box"], p["box"])), None)
+                if owner is not None:
+                    proposal.markers.setdefault(owner, []).append({"box": marker["box"], "kind": kind, "score": 1.0})
+            proposals.append(proposal)
+        crops = [(n, k, image.crop(tuple(int(v) for v in panel["box"])))
+                 for n, (image, proposal) in enumerate(zip(images, proposals))
+                 for k, panel in enumerate(proposal.panels)]
+        crops = [(n, k, crop) for n, k, crop in crops if min(crop.size) >= 28]
+        if crops:
+            descriptions = self._generate([c for _, _, c in crops], [prompts.DESCRIBE] * len(crops))
+            for (n, k, _), text in zip(crops, descriptions, strict=True):
+                proposals[n].panel_descriptions[k] = " ".join(text.split())[:300]
+        return proposals
