@@ -1,4 +1,4 @@
-"""python -m annotate {run,captions,synth}: the Panel2Patch annotation stage's command line.
+"""python -m annotate {run,captions,synth,eval,show}: the Panel2Patch annotation stage's command line.
 
   run --input PATH... --out DIR --backend heuristic|qwen [--model DIR] [--num-shards N --shard-index I]
       figures (.jsonl manifests, WebDataset .tar shards, JATS .nxml) -> DIR/records-SSSSS-of-NNNNN
@@ -10,6 +10,10 @@
       read goes to OUT.failures.jsonl with its line number and reason, never silently dropped.
   synth --out DIR --num N --seed S [--layouts CSV] [--medmnist NPZ]
       compound figures with ground truth: DIR/images/*.png, DIR/manifest.jsonl, DIR/gt.jsonl.
+  eval --pred DIR --gt GT.jsonl
+      panel precision/recall/F1@0.5, label accuracy, region recall, caption-split scores (JSON).
+  show --records DIR --out DIR [--limit N]
+      overlay PNGs (panels, labels, regions, texts) and an index.html.
 """
 from __future__ import annotations
 
@@ -82,6 +86,18 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from annotate.evaluate import evaluate
+    print(json.dumps(evaluate(args.pred, args.gt), indent=2))
+    return 0
+
+
+def cmd_show(args) -> int:
+    from annotate.gallery import write_gallery
+    print(f"gallery: {write_gallery(args.records, args.out, args.limit)}", file=sys.stderr)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m annotate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -104,9 +120,17 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layouts", help="CSV of real layouts shaped like zou_train.csv (default: random grids)")
     p.add_argument("--medmnist", help="MedMNIST .npz whose train_images also fill panels")
+    p = sub.add_parser("eval", help="score records against ground truth")
+    p.add_argument("--pred", required=True, help="folder of records-*.array_record")
+    p.add_argument("--gt", required=True, help="gt.jsonl as written by synth")
+    p = sub.add_parser("show", help="overlay gallery of records")
+    p.add_argument("--records", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--limit", type=int)
     args = parser.parse_args(argv)
+    commands = {"run": cmd_run, "captions": cmd_captions, "synth": cmd_synth, "eval": cmd_eval, "show": cmd_show}
     try:
-        return {"run": cmd_run, "captions": cmd_captions, "synth": cmd_synth}[args.command](args)
+        return commands[args.command](args)
     except OSError as err:
         print(f"error: {err.filename}: {err.strerror}", file=sys.stderr)
         return 1
