@@ -11,7 +11,9 @@ class AnnotateConfig:
     max_pixels: int = 28 * 28 * 1280
     # Refuse decoding anything larger (decompression bombs).
     max_image_pixels: int = 64_000_000
-    # Panels: NMS among proposals that share an identifier, over scales and crops.
+    # Panels: the LVLM is asked at each of these scales; proposals are pooled with NMS among boxes
+    # that share an identifier.
+    panel_scales: tuple[float, ...] = (1.0, 0.75)
     panel_nms_iou: float = 0.5
     # Regions: a caption-phrase box is kept when its centre lies within `marker_gate_tau` of a
     # marker centre, distances normalised by the panel diagonal.

@@ -11,8 +11,9 @@ from PIL import Image
 
 from annotate import prompts
 from annotate.config import AnnotateConfig
-from annotate.lvlm_output import parse_boxes, resized_size
+from annotate.lvlm_output import Parsed, parse_boxes, resized_size
 from annotate.pipeline import Proposal
+from annotate.regions import non_max_suppression
 
 _MARKER_KINDS = {"arrow", "arrowhead", "asterisk", "circle", "letter", "inset"}
 
@@ -46,25 +47,35 @@ class QwenBackend:
             out = self.model.generate(**batch, max_new_tokens=self.max_new_tokens, do_sample=False)
         return self.processor.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
 
-    def _seen(self, image: Image.Image) -> tuple[int, int]:
-        return resized_size(image.height, image.width, self.cfg.min_pixels, self.cfg.max_pixels)
+    def _ask(self, images: list[Image.Image], question: str, scale: float) -> list[Parsed]:
+        """The question about each image shown at `scale`; boxes come back in original pixels."""
+        shown = [image if scale == 1.0 else image.resize((max(28, round(image.width * scale)),
+                                                         max(28, round(image.height * scale))), Image.BICUBIC)
+                 for image in images]
+        parsed = []
+        for image, view, answer in zip(images, shown, self._generate(shown, [question] * len(images)), strict=True):
+            seen = resized_size(view.height, view.width, self.cfg.min_pixels, self.cfg.max_pixels)
+            parsed.append(parse_boxes(answer, (image.height, image.width), seen))
+        return parsed
 
     def propose(self, images: list[Image.Image], captions: list[str]) -> list[Proposal]:
         if not images:
             return []
         proposals = []
-        panel_answers = self._generate(images, [prompts.PANELS] * len(images))
-        marker_answers = self._generate(images, [prompts.MARKERS] * len(images))
-        for image, panel_answer, marker_answer in zip(images, panel_answers, marker_answers, strict=True):
-            size = (image.height, image.width)
-            panels = parse_boxes(panel_answer, size, self._seen(image))
-            markers = parse_boxes(marker_answer, size, self._seen(image))
-            proposal = Proposal([{"box": p["box"], "label": p["label"][:3], "score": 1.0} for p in panels.items],
-                                warnings=[f"panels: {w}" for w in panels.problems] +
-                                         [f"markers: {w}" for w in markers.problems])
+        panels_by_scale = [self._ask(images, prompts.PANELS, scale) for scale in self.cfg.panel_scales]
+        markers_by_image = self._ask(images, prompts.MARKERS, 1.0)
+        for n in range(len(images)):
+            # Pool the scales: a box every scale agrees on survives once, per identifier.
+            pooled = [{"box": p["box"], "label": p["label"][:3], "score": 1.0 / (1 + rank)}
+                      for rank, per_image in enumerate(panels_by_scale) for p in per_image[n].items]
+            panels = non_max_suppression(pooled, self.cfg.panel_nms_iou, group_by="label")
+            markers = markers_by_image[n]
+            problems = [f"panels@{scale}: {w}" for scale, per_image in zip(self.cfg.panel_scales, panels_by_scale)
+                        for w in per_image[n].problems]
+            proposal = Proposal(panels, warnings=problems + [f"markers: {w}" for w in markers.problems])
             for marker in markers.items:
                 kind = marker["label"].lower() if marker["label"].lower() in _MARKER_KINDS else "arrow"
-                owner = next((n for n, p in enumerate(proposal.panels) if _inside(marker["box"], p["box"])), None)
+                owner = next((k for k, p in enumerate(proposal.panels) if _inside(marker["box"], p["box"])), None)
                 if owner is not None:
                     proposal.markers.setdefault(owner, []).append({"box": marker["box"], "kind": kind, "score": 1.0})
             proposals.append(proposal)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torchvision.ops import nms
+from torchvision.ops import batched_nms, nms
 
 from annotate.config import AnnotateConfig
 from zoomin_jax.records import clip_box
@@ -41,13 +41,18 @@ def is_degenerate(box, panel_box, cfg: AnnotateConfig) -> bool:
             or width * height < cfg.min_region_area_fraction * panel_area)
 
 
-def non_max_suppression(regions: list[dict], iou: float) -> list[dict]:
-    """Highest-score regions first; drop any overlapping a kept one by more than `iou`."""
-    if not regions:
+def non_max_suppression(items: list[dict], iou: float, group_by: str | None = None) -> list[dict]:
+    """Highest-score boxes first; drop any overlapping a kept one by more than `iou` — only within
+    the same `group_by` value when given (panel proposals sharing an identifier)."""
+    if not items:
         return []
-    boxes = torch.tensor([r["box"] for r in regions], dtype=torch.float64)
-    scores = torch.tensor([r["score"] for r in regions], dtype=torch.float64)
-    return [regions[i] for i in nms(boxes, scores, iou).tolist()]
+    boxes = torch.tensor([r["box"] for r in items], dtype=torch.float64)
+    scores = torch.tensor([r["score"] for r in items], dtype=torch.float64)
+    if group_by is None:
+        return [items[i] for i in nms(boxes, scores, iou).tolist()]
+    names = {name: n for n, name in enumerate(sorted({r[group_by] for r in items}))}
+    groups = torch.tensor([names[r[group_by]] for r in items])
+    return [items[i] for i in batched_nms(boxes, scores, groups, iou).tolist()]
 
 
 def fuse_regions(panel_box, markers: list[dict], phrases: list[dict], cfg: AnnotateConfig) -> list[dict]:

@@ -43,5 +43,6 @@ def test_garbage_answers_become_warnings_not_crashes(tmp_path, tiny_model):
         assert annotation["backend"] == "qwen" and annotation["model"] == str(tiny_model)
         # A random model answers noise: no boxes parse, each problem is kept as a warning, and the
         # figure stays one panel carrying the whole caption.
-        assert any(w.startswith("panels: ") for w in annotation["warnings"])
+        assert any(w.startswith("panels@1.0: ") for w in annotation["warnings"])
+        assert any(w.startswith("panels@0.75: ") for w in annotation["warnings"])
         assert len(record["panels"]) >= 1

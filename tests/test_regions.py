@@ -30,6 +30,14 @@ def test_nms_keeps_the_best_of_overlapping_boxes():
     assert [r["score"] for r in non_max_suppression(regions, 0.5)] == [0.9, 0.4]
 
 
+def test_nms_within_identifier_groups():
+    proposals = [{"box": [0, 0, 100, 100], "score": 1.0, "label": "A"},   # scale 1.0
+                 {"box": [2, 2, 98, 101], "score": 0.5, "label": "A"},    # scale 0.75, same panel
+                 {"box": [5, 5, 100, 100], "score": 0.5, "label": "B"}]   # overlaps A, other identifier
+    kept = non_max_suppression(proposals, 0.5, group_by="label")
+    assert sorted((p["label"], p["score"]) for p in kept) == [("A", 1.0), ("B", 0.5)]
+
+
 def test_fusion_paths():
     panel = [100, 0, 300, 200]  # diagonal 282.8 -> gate 70.7 px
     markers = [{"box": [150, 50, 160, 60], "kind": "arrow", "score": 0.9},     # claimed by the phrase
