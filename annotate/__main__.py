@@ -69,7 +69,7 @@ def cmd_run(args) -> int:
         print(f"error: shard index {shard_index} is outside 0..{num_shards - 1}", file=sys.stderr)
         return 1
     try:
-        backend = make_backend(args.backend, args.model)
+        backend = make_backend(args.backend, args.model, prefilter=args.prefilter)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -107,6 +107,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--backend", default="heuristic", choices=["heuristic", "qwen"])
     p.add_argument("--model", help="model directory for LVLM backends")
+    p.add_argument("--prefilter", action="store_true",
+                   help="send figures the heuristic finds to be one panel past the LVLM")
     p.add_argument("--num-shards", type=int)
     p.add_argument("--shard-index", type=int)
     p.add_argument("--batch-size", type=int, default=8)

@@ -28,12 +28,33 @@ class HeuristicBackend:
         return proposals
 
 
-def make_backend(name: str, model: str | None = None, cfg: AnnotateConfig = AnnotateConfig()):
+class PrefilteredBackend:
+    """The heuristic first: figures it finds to be one panel skip the (expensive) LVLM."""
+
+    def __init__(self, lvlm, heuristic: HeuristicBackend | None = None):
+        self.lvlm, self.heuristic = lvlm, heuristic or HeuristicBackend()
+        self.name, self.model_id = f"{lvlm.name}+prefilter", lvlm.model_id
+
+    def propose(self, images: list[Image.Image], captions: list[str]) -> list[Proposal]:
+        quick = self.heuristic.propose(images, captions)
+        multi = [n for n, proposal in enumerate(quick) if len(proposal.panels) != 1]
+        for n, proposal in enumerate(quick):
+            if n not in multi:
+                proposal.warnings.append("prefilter: one panel found, LVLM skipped")
+        for n, proposal in zip(multi, self.lvlm.propose([images[n] for n in multi], [captions[n] for n in multi]),
+                               strict=True):
+            quick[n] = proposal
+        return quick
+
+
+def make_backend(name: str, model: str | None = None, cfg: AnnotateConfig = AnnotateConfig(),
+                 prefilter: bool = False):
     if name == "heuristic":
         return HeuristicBackend()
     if name == "qwen":
         if not model:
             raise ValueError("--backend qwen needs --model, a Qwen2.5-VL directory (save_pretrained layout)")
         from annotate.qwen import QwenBackend
-        return QwenBackend(model, cfg)
+        backend = QwenBackend(model, cfg)
+        return PrefilteredBackend(backend) if prefilter else backend
     raise ValueError(f"backend {name!r} is not available in this version; use heuristic or qwen")

@@ -172,8 +172,9 @@ def _clean(text: str) -> str:
     return re.sub(r"^(?:and|or)\s+", "", text)
 
 
-def split_caption(caption: str) -> list[dict]:
-    """[{'label', 'text'}] in label order of first appearance; one unlabelled panel if no markers."""
+def split_caption(caption: str, shared_context: bool = True) -> list[dict]:
+    """[{'label', 'text'}] in label order; one unlabelled panel if no markers. With
+    shared_context=False each text is the panel's own clauses only (what to ground in its crop)."""
     caption = caption or ""
     markers = _markers(caption)
     if not markers:
@@ -195,7 +196,7 @@ def split_caption(caption: str) -> list[dict]:
             span = caption[max(previous_end, context_end):marker.start]
         for label in marker.labels:
             texts.setdefault(label, []).append(_clean(span))
-    context = _clean(caption[:context_end])
+    context = _clean(caption[:context_end]) if shared_context else ""
     # Letters and numbers in label order; "top"/"bottom" as the caption reads.
     order = list(texts) if any(label.lower() in _POSITIONAL for label in texts) else sorted(texts, key=_label_key)
     return [{"label": label, "text": _clean(" ".join([context, *texts[label]]))} for label in order]
@@ -204,3 +205,14 @@ def split_caption(caption: str) -> list[dict]:
 def _clause_start(caption: str, lo: int, hi: int) -> int:
     cut = max(caption.rfind(p, lo, hi) for p in (". ", "; "))
     return cut + 1 if cut >= lo else hi
+
+
+_MARKER_WORDS = re.compile(r"\b(arrow|arrowhead|asterisk|star|circle|circled|box|boxed|inset|dashed|outline)s?\b",
+                           re.IGNORECASE)
+
+
+def groundable_clauses(text: str, limit: int = 3) -> list[str]:
+    """Clauses of a panel's own text worth grounding in its crop, those naming a marker first."""
+    clauses = [c.strip(" ,;.") for c in re.split(r"[.;]\s+|\.$", text)]
+    clauses = [c for c in clauses if len(c.split()) >= 2]
+    return sorted(clauses, key=lambda c: _MARKER_WORDS.search(c) is None)[:limit]

@@ -1,5 +1,6 @@
-"""The `qwen` backend: Qwen2.5-VL (transformers) proposes panels with labels, markers and short panel
-descriptions, in batched generation (bf16 on CUDA, float32 on CPU).
+"""The `qwen` backend: Qwen2.5-VL (transformers) proposes panels with labels (pooled over scales),
+markers (path A), boxes for each panel's caption clauses (path B) and short panel descriptions, in
+batched generation (bf16 on CUDA, float32 on CPU).
 
 Answers are untrusted text: `lvlm_output.parse_boxes` keeps what is usable and every problem becomes
 a warning in the record's annotation, never an exception. Prompts are versioned in `prompts.py`.
@@ -10,6 +11,7 @@ import torch
 from PIL import Image
 
 from annotate import prompts
+from annotate.captions import groundable_clauses, split_caption
 from annotate.config import AnnotateConfig
 from annotate.lvlm_output import Parsed, parse_boxes, resized_size
 from annotate.pipeline import Proposal
@@ -87,4 +89,26 @@ class QwenBackend:
             descriptions = self._generate([c for _, _, c in crops], [prompts.DESCRIBE] * len(crops))
             for (n, k, _), text in zip(crops, descriptions, strict=True):
                 proposals[n].panel_descriptions[k] = " ".join(text.split())[:300]
+        self._ground_phrases(crops, captions, proposals)
         return proposals
+
+    def _ground_phrases(self, crops, captions: list[str], proposals: list[Proposal]) -> None:
+        """Path B: each panel's own caption clauses boxed in its crop, mapped back to the figure."""
+        asks = []
+        for n, k, crop in crops:
+            label = proposals[n].panels[k]["label"]
+            own = {p["label"]: p["text"] for p in split_caption(captions[n], shared_context=False)}
+            for phrase in groundable_clauses(own.get(label, "")):
+                asks.append((n, k, crop, phrase))
+        if not asks:
+            return
+        answers = self._generate([crop for _, _, crop, _ in asks],
+                                 [prompts.GROUND.format(phrase=phrase.replace('"', "'")) for *_, phrase in asks])
+        for (n, k, crop, phrase), answer in zip(asks, answers, strict=True):
+            seen = resized_size(crop.height, crop.width, self.cfg.min_pixels, self.cfg.max_pixels)
+            parsed = parse_boxes(answer, (crop.height, crop.width), seen)
+            x0, y0 = proposals[n].panels[k]["box"][:2]
+            for item in parsed.items[:1]:
+                box = [item["box"][0] + x0, item["box"][1] + y0, item["box"][2] + x0, item["box"][3] + y0]
+                proposals[n].phrases.setdefault(k, []).append({"box": box, "text": phrase, "score": 1.0})
+            proposals[n].warnings += [f"phrase {phrase[:30]!r}: {w}" for w in parsed.problems]

@@ -4,6 +4,8 @@ import json
 import pytest
 from PIL import Image
 
+from annotate import prompts
+from annotate.backends import PrefilteredBackend
 from annotate.config import AnnotateConfig
 from annotate.lvlm_output import resized_size
 from annotate.qwen import QwenBackend
@@ -46,3 +48,56 @@ def test_garbage_answers_become_warnings_not_crashes(tmp_path, tiny_model):
         assert any(w.startswith("panels@1.0: ") for w in annotation["warnings"])
         assert any(w.startswith("panels@0.75: ") for w in annotation["warnings"])
         assert len(record["panels"]) >= 1
+
+
+class Scripted:
+    """Stands in for generation only, answering as a good Qwen2.5-VL would (coordinates in the
+    resized input it saw); everything around it — prompts, parsing, mapping, pooling, fusion — is real."""
+
+    def __init__(self, backend):
+        self.backend, self.calls = backend, []
+
+    def __call__(self, images, questions):
+        self.calls += questions
+        answers = []
+        for image, question in zip(images, questions):
+            h, w = resized_size(image.height, image.width, CFG.min_pixels, CFG.max_pixels)
+            if question == prompts.PANELS:
+                answers.append(f'```json\n[{{"bbox_2d": [0, 0, {w // 2}, {h}], "label": "A"}}, '
+                               f'{{"bbox_2d": [{w // 2}, 0, {w}, {h}], "label": "B"}}]\n```')
+            elif question == prompts.MARKERS:
+                answers.append(f'[{{"bbox_2d": [{w // 8}, {h // 4}, {w // 8 + 6}, {h // 4 + 6}], "label": "arrow"}}]')
+            elif question == prompts.DESCRIBE:
+                answers.append("A stained tissue section.")
+            else:  # grounding in a panel crop
+                answers.append(f'[{{"bbox_2d": [{w // 5}, {h // 5}, {w // 2}, {h // 2}], "label": "x"}}]')
+        return answers
+
+
+def test_scripted_answers_become_panels_markers_and_fused_regions(tmp_path, tiny_model):
+    backend = QwenBackend(str(tiny_model), CFG, max_new_tokens=4)
+    backend._generate = Scripted(backend)
+    image = Image.new("RGB", (400, 200), "white")
+    caption = "Kidney. (A) PAS stain; arrows mark crescents. (B) Electron micrograph."
+    (proposal,) = backend.propose([image], [caption])
+    assert [(p["label"], [round(v) for v in p["box"]]) for p in proposal.panels] == [
+        ("A", [0, 0, 200, 200]), ("B", [200, 0, 400, 200])]
+    assert proposal.panel_descriptions == {0: "A stained tissue section.", 1: "A stained tissue section."}
+    assert [m["kind"] for m in proposal.markers[0]] == ["arrow"] and 1 not in proposal.markers
+    assert [p["text"] for p in proposal.phrases[0]] == ["arrows mark crescents", "PAS stain"]
+    assert [p["text"] for p in proposal.phrases[1]] == ["Electron micrograph"]
+    phrase_box = proposal.phrases[1][0]["box"]
+    assert 200 <= phrase_box[0] < phrase_box[2] <= 400  # crop coordinates mapped back into panel B
+
+
+def test_prefilter_sends_single_panel_figures_past_the_lvlm(tiny_model):
+    backend = QwenBackend(str(tiny_model), CFG, max_new_tokens=4)
+    backend._generate = scripted = Scripted(backend)
+    single = Image.new("RGB", (300, 200), "white")
+    single.paste(Image.new("RGB", (280, 180), (90, 60, 120)), (10, 10))
+    double = Image.new("RGB", (420, 200), "white")
+    double.paste(Image.new("RGB", (190, 180), (90, 60, 120)), (10, 10))
+    double.paste(Image.new("RGB", (190, 180), (30, 120, 60)), (220, 10))
+    proposals = PrefilteredBackend(backend).propose([single, double], ["A cell.", "(A) x. (B) y."])
+    assert proposals[0].warnings == ["prefilter: one panel found, LVLM skipped"]
+    assert len(proposals[1].panels) == 2 and scripted.calls.count(prompts.PANELS) == len(CFG.panel_scales)
