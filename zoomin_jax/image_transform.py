@@ -12,24 +12,32 @@ from PIL import Image
 from zoomin_jax.models.config import OPENAI_MEAN, OPENAI_STD
 
 
-def resize_shortest(image: Image.Image, size: int) -> Image.Image:
-    width, height = image.size
+def resized_shape(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) after torchvision's Resize(size): the short side becomes `size`."""
     short, long = min(width, height), max(width, height)
     new_long = int(size * long / short)  # torchvision truncates
-    new_size = (size, new_long) if width <= height else (new_long, size)
-    if new_size == image.size:
-        return image
-    return image.resize(new_size, Image.BICUBIC)
+    return (size, new_long) if width <= height else (new_long, size)
 
 
-def center_crop(image: Image.Image, size: int) -> Image.Image:
-    width, height = image.size
-    top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
-    return image.crop((left, top, left + size, top + size))
+def crop_offset(width: int, height: int, size: int) -> tuple[int, int]:
+    """(left, top) of torchvision's CenterCrop(size) in an image of that size."""
+    return int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
+
+
+def eval_uint8(image: Image.Image, size: int = 224) -> np.ndarray:
+    """uint8 [size, size, 3]: open_clip's eval resize + center crop + RGB, before normalisation."""
+    new_size = resized_shape(*image.size, size)
+    if new_size != image.size:
+        image = image.resize(new_size, Image.BICUBIC)
+    left, top = crop_offset(*new_size, size)
+    return np.asarray(image.crop((left, top, left + size, top + size)).convert("RGB"))
+
+
+def normalize(pixels: np.ndarray, mean=OPENAI_MEAN, std=OPENAI_STD) -> np.ndarray:
+    pixels = np.asarray(pixels, dtype=np.float32) / np.float32(255.0)
+    return (pixels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
 def preprocess(image: Image.Image, size: int = 224, mean=OPENAI_MEAN, std=OPENAI_STD) -> np.ndarray:
     """float32 [size, size, 3], normalised, equal to open_clip's eval preprocess (HWC, not CHW)."""
-    image = center_crop(resize_shortest(image, size), size).convert("RGB")
-    pixels = np.asarray(image, dtype=np.float32) / np.float32(255.0)
-    return (pixels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return normalize(eval_uint8(image, size), mean, std)
