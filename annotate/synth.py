@@ -191,3 +191,23 @@ def synthesize(out: Path, num: int, seed: int, layouts_csv: str | None = None,
                                        "caption": truth["caption"], "layout": layout.name}) + "\n")
             gt.write(json.dumps({"id": figure_id, **truth}) + "\n")
     return out
+
+
+def write_truth_records(out: Path) -> Path:
+    """The ground truth as figure records (out/truth/records-00000-of-00001.array_record): perfect
+    annotations, for scoring the scorer and feeding the data pipeline regions."""
+    from zoomin_jax import records
+    path = out / "truth" / "records-00000-of-00001.array_record"
+    with records.RecordWriter(path) as writer:
+        for truth in map(json.loads, (out / "gt.jsonl").read_text().splitlines()):
+            width, height = truth["width"], truth["height"]
+            panels = [records.new_panel(panel_id=p["panel_id"], label=p["label"], box=p["box"], text=p["text"],
+                                        kind=p["kind"]) for p in truth["panels"]]
+            regions = [records.new_region(panel_id=r["panel_id"], box=records.clip_box(r["box"], width, height),
+                                          marker_box=records.clip_box(r["marker_box"], width, height),
+                                          marker_kind=r["marker_kind"], text_sub=r["text_sub"], source="fused")
+                       for r in truth["regions"]]
+            writer.write(records.new_figure(
+                figure_id=truth["id"], source="synth", image_bytes=(out / "images" / f"{truth['id']}.png").read_bytes(),
+                width=width, height=height, caption=truth["caption"], panels=panels, regions=regions))
+    return path

@@ -3,30 +3,14 @@ import json
 
 from annotate.evaluate import evaluate
 from annotate.gallery import write_gallery
-from annotate.synth import synthesize
+from annotate.synth import synthesize, write_truth_records
 from conftest import run_cli
 from zoomin_jax import records
 
 
-def records_from_truth(data, out):
-    """Perfect predictions: the ground truth itself, written as records."""
-    with records.RecordWriter(out / "records-00000-of-00001.array_record") as writer:
-        for truth in map(json.loads, (data / "gt.jsonl").read_text().splitlines()):
-            panels = [records.new_panel(panel_id=p["panel_id"], label=p["label"], box=p["box"], text=p["text"],
-                                        kind=p["kind"]) for p in truth["panels"]]
-            regions = [records.new_region(source="fused", **{k: r[k] for k in r})
-                       for r in truth["regions"]]
-            writer.write(records.new_figure(
-                figure_id=truth["id"], image_bytes=(data / "images" / f"{truth['id']}.png").read_bytes(),
-                width=truth["width"], height=truth["height"], caption=truth["caption"], panels=panels,
-                regions=[records.clip_box(r["box"], truth["width"], truth["height"]) and r for r in regions]))
-
-
 def test_eval_scores_perfect_and_heuristic_predictions(tmp_path):
     data = synthesize(tmp_path / "synth", num=12, seed=11)
-    (tmp_path / "perfect").mkdir()
-    records_from_truth(data, tmp_path / "perfect")
-    perfect = evaluate(tmp_path / "perfect", data / "gt.jsonl")
+    perfect = evaluate(write_truth_records(data).parent, data / "gt.jsonl")
     assert perfect["panels"]["f1"] == 1.0 and perfect["panels"]["label_accuracy"] == 1.0
     assert perfect["region_recall"] == 1.0 and perfect["captions"]["mean_token_f1"] == 1.0
 

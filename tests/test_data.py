@@ -1,0 +1,98 @@
+"""The grain pipeline on real annotation output: shapes, determinism, process slices, pixels, corruption."""
+import numpy as np
+import open_clip
+import pytest
+from array_record.python.array_record_module import ArrayRecordWriter
+
+from annotate.synth import synthesize, write_truth_records
+from conftest import run_cli
+from zoomin_jax import records
+from zoomin_jax.data import samples
+from zoomin_jax.data.pipeline import build_index, item_rows, make_dataset
+from zoomin_jax.data.source import RecordSource
+from zoomin_jax.errors import UserError
+from zoomin_jax.image_transform import normalize
+
+CFG = samples.SampleConfig(image_size=64, patch_size=8, max_panels=3, max_regions=2)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """annotate synth -> annotate run --backend heuristic, and the synth ground truth as records."""
+    root = tmp_path_factory.mktemp("data")
+    synthesize(root / "synth", num=16, seed=21)
+    run_cli("-m", "annotate", "run", "--input", str(root / "synth" / "manifest.jsonl"), "--out", str(root / "run"))
+    return {"heuristic": str(root / "run" / "records-*.array_record"),
+            "truth": str(write_truth_records(root / "synth"))}
+
+
+def test_one_batch_per_level(shards):
+    figure = make_dataset(shards["heuristic"], "figure", 4, cfg=CFG)[0]
+    assert figure["image"].shape == (4, 64, 64, 3) and figure["image"].dtype == np.uint8
+    assert figure["panel_images"].shape == (4, 3, 64, 64, 3) and figure["panel_tokens"].shape == (4, 3, 77)
+    assert figure["panel_mask"].any(axis=1).all() and (figure["tokens"][:, 0] == 49406).all()
+    # Padded slots are empty.
+    assert (figure["panel_images"][~figure["panel_mask"]] == 0).all()
+    panel = make_dataset(shards["truth"], "panel", 4, cfg=CFG)[0]
+    assert panel["region_images"].shape == (4, 2, 64, 64, 3) and panel["region_grid_boxes"].shape == (4, 2, 4)
+    region = make_dataset(shards["truth"], "region", 4, cfg=CFG)[0]
+    assert region["image"].shape == (4, 64, 64, 3) and region["tokens"].shape == (4, 77)
+    with pytest.raises(UserError, match="no region-level items"):
+        make_dataset(shards["heuristic"], "region", 4, cfg=CFG)
+
+
+def test_same_seed_same_batches_other_seed_other_order(shards):
+    first = [make_dataset(shards["truth"], "panel", 2, seed=5, cfg=CFG)[n] for n in range(3)]
+    again = [make_dataset(shards["truth"], "panel", 2, seed=5, cfg=CFG)[n] for n in range(3)]
+    other = [make_dataset(shards["truth"], "panel", 2, seed=6, cfg=CFG)[n] for n in range(3)]
+    for a, b in zip(first, again):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    assert any(not np.array_equal(a["image"], c["image"]) for a, c in zip(first, other))
+
+
+@pytest.mark.parametrize("process_count", [2, 3])
+def test_process_slices_are_disjoint_and_cover_every_item_once(shards, process_count):
+    index = build_index(RecordSource(shards["truth"]), "region", CFG)
+    rows = [tuple(r) for p in range(process_count)
+            for r in item_rows(index, seed=3, process_index=p, process_count=process_count)]
+    assert sorted(rows) == sorted(map(tuple, index.rows)) and len(rows) == len(set(rows))
+
+
+def test_region_pixels_match_open_clip_on_the_pil_crop(shards):
+    source = RecordSource(shards["truth"])
+    record = next(r for r in (source[i] for i in range(len(source))) if r["regions"])
+    example = samples.region_example(record, 0, samples.SampleConfig(), np.random.default_rng(0))
+    x0, y0, x1, y1 = record["regions"][0]["box"]
+    dx, dy = (x1 - x0) * 0.1, (y1 - y0) * 0.1
+    image = samples.decode_image(record)
+    pil_crop = image.crop((max(0, round(x0 - dx)), max(0, round(y0 - dy)),
+                           min(image.width, round(x1 + dx)), min(image.height, round(y1 + dy))))
+    expected = open_clip.image_transform(224, is_train=False)(pil_crop).numpy().transpose(1, 2, 0)
+    assert np.abs(normalize(example["image"]) - expected).max() <= 1e-5
+
+
+def test_region_box_in_the_panel_token_grid_by_hand():
+    # Panel 400x200 -> resize to 448x224, center crop drops 112 px on the left; patch 14.
+    grid = samples.box_in_grid([300, 100, 356, 156], [100, 50, 500, 250], samples.SampleConfig())
+    np.testing.assert_allclose(grid, [8.0, 4.0, 12.48, 8.48], atol=1e-5)
+
+
+def test_corrupt_record_strict_names_it_default_skips_and_counts(tmp_path, shards):
+    good = list(records.iter_records(shards["truth"]))[:3]
+    path = tmp_path / "records-00000-of-00001.array_record"
+    writer = ArrayRecordWriter(str(path), "group_size:1")
+    writer.write(records.encode(good[0]))
+    writer.write(b"\x93 not msgpack \xff")
+    writer.write(records.encode(good[1]))
+    writer.close()
+    with pytest.raises(UserError, match=f"{path} record 1 is not a msgpack figure record"):
+        build_index(RecordSource(str(path), strict=True), "figure", CFG)
+    index = build_index(RecordSource(str(path)), "figure", CFG)
+    assert index.skipped_records == 1 and len(index.rows) == 2
+    assert make_dataset(str(path), "figure", 2, cfg=CFG, index=index)[0]["image"].shape == (2, 64, 64, 3)
+
+
+def test_missing_shards_are_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="no record shards match"):
+        RecordSource(str(tmp_path / "nothing-*.array_record"))

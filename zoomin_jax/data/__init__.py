@@ -1,0 +1,1 @@
+"""Grain input pipeline over figure-record shards: figure / panel / region streams."""

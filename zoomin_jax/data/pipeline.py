@@ -1,0 +1,84 @@
+"""Per-level grain datasets: an index of items, shuffled from a seed, sliced per JAX process,
+mapped to examples, batched. The same seed gives the same batches; process slices are disjoint
+and together cover every item once per epoch."""
+from __future__ import annotations
+
+import dataclasses
+
+import grain
+import numpy as np
+
+from zoomin_jax.data import samples
+from zoomin_jax.data.source import RecordSource
+from zoomin_jax.errors import UserError
+
+LEVELS = ("figure", "panel", "region")
+
+
+@dataclasses.dataclass
+class LevelIndex:
+    """Items of one level as (record, item) rows; records that failed to decode are counted."""
+    rows: np.ndarray
+    skipped_records: int
+
+
+def build_index(source: RecordSource, level: str, cfg: samples.SampleConfig) -> LevelIndex:
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}, not {level!r}")
+    rows, skipped = [], 0
+    for record_index in range(len(source)):
+        record = source[record_index]
+        if record is None:
+            skipped += 1
+            continue
+        if level == "figure":
+            rows.append((record_index, -1))  # figures without panels still feed the figure level
+        elif level == "panel":
+            kept = {id(p) for p in samples.kept_panels(record, cfg)}
+            rows += [(record_index, n) for n, p in enumerate(record["panels"]) if id(p) in kept]
+        else:
+            kinds = {p["panel_id"]: p["kind"] for p in record["panels"]}
+            rows += [(record_index, n) for n, r in enumerate(record["regions"])
+                     if kinds.get(r["panel_id"]) not in cfg.drop_panel_kinds and min(
+                         r["box"][2] - r["box"][0], r["box"][3] - r["box"][1]) >= cfg.min_box_side]
+    return LevelIndex(np.asarray(rows, np.int64).reshape(-1, 2), skipped)
+
+
+class _Example:
+    """Module-level callable (picklable for grain's spawned workers)."""
+
+    def __init__(self, source: RecordSource, level: str, cfg: samples.SampleConfig):
+        self.source, self.level, self.cfg = source, level, cfg
+
+    def __call__(self, row, rng: np.random.Generator):
+        record = self.source[int(row[0])]
+        if self.level == "figure":
+            return samples.figure_example(record, self.cfg)
+        if self.level == "panel":
+            return samples.panel_example(record, int(row[1]), self.cfg)
+        return samples.region_example(record, int(row[1]), self.cfg, rng)
+
+
+def item_rows(index: LevelIndex, *, seed: int, process_index: int, process_count: int,
+              shuffle: bool = True) -> grain.MapDataset:
+    """This process's (record, item) rows of one epoch: a seeded shuffle, then every
+    process_count-th row from process_index, so the slices are disjoint and cover all rows."""
+    dataset = grain.MapDataset.source(index.rows)
+    if shuffle:
+        dataset = dataset.shuffle(seed=seed)
+    return dataset[process_index::process_count]
+
+
+def make_dataset(patterns, level: str, batch_size: int, *, seed: int = 0, cfg=samples.SampleConfig(),
+                 process_index: int = 0, process_count: int = 1, shuffle: bool = True, strict: bool = False,
+                 index: LevelIndex | None = None) -> grain.MapDataset:
+    """Batches of this process's slice of one level (one epoch)."""
+    source = RecordSource(patterns, strict=strict)
+    index = index or build_index(source, level, cfg)
+    if len(index.rows) == 0:
+        raise UserError(f"{patterns} holds no {level}-level items (records without "
+                        f"{'regions' if level == 'region' else 'panels'}?); annotate with a backend that finds them.")
+    dataset = item_rows(index, seed=seed, process_index=process_index, process_count=process_count,
+                        shuffle=shuffle)
+    dataset = dataset.random_map(_Example(source, level, cfg), seed=seed + 1)
+    return dataset.batch(batch_size, drop_remainder=True)

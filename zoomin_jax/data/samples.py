@@ -1,0 +1,112 @@
+"""One training example per level, with the eval transform (open_clip's) on uint8 pixels.
+
+figure: the figure + caption, and up to max_panels panel crops + texts with a mask (figure<->panel).
+panel:  a panel crop + text, and up to max_regions region crops + texts + their boxes in the panel
+        crop's patch-token grid, with a mask (panel<->region and ROI consistency).
+region: a region crop (with a context margin) + text_sub or text_lvlm, one drawn per example.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import numpy as np
+from PIL import Image
+
+from zoomin_jax.image_transform import crop_offset, eval_uint8, resized_shape
+from zoomin_jax.tokenizer import tokenize
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+    image_size: int = 224
+    patch_size: int = 14
+    max_panels: int = 4
+    max_regions: int = 4
+    region_margin: float = 0.1      # context around a region crop, as a fraction of its size
+    panel_text: str = "text"        # or "text_lvlm"
+    drop_panel_kinds: tuple[str, ...] = ()
+    min_box_side: float = 8.0
+
+
+def decode_image(record: dict) -> Image.Image:
+    image = Image.open(io.BytesIO(record["image_bytes"]))
+    image.load()
+    return image
+
+
+def crop(image: Image.Image, box, margin: float = 0.0) -> Image.Image:
+    x0, y0, x1, y1 = box
+    dx, dy = (x1 - x0) * margin, (y1 - y0) * margin
+    box = (max(0, round(x0 - dx)), max(0, round(y0 - dy)),
+           min(image.width, round(x1 + dx)), min(image.height, round(y1 + dy)))
+    return image.crop(box)
+
+
+def box_in_grid(box, crop_box, cfg: SampleConfig) -> np.ndarray:
+    """A box in original pixels -> [x0, y0, x1, y1] in patch-token units of the crop's eval view."""
+    left, top = round(crop_box[0]), round(crop_box[1])
+    width, height = round(crop_box[2]) - left, round(crop_box[3]) - top
+    new_w, new_h = resized_shape(width, height, cfg.image_size)
+    off_x, off_y = crop_offset(new_w, new_h, cfg.image_size)
+    sx, sy = new_w / width, new_h / height
+    grid = np.array([(box[0] - left) * sx - off_x, (box[1] - top) * sy - off_y,
+                     (box[2] - left) * sx - off_x, (box[3] - top) * sy - off_y], np.float32) / cfg.patch_size
+    return np.clip(grid, 0, cfg.image_size / cfg.patch_size)
+
+
+def _big_enough(box, cfg: SampleConfig) -> bool:
+    return min(box[2] - box[0], box[3] - box[1]) >= cfg.min_box_side
+
+
+def kept_panels(record: dict, cfg: SampleConfig) -> list[dict]:
+    return [p for p in record["panels"] if p["kind"] not in cfg.drop_panel_kinds and _big_enough(p["box"], cfg)]
+
+
+def kept_regions(record: dict, panel_id: int, cfg: SampleConfig) -> list[dict]:
+    return [r for r in record["regions"] if r["panel_id"] == panel_id and _big_enough(r["box"], cfg)]
+
+
+def _stack(views: list[np.ndarray], texts: list[str], limit: int, cfg: SampleConfig):
+    size = cfg.image_size
+    images = np.zeros((limit, size, size, 3), np.uint8)
+    tokens = np.zeros((limit, 77), np.int32)
+    mask = np.zeros((limit,), bool)
+    for n, (view, text) in enumerate(zip(views[:limit], texts[:limit])):
+        images[n], mask[n] = view, True
+        tokens[n] = tokenize(text)[0]
+    return images, tokens, mask
+
+
+def figure_example(record: dict, cfg: SampleConfig) -> dict:
+    image = decode_image(record)
+    panels = kept_panels(record, cfg)[:cfg.max_panels]
+    views = [eval_uint8(crop(image, p["box"]), cfg.image_size) for p in panels]
+    panel_images, panel_tokens, panel_mask = _stack(views, [p[cfg.panel_text] or p["text"] for p in panels],
+                                                    cfg.max_panels, cfg)
+    return {"image": eval_uint8(image, cfg.image_size), "tokens": tokenize(record["caption"])[0],
+            "panel_images": panel_images, "panel_tokens": panel_tokens, "panel_mask": panel_mask}
+
+
+def panel_example(record: dict, panel_index: int, cfg: SampleConfig) -> dict:
+    image = decode_image(record)
+    panel = record["panels"][panel_index]
+    regions = kept_regions(record, panel["panel_id"], cfg)[:cfg.max_regions]
+    views = [eval_uint8(crop(image, r["box"], cfg.region_margin), cfg.image_size) for r in regions]
+    region_images, region_tokens, region_mask = _stack(views, [r["text_sub"] or r["text_lvlm"] for r in regions],
+                                                       cfg.max_regions, cfg)
+    grid_boxes = np.zeros((cfg.max_regions, 4), np.float32)
+    for n, region in enumerate(regions):
+        grid_boxes[n] = box_in_grid(region["box"], panel["box"], cfg)
+    return {"image": eval_uint8(crop(image, panel["box"]), cfg.image_size),
+            "tokens": tokenize(panel[cfg.panel_text] or panel["text"])[0],
+            "region_images": region_images, "region_tokens": region_tokens, "region_mask": region_mask,
+            "region_grid_boxes": grid_boxes}
+
+
+def region_example(record: dict, region_index: int, cfg: SampleConfig, rng: np.random.Generator) -> dict:
+    region = record["regions"][region_index]
+    texts = [t for t in (region["text_sub"], region["text_lvlm"]) if t]
+    text = texts[int(rng.integers(len(texts)))] if texts else record["caption"]
+    view = eval_uint8(crop(decode_image(record), region["box"], cfg.region_margin), cfg.image_size)
+    return {"image": view, "tokens": tokenize(text)[0]}

@@ -1,0 +1,53 @@
+"""Figure records from ArrayRecord shards as a grain random-access source.
+
+A record that fails to decode stops the run naming its file and index (strict), or is returned as
+None for the pipeline to skip and count (default)."""
+from __future__ import annotations
+
+import bisect
+import glob
+from typing import Sequence
+
+import grain
+
+from zoomin_jax import records
+from zoomin_jax.errors import UserError
+
+
+def expand(patterns: str | Sequence[str]) -> list[str]:
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    paths = sorted({path for pattern in patterns for path in (glob.glob(pattern) or [pattern])})
+    missing = [p for p in paths if not glob.glob(p)]
+    if missing:
+        raise UserError(f"no record shards match {missing[0]}; pass a path or glob of *.array_record files.")
+    return paths
+
+
+class RecordSource:
+    """`source[i]` -> decoded figure record (dict) or None; `len(source)` records over all shards."""
+
+    def __init__(self, patterns: str | Sequence[str], strict: bool = False):
+        from array_record.python.array_record_module import ArrayRecordReader
+        self.paths, self.strict = expand(patterns), strict
+        self._raw = grain.sources.ArrayRecordDataSource(self.paths)
+        self._starts = [0]
+        for path in self.paths:
+            reader = ArrayRecordReader(path)
+            self._starts.append(self._starts[-1] + reader.num_records())
+            reader.close()
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def where(self, index: int) -> str:
+        shard = bisect.bisect_right(self._starts, index) - 1
+        return f"{self.paths[shard]} record {index - self._starts[shard]}"
+
+    def __getitem__(self, index: int) -> dict | None:
+        try:
+            return records.decode(self._raw[index], where=self.where(index))
+        except records.RecordError as err:
+            if self.strict:
+                raise UserError(f"{err}; rerun without strict mode to skip it.") from None
+            return None
