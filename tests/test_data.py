@@ -96,3 +96,28 @@ def test_corrupt_record_strict_names_it_default_skips_and_counts(tmp_path, shard
 def test_missing_shards_are_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="no record shards match"):
         RecordSource(str(tmp_path / "nothing-*.array_record"))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_iterator_state_restores_in_a_fresh_process(tmp_path, shards, num_workers):
+    for phase in ("save", "restore"):
+        run_cli("tests/data_resume.py", phase, shards["truth"], str(tmp_path), str(num_workers))
+    expected, restored = np.load(tmp_path / "expected.npz"), np.load(tmp_path / "restored.npz")
+    assert sorted(expected.files) == sorted(restored.files)
+    for key in expected.files:
+        np.testing.assert_array_equal(expected[key], restored[key])
+
+
+def test_epochs_reshuffle_and_slices_cover_each_epoch(shards):
+    index = build_index(RecordSource(shards["truth"]), "panel", CFG)
+    one_process = [tuple(r) for r in item_rows(index, seed=3, process_index=0, process_count=1, num_epochs=2)]
+    n = len(index.rows)
+    assert sorted(one_process[:n]) == sorted(one_process[n:]) and one_process[:n] != one_process[n:]
+    per_epoch = [[] for _ in range(2)]
+    for p in range(2):
+        rows = list(item_rows(index, seed=3, process_index=p, process_count=2, num_epochs=2))
+        half = len(rows) // 2
+        per_epoch[0] += rows[:half]
+        per_epoch[1] += rows[half:]
+    for epoch in per_epoch:
+        assert sorted(map(tuple, epoch)) == sorted(map(tuple, index.rows))

@@ -60,25 +60,37 @@ class _Example:
 
 
 def item_rows(index: LevelIndex, *, seed: int, process_index: int, process_count: int,
-              shuffle: bool = True) -> grain.MapDataset:
-    """This process's (record, item) rows of one epoch: a seeded shuffle, then every
-    process_count-th row from process_index, so the slices are disjoint and cover all rows."""
+              shuffle: bool = True, num_epochs: int = 1) -> grain.MapDataset:
+    """This process's (record, item) rows: a seeded shuffle (a new permutation each epoch), then
+    every process_count-th row from process_index, so the slices are disjoint and cover all rows."""
     dataset = grain.MapDataset.source(index.rows)
     if shuffle:
         dataset = dataset.shuffle(seed=seed)
-    return dataset[process_index::process_count]
+    return dataset[process_index::process_count].repeat(num_epochs)
 
 
 def make_dataset(patterns, level: str, batch_size: int, *, seed: int = 0, cfg=samples.SampleConfig(),
                  process_index: int = 0, process_count: int = 1, shuffle: bool = True, strict: bool = False,
-                 index: LevelIndex | None = None) -> grain.MapDataset:
-    """Batches of this process's slice of one level (one epoch)."""
+                 num_epochs: int = 1, index: LevelIndex | None = None) -> grain.MapDataset:
+    """Batches of this process's slice of one level, for `num_epochs` epochs."""
     source = RecordSource(patterns, strict=strict)
     index = index or build_index(source, level, cfg)
     if len(index.rows) == 0:
         raise UserError(f"{patterns} holds no {level}-level items (records without "
                         f"{'regions' if level == 'region' else 'panels'}?); annotate with a backend that finds them.")
     dataset = item_rows(index, seed=seed, process_index=process_index, process_count=process_count,
-                        shuffle=shuffle)
+                        shuffle=shuffle, num_epochs=num_epochs)
     dataset = dataset.random_map(_Example(source, level, cfg), seed=seed + 1)
     return dataset.batch(batch_size, drop_remainder=True)
+
+
+def batch_iterator(dataset: grain.MapDataset, num_workers: int = 0, prefetch: int = 2) -> grain.DatasetIterator:
+    """An iterator whose position `get_state()` captures and `set_state()` restores, also in a fresh
+    process; with num_workers > 0 examples are made in spawned worker processes."""
+    iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
+    if num_workers > 0:
+        from absl import flags
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside absl.app.run
+            flags.FLAGS.mark_as_parsed()  # nothing has parsed them
+        iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return iter(iterable)
