@@ -121,3 +121,40 @@ def test_epochs_reshuffle_and_slices_cover_each_epoch(shards):
         per_epoch[1] += rows[half:]
     for epoch in per_epoch:
         assert sorted(map(tuple, epoch)) == sorted(map(tuple, index.rows))
+
+
+def test_global_batch_is_sharded_over_the_data_axes(shards):
+    import jax
+    from jax.sharding import AxisType
+
+    from zoomin_jax.data.device import to_global
+    assert jax.device_count() == 8, "make test runs with XLA_FLAGS=--xla_force_host_platform_device_count=8"
+    mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
+    local = make_dataset(shards["truth"], "panel", 8, cfg=CFG)[0]
+    batch = to_global(local, mesh, data_axes=("data", "fsdp"))
+    assert batch["image"].shape == (8, 64, 64, 3) and len(batch["image"].addressable_shards) == 8
+    assert batch["image"].addressable_shards[0].data.shape == (1, 64, 64, 3)
+    np.testing.assert_array_equal(np.asarray(batch["region_grid_boxes"]), local["region_grid_boxes"])
+
+
+def test_training_views_are_random_resized_crops_without_flips(shards):
+    train = samples.SampleConfig(image_size=64, patch_size=8, max_regions=2, train=True, crop_scale=(0.3, 0.6))
+    a = make_dataset(shards["truth"], "panel", 4, seed=1, cfg=train)[0]
+    b = make_dataset(shards["truth"], "panel", 4, seed=1, cfg=train)[0]
+    np.testing.assert_array_equal(a["image"], b["image"])
+    shown = make_dataset(shards["truth"], "panel", 4, seed=1, cfg=CFG, shuffle=False)[0]
+    random = make_dataset(shards["truth"], "panel", 4, seed=1, cfg=train, shuffle=False)[0]
+    assert not np.array_equal(shown["image"], random["image"])
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        x, y, w, h = samples.random_rect(400, 200, rng, train)
+        assert 0 <= x and x + w <= 400 and 0 <= y and y + h <= 200
+        assert 0.3 * 0.97 <= w * h / 80000 <= 0.6 * 1.03
+
+
+def test_region_box_under_a_random_crop_by_hand():
+    # Region at crop pixels x 200..256, y 50..106; the view shows the crop's (50, 0, 200, 200) at 224 px
+    # (x1.12): x 168..230.7 px, y 56..118.7 px; the right edge leaves the 16-token grid and is clipped.
+    grid = samples.box_in_grid([300, 100, 356, 156], [100, 50, 500, 250], samples.SampleConfig(),
+                               rect=(50.0, 0.0, 200.0, 200.0))
+    np.testing.assert_allclose(grid, [12.0, 4.0, 16.0, 8.48], atol=1e-5)

@@ -53,9 +53,9 @@ class _Example:
     def __call__(self, row, rng: np.random.Generator):
         record = self.source[int(row[0])]
         if self.level == "figure":
-            return samples.figure_example(record, self.cfg)
+            return samples.figure_example(record, self.cfg, rng)
         if self.level == "panel":
-            return samples.panel_example(record, int(row[1]), self.cfg)
+            return samples.panel_example(record, int(row[1]), self.cfg, rng)
         return samples.region_example(record, int(row[1]), self.cfg, rng)
 
 

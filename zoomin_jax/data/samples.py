@@ -1,4 +1,5 @@
-"""One training example per level, with the eval transform (open_clip's) on uint8 pixels.
+"""One training example per level, on uint8 pixels: open_clip's eval transform, or for training a
+random resized crop (scale and ratio ranges; never a horizontal flip — captions say left and right).
 
 figure: the figure + caption, and up to max_panels panel crops + texts with a mask (figure<->panel).
 panel:  a panel crop + text, and up to max_regions region crops + texts + their boxes in the panel
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 
 import numpy as np
 from PIL import Image
@@ -27,6 +29,9 @@ class SampleConfig:
     panel_text: str = "text"        # or "text_lvlm"
     drop_panel_kinds: tuple[str, ...] = ()
     min_box_side: float = 8.0
+    train: bool = False
+    crop_scale: tuple[float, float] = (0.5, 1.0)   # of the crop's area, for random resized crops
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
 
 
 def decode_image(record: dict) -> Image.Image:
@@ -43,15 +48,45 @@ def crop(image: Image.Image, box, margin: float = 0.0) -> Image.Image:
     return image.crop(box)
 
 
-def box_in_grid(box, crop_box, cfg: SampleConfig) -> np.ndarray:
-    """A box in original pixels -> [x0, y0, x1, y1] in patch-token units of the crop's eval view."""
-    left, top = round(crop_box[0]), round(crop_box[1])
-    width, height = round(crop_box[2]) - left, round(crop_box[3]) - top
-    new_w, new_h = resized_shape(width, height, cfg.image_size)
-    off_x, off_y = crop_offset(new_w, new_h, cfg.image_size)
+def eval_rect(width: int, height: int, size: int) -> tuple[float, float, float, float]:
+    """(x, y, w, h) of the source rectangle the eval transform shows, in the image's pixels."""
+    new_w, new_h = resized_shape(width, height, size)
+    off_x, off_y = crop_offset(new_w, new_h, size)
     sx, sy = new_w / width, new_h / height
-    grid = np.array([(box[0] - left) * sx - off_x, (box[1] - top) * sy - off_y,
-                     (box[2] - left) * sx - off_x, (box[3] - top) * sy - off_y], np.float32) / cfg.patch_size
+    return off_x / sx, off_y / sy, size / sx, size / sy
+
+
+def random_rect(width: int, height: int, rng: np.random.Generator, cfg: SampleConfig):
+    """torchvision's RandomResizedCrop rectangle: an area fraction and aspect ratio drawn from the
+    config's ranges; the eval rectangle when ten draws do not fit."""
+    area = width * height
+    log_ratio = (math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*cfg.crop_scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return float(rng.integers(0, width - w + 1)), float(rng.integers(0, height - h + 1)), float(w), float(h)
+    return eval_rect(width, height, cfg.image_size)
+
+
+def view(image: Image.Image, cfg: SampleConfig, rng: np.random.Generator | None):
+    """(uint8 [S, S, 3], source rectangle): exactly open_clip's eval transform, or a random resized crop."""
+    if not cfg.train:
+        return eval_uint8(image, cfg.image_size), eval_rect(*image.size, cfg.image_size)
+    x, y, w, h = random_rect(*image.size, rng, cfg)
+    pixels = image.convert("RGB").resize((cfg.image_size, cfg.image_size), Image.BICUBIC, box=(x, y, x + w, y + h))
+    return np.asarray(pixels), (x, y, w, h)
+
+
+def box_in_grid(box, crop_box, cfg: SampleConfig, rect=None) -> np.ndarray:
+    """A box in original pixels -> [x0, y0, x1, y1] in patch-token units of the crop's view, whose
+    source rectangle (crop pixels) is `rect` (default: the eval transform's)."""
+    left, top = round(crop_box[0]), round(crop_box[1])
+    x, y, w, h = rect or eval_rect(round(crop_box[2]) - left, round(crop_box[3]) - top, cfg.image_size)
+    sx, sy = cfg.image_size / w, cfg.image_size / h
+    grid = np.array([(box[0] - left - x) * sx, (box[1] - top - y) * sy,
+                     (box[2] - left - x) * sx, (box[3] - top - y) * sy], np.float32) / cfg.patch_size
     return np.clip(grid, 0, cfg.image_size / cfg.patch_size)
 
 
@@ -78,28 +113,33 @@ def _stack(views: list[np.ndarray], texts: list[str], limit: int, cfg: SampleCon
     return images, tokens, mask
 
 
-def figure_example(record: dict, cfg: SampleConfig) -> dict:
+def figure_example(record: dict, cfg: SampleConfig, rng: np.random.Generator | None = None) -> dict:
     image = decode_image(record)
     panels = kept_panels(record, cfg)[:cfg.max_panels]
-    views = [eval_uint8(crop(image, p["box"]), cfg.image_size) for p in panels]
+    views = [view(crop(image, p["box"]), cfg, rng)[0] for p in panels]
     panel_images, panel_tokens, panel_mask = _stack(views, [p[cfg.panel_text] or p["text"] for p in panels],
                                                     cfg.max_panels, cfg)
-    return {"image": eval_uint8(image, cfg.image_size), "tokens": tokenize(record["caption"])[0],
+    return {"image": view(image, cfg, rng)[0], "tokens": tokenize(record["caption"])[0],
             "panel_images": panel_images, "panel_tokens": panel_tokens, "panel_mask": panel_mask}
 
 
-def panel_example(record: dict, panel_index: int, cfg: SampleConfig) -> dict:
+def panel_example(record: dict, panel_index: int, cfg: SampleConfig, rng: np.random.Generator | None = None) -> dict:
     image = decode_image(record)
     panel = record["panels"][panel_index]
-    regions = kept_regions(record, panel["panel_id"], cfg)[:cfg.max_regions]
-    views = [eval_uint8(crop(image, r["box"], cfg.region_margin), cfg.image_size) for r in regions]
-    region_images, region_tokens, region_mask = _stack(views, [r["text_sub"] or r["text_lvlm"] for r in regions],
-                                                       cfg.max_regions, cfg)
+    pixels, rect = view(crop(image, panel["box"]), cfg, rng)
+    regions = []
+    for region in kept_regions(record, panel["panel_id"], cfg):
+        grid = box_in_grid(region["box"], panel["box"], cfg, rect)
+        if grid[2] > grid[0] and grid[3] > grid[1]:  # a random crop may cut a region out of view
+            regions.append((region, grid))
+    regions = regions[:cfg.max_regions]
+    views = [view(crop(image, r["box"], cfg.region_margin), cfg, rng)[0] for r, _ in regions]
+    region_images, region_tokens, region_mask = _stack(
+        views, [r["text_sub"] or r["text_lvlm"] for r, _ in regions], cfg.max_regions, cfg)
     grid_boxes = np.zeros((cfg.max_regions, 4), np.float32)
-    for n, region in enumerate(regions):
-        grid_boxes[n] = box_in_grid(region["box"], panel["box"], cfg)
-    return {"image": eval_uint8(crop(image, panel["box"]), cfg.image_size),
-            "tokens": tokenize(panel[cfg.panel_text] or panel["text"])[0],
+    for n, (_, grid) in enumerate(regions):
+        grid_boxes[n] = grid
+    return {"image": pixels, "tokens": tokenize(panel[cfg.panel_text] or panel["text"])[0],
             "region_images": region_images, "region_tokens": region_tokens, "region_mask": region_mask,
             "region_grid_boxes": grid_boxes}
 
@@ -108,5 +148,5 @@ def region_example(record: dict, region_index: int, cfg: SampleConfig, rng: np.r
     region = record["regions"][region_index]
     texts = [t for t in (region["text_sub"], region["text_lvlm"]) if t]
     text = texts[int(rng.integers(len(texts)))] if texts else record["caption"]
-    view = eval_uint8(crop(decode_image(record), region["box"], cfg.region_margin), cfg.image_size)
-    return {"image": view, "tokens": tokenize(text)[0]}
+    pixels, _ = view(crop(decode_image(record), region["box"], cfg.region_margin), cfg, rng)
+    return {"image": pixels, "tokens": tokenize(text)[0]}
