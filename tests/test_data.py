@@ -158,3 +158,15 @@ def test_region_box_under_a_random_crop_by_hand():
     grid = samples.box_in_grid([300, 100, 356, 156], [100, 50, 500, 250], samples.SampleConfig(),
                                rect=(50.0, 0.0, 200.0, 200.0))
     np.testing.assert_allclose(grid, [12.0, 4.0, 16.0, 8.48], atol=1e-5)
+
+
+def test_panel_text_mixes_in_lvlm_descriptions():
+    panel = {"text": "(A) PAS stain.", "text_lvlm": "A kidney section."}
+    always = samples.SampleConfig(lvlm_text_prob=1.0)
+    rng = np.random.default_rng(0)
+    assert samples.panel_text(panel, always, rng) == "A kidney section."
+    assert samples.panel_text(panel, always, None) == "(A) PAS stain."  # evaluation: the sub-caption
+    assert samples.panel_text(dict(panel, text_lvlm=""), always, rng) == "(A) PAS stain."
+    half = samples.SampleConfig(lvlm_text_prob=0.5)
+    picks = [samples.panel_text(panel, half, rng) for _ in range(400)]
+    assert 150 < picks.count("A kidney section.") < 250

@@ -26,7 +26,7 @@ class SampleConfig:
     max_panels: int = 4
     max_regions: int = 4
     region_margin: float = 0.1      # context around a region crop, as a fraction of its size
-    panel_text: str = "text"        # or "text_lvlm"
+    lvlm_text_prob: float = 0.0     # chance a panel's text is its LVLM description (when it has one)
     drop_panel_kinds: tuple[str, ...] = ()
     min_box_side: float = 8.0
     train: bool = False
@@ -102,6 +102,13 @@ def kept_regions(record: dict, panel_id: int, cfg: SampleConfig) -> list[dict]:
     return [r for r in record["regions"] if r["panel_id"] == panel_id and _big_enough(r["box"], cfg)]
 
 
+def panel_text(panel: dict, cfg: SampleConfig, rng: np.random.Generator | None) -> str:
+    """The sub-caption, or with probability lvlm_text_prob (training only) the LVLM description."""
+    if panel["text_lvlm"] and rng is not None and rng.random() < cfg.lvlm_text_prob:
+        return panel["text_lvlm"]
+    return panel["text"]
+
+
 def _stack(views: list[np.ndarray], texts: list[str], limit: int, cfg: SampleConfig):
     size = cfg.image_size
     images = np.zeros((limit, size, size, 3), np.uint8)
@@ -117,7 +124,7 @@ def figure_example(record: dict, cfg: SampleConfig, rng: np.random.Generator | N
     image = decode_image(record)
     panels = kept_panels(record, cfg)[:cfg.max_panels]
     views = [view(crop(image, p["box"]), cfg, rng)[0] for p in panels]
-    panel_images, panel_tokens, panel_mask = _stack(views, [p[cfg.panel_text] or p["text"] for p in panels],
+    panel_images, panel_tokens, panel_mask = _stack(views, [panel_text(p, cfg, rng) for p in panels],
                                                     cfg.max_panels, cfg)
     return {"image": view(image, cfg, rng)[0], "tokens": tokenize(record["caption"])[0],
             "panel_images": panel_images, "panel_tokens": panel_tokens, "panel_mask": panel_mask}
@@ -139,7 +146,7 @@ def panel_example(record: dict, panel_index: int, cfg: SampleConfig, rng: np.ran
     grid_boxes = np.zeros((cfg.max_regions, 4), np.float32)
     for n, (_, grid) in enumerate(regions):
         grid_boxes[n] = grid
-    return {"image": pixels, "tokens": tokenize(panel[cfg.panel_text] or panel["text"])[0],
+    return {"image": pixels, "tokens": tokenize(panel_text(panel, cfg, rng))[0],
             "region_images": region_images, "region_tokens": region_tokens, "region_mask": region_mask,
             "region_grid_boxes": grid_boxes}
 
