@@ -170,3 +170,29 @@ def test_panel_text_mixes_in_lvlm_descriptions():
     half = samples.SampleConfig(lvlm_text_prob=0.5)
     picks = [samples.panel_text(panel, half, rng) for _ in range(400)]
     assert 150 < picks.count("A kidney section.") < 250
+
+
+def test_two_processes_assemble_one_global_batch(tmp_path, shards):
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    procs = [subprocess.Popen([sys.executable, "tests/data_multiprocess.py", shards["truth"], port, str(i),
+                               str(tmp_path)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for i in range(2)]
+    for proc in procs:
+        output = proc.communicate(timeout=300)[0].decode()
+        assert proc.returncode == 0, output[-3000:]
+    results = [json.loads((tmp_path / f"process{i}.json").read_text()) for i in range(2)]
+    assert all(r["global_shape"] == [8, 32, 32, 3] for r in results)
+    # The global batch is process 0's slice followed by process 1's, seen identically by both.
+    expected = results[0]["local_signature"] + results[1]["local_signature"]
+    assert results[0]["global_signature"] == results[1]["global_signature"] == expected
+    assert results[0]["local_signature"] != results[1]["local_signature"]
