@@ -14,12 +14,12 @@ from zoomin_jax.data.source import RecordSource
 
 
 def measure(records: str, level: str, workers: int, batch_size: int, batches: int, repeats: int,
-            cfg: SampleConfig) -> list[float]:
+            cfg: SampleConfig, worker_buffer: int = 4) -> list[float]:
     index = build_index(RecordSource(records), level, cfg)
     rates = []
     for repeat in range(repeats):
         dataset = make_dataset(records, level, batch_size, seed=repeat, cfg=cfg, index=index, num_epochs=1000)
-        iterator = batch_iterator(dataset, num_workers=workers)
+        iterator = batch_iterator(dataset, num_workers=workers, worker_buffer=worker_buffer)
         next(iterator)  # warm-up: worker start, first decode
         start = time.perf_counter()
         for _ in range(batches):
@@ -38,10 +38,12 @@ def main(argv=None) -> None:
     parser.add_argument("--batches", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--worker-buffer", type=int, default=4, help="batches each worker keeps ready")
     args = parser.parse_args(argv)
     cfg = SampleConfig(image_size=args.image_size)
     for workers in map(int, args.workers.split(",")):
-        rates = measure(args.records, args.level, workers, args.batch_size, args.batches, args.repeats, cfg)
+        rates = measure(args.records, args.level, workers, args.batch_size, args.batches, args.repeats, cfg,
+                        args.worker_buffer)
         print(f"level={args.level} workers={workers} samples/s median={statistics.median(rates):.1f} "
               f"runs={[round(r, 1) for r in rates]}", flush=True)
 

@@ -84,13 +84,16 @@ def make_dataset(patterns, level: str, batch_size: int, *, seed: int = 0, cfg=sa
     return dataset.batch(batch_size, drop_remainder=True)
 
 
-def batch_iterator(dataset: grain.MapDataset, num_workers: int = 0, prefetch: int = 2) -> grain.DatasetIterator:
+def batch_iterator(dataset: grain.MapDataset, num_workers: int = 0, prefetch: int = 2,
+                   worker_buffer: int = 4) -> grain.DatasetIterator:
     """An iterator whose position `get_state()` captures and `set_state()` restores, also in a fresh
-    process; with num_workers > 0 examples are made in spawned worker processes."""
+    process; with num_workers > 0 examples are made in spawned worker processes, each keeping
+    `worker_buffer` batches ready."""
     iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
     if num_workers > 0:
         from absl import flags
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside absl.app.run
             flags.FLAGS.mark_as_parsed()  # nothing has parsed them
-        iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+        iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                                     per_worker_buffer_size=worker_buffer))
     return iter(iterable)
