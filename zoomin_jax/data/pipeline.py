@@ -33,14 +33,8 @@ def build_index(source: RecordSource, level: str, cfg: samples.SampleConfig) -> 
             continue
         if level == "figure":
             rows.append((record_index, -1))  # figures without panels still feed the figure level
-        elif level == "panel":
-            kept = {id(p) for p in samples.kept_panels(record, cfg)}
-            rows += [(record_index, n) for n, p in enumerate(record["panels"]) if id(p) in kept]
         else:
-            kinds = {p["panel_id"]: p["kind"] for p in record["panels"]}
-            rows += [(record_index, n) for n, r in enumerate(record["regions"])
-                     if kinds.get(r["panel_id"]) not in cfg.drop_panel_kinds and min(
-                         r["box"][2] - r["box"][0], r["box"][3] - r["box"][1]) >= cfg.min_box_side]
+            rows += [(record_index, n) for n in samples.item_indices(record, level, cfg)]
     return LevelIndex(np.asarray(rows, np.int64).reshape(-1, 2), skipped)
 
 

@@ -94,8 +94,20 @@ def _big_enough(box, cfg: SampleConfig) -> bool:
     return min(box[2] - box[0], box[3] - box[1]) >= cfg.min_box_side
 
 
+def keeps_panel(panel: dict, cfg: SampleConfig) -> bool:
+    return panel["kind"] not in cfg.drop_panel_kinds and _big_enough(panel["box"], cfg)
+
+
 def kept_panels(record: dict, cfg: SampleConfig) -> list[dict]:
-    return [p for p in record["panels"] if p["kind"] not in cfg.drop_panel_kinds and _big_enough(p["box"], cfg)]
+    return [p for p in record["panels"] if keeps_panel(p, cfg)]
+
+
+def item_indices(record: dict, level: str, cfg: SampleConfig) -> list[int]:
+    """The panels (or regions, of kept panels) of a record that become panel (region) examples."""
+    if level == "panel":
+        return [n for n, p in enumerate(record["panels"]) if keeps_panel(p, cfg)]
+    kept_ids = {p["panel_id"] for p in kept_panels(record, cfg)}
+    return [n for n, r in enumerate(record["regions"]) if r["panel_id"] in kept_ids and _big_enough(r["box"], cfg)]
 
 
 def kept_regions(record: dict, panel_id: int, cfg: SampleConfig) -> list[dict]:
@@ -114,9 +126,10 @@ def _stack(views: list[np.ndarray], texts: list[str], limit: int, cfg: SampleCon
     images = np.zeros((limit, size, size, 3), np.uint8)
     tokens = np.zeros((limit, 77), np.int32)
     mask = np.zeros((limit,), bool)
-    for n, (view, text) in enumerate(zip(views[:limit], texts[:limit])):
-        images[n], mask[n] = view, True
-        tokens[n] = tokenize(text)[0]
+    count = min(len(views), limit)
+    if count:
+        images[:count], mask[:count] = views[:count], True
+        tokens[:count] = tokenize(texts[:count])  # one tokenizer call for all children
     return images, tokens, mask
 
 
