@@ -82,22 +82,22 @@ def decode(data: bytes, cfg: AnnotateConfig) -> Image.Image:
 def build_record(figure: Figure, data: bytes, image: Image.Image, proposal: Proposal, backend: Backend,
                  cfg: AnnotateConfig, seconds: float) -> dict:
     width, height = image.size
-    boxes = [p for p in proposal.panels if records.clip_box(p["box"], width, height)]
-    if not boxes:  # a figure with no detectable panels is one panel
-        boxes = [{"box": [0.0, 0.0, float(width), float(height)], "label": "", "score": 0.0}]
+    # (proposal index, clipped box): markers, phrases and descriptions stay keyed by the proposal index.
+    kept = [(k, box) for k, p in enumerate(proposal.panels) if (box := records.clip_box(p["box"], width, height))]
+    if not kept:  # a figure with no detectable panels is one panel
+        proposal.panels = [{"box": [0.0, 0.0, float(width), float(height)], "label": "", "score": 0.0}]
+        kept = [(0, proposal.panels[0]["box"])]
         proposal.warnings.append("no panels proposed; the whole figure is one panel")
     # Each panel gets its sub-caption; a panel the caption does not name gets the whole caption.
     by_label = {p["label"]: p["text"] for p in split_caption(figure.caption) if p["label"]}
     panels, regions = [], []
-    for panel_id, proposed in enumerate(boxes):
-        box = records.clip_box(proposed["box"], width, height)
-        label = proposed["label"]
+    for panel_id, (k, box) in enumerate(kept):
+        label = proposal.panels[k]["label"]
         panels.append(records.new_panel(
             panel_id=panel_id, label=label, box=box, text=by_label.get(label, figure.caption.strip()),
-            text_lvlm=proposal.panel_descriptions.get(panel_id, ""), kind=panel_kind(image, box),
-            score=float(proposed["score"])))
-        for region in fuse_regions(box, proposal.markers.get(panel_id, []), proposal.phrases.get(panel_id, []),
-                                   cfg):
+            text_lvlm=proposal.panel_descriptions.get(k, ""), kind=panel_kind(image, box),
+            score=float(proposal.panels[k]["score"])))
+        for region in fuse_regions(box, proposal.markers.get(k, []), proposal.phrases.get(k, []), cfg):
             regions.append(records.new_region(panel_id=panel_id, text_lvlm="", **region))
     return records.new_figure(
         figure_id=figure.figure_id, source=figure.source, license=figure.license, image_bytes=data,

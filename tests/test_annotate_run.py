@@ -112,3 +112,20 @@ def test_kill_9_mid_shard_then_resume_gives_each_id_once(tmp_path):
     summary = json.loads((out / "summary-00000-of-00001.json").read_text())
     assert summary["resumed_with_done"] >= 30 and summary["figures"] == 120 and summary["failures"] == 15
     assert not list(out.glob("*.part-*")) and not list(out.glob("*.partial"))
+
+
+def test_dropped_proposals_keep_markers_with_their_own_panel():
+    from annotate.config import AnnotateConfig
+    from annotate.inputs import Figure
+    from annotate.pipeline import Proposal, build_record
+
+    image = Image.new("RGB", (200, 100), (90, 60, 120))
+    proposal = Proposal(
+        [{"box": [500, 500, 600, 600], "label": "A", "score": 1.0},   # outside the image: dropped
+         {"box": [0, 0, 200, 100], "label": "B", "score": 0.8}],
+        markers={1: [{"box": [50, 40, 60, 50], "kind": "arrow", "score": 1.0}]},
+        panel_descriptions={1: "a purple field"})
+    record = build_record(Figure("f", "src", "(A) x. (B) y."), encoded(image, "PNG"), image, proposal,
+                          HeuristicBackend(), AnnotateConfig(), 0.0)
+    assert [(p["panel_id"], p["label"], p["text_lvlm"]) for p in record["panels"]] == [(0, "B", "a purple field")]
+    assert [(r["panel_id"], r["source"], r["marker_kind"]) for r in record["regions"]] == [(0, "marker", "arrow")]
