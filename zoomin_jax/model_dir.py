@@ -51,8 +51,9 @@ def read_meta(directory: str | Path) -> dict:
     return meta
 
 
-def config(directory: str | Path) -> CLIPConfig:
-    return CLIPConfig.from_open_clip(read_meta(directory)["model_cfg"], where=str(Path(directory) / MODEL_JSON))
+def config_of(meta: dict, directory: str | Path) -> CLIPConfig:
+    """The architecture recorded in a directory's model.json (as returned by read_meta)."""
+    return CLIPConfig.from_open_clip(meta["model_cfg"], where=str(Path(directory) / MODEL_JSON))
 
 
 def restore_params(directory: str | Path, cfg: CLIPConfig, sharding=None) -> dict:
@@ -68,7 +69,7 @@ def restore_params(directory: str | Path, cfg: CLIPConfig, sharding=None) -> dic
 def load_model(directory: str | Path, dtype=None) -> tuple[CLIP, dict]:
     """(CLIP with the directory's params, preprocess_cfg)."""
     meta = read_meta(directory)
-    cfg = CLIPConfig.from_open_clip(meta["model_cfg"], where=str(Path(directory) / MODEL_JSON))
+    cfg = config_of(meta, directory)
     return from_params(cfg, restore_params(directory, cfg), dtype), meta["preprocess_cfg"]
 
 

@@ -89,7 +89,7 @@ def cmd_export(args) -> None:
 
     start = time.perf_counter()
     meta = model_dir.read_meta(args.src)
-    cfg = model_dir.config(args.src)
+    cfg = model_dir.config_of(meta, args.src)
     _log(f"reading {args.src}")
     state_dict = params_to_state_dict(model_dir.params_numpy(args.src, cfg), cfg, progress=True)
     out = Path(args.out)

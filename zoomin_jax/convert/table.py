@@ -36,8 +36,8 @@ def _layer_norm(torch_name, flax_name):
             (f"{torch_name}.bias", f"{flax_name}.bias", IDENTITY)]
 
 
-def _linear(name, weight=LINEAR):
-    return [(f"{name}.weight", f"{name}.kernel", weight), (f"{name}.bias", f"{name}.bias", IDENTITY)]
+def _linear(name):
+    return [(f"{name}.weight", f"{name}.kernel", LINEAR), (f"{name}.bias", f"{name}.bias", IDENTITY)]
 
 
 def _resblocks(tower):
