@@ -1,6 +1,6 @@
 """python -m annotate {run,captions,synth,eval,show}: the Panel2Patch annotation stage's command line.
 
-  run --input PATH... --out DIR --backend heuristic|qwen [--model DIR] [--num-shards N --shard-index I]
+  run --input PATH... --out DIR --backend heuristic|qwen|vllm [--model DIR] [--num-shards N --shard-index I]
       figures (.jsonl manifests, WebDataset .tar shards, JATS .nxml) -> DIR/records-SSSSS-of-NNNNN
       .array_record, DIR/failures-….jsonl (id, stage, reason), DIR/summary-….json; resumable. The
       shard comes from the flags, else SLURM_ARRAY_TASK_ID/COUNT, else RANK/WORLD_SIZE.
@@ -39,22 +39,44 @@ def _caption_of(line: str) -> tuple[str, str]:
 
 
 def cmd_captions(args) -> int:
+    if args.backend == "rules":
+        def split(captions):
+            return [(split_caption(caption), []) for caption in captions]
+    else:
+        from annotate.backends import make_backend
+        try:
+            split = make_backend(args.backend, args.model).split_captions
+        except (ValueError, ImportError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
     out, failures_path = Path(args.out), Path(f"{args.out}.failures.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
     done = failed = 0
     tmp_out, tmp_failures = Path(f"{out}.partial"), Path(f"{failures_path}.partial")
     with open(args.input, "rb") as source, open(tmp_out, "w") as sink, open(tmp_failures, "w") as failures:
+        batch: list[tuple[str, str]] = []
+
+        def flush():
+            if not batch:
+                return
+            for (figure_id, _), (panels, warnings) in zip(batch, split([c for _, c in batch]), strict=True):
+                line = {"id": figure_id, "panels": panels} | ({"warnings": warnings} if warnings else {})
+                sink.write(json.dumps(line) + "\n")
+            batch.clear()
+
         for number, raw in enumerate(tqdm(source, desc="captions", unit="caption"), start=1):
             if not raw.strip():
                 continue
             try:
-                figure_id, caption = _caption_of(raw.decode("utf-8"))
+                batch.append(_caption_of(raw.decode("utf-8")))
             except (UnicodeDecodeError, ValueError) as err:
                 failures.write(json.dumps({"line": number, "stage": "read", "reason": str(err)}) + "\n")
                 failed += 1
                 continue
-            sink.write(json.dumps({"id": figure_id, "panels": split_caption(caption)}) + "\n")
             done += 1
+            if len(batch) == args.batch_size:
+                flush()
+        flush()
     os.replace(tmp_out, out)
     os.replace(tmp_failures, failures_path)
     print(f"captions: {done} split, {failed} failed ({failures_path})", file=sys.stderr)
@@ -70,7 +92,7 @@ def cmd_run(args) -> int:
         return 1
     try:
         backend = make_backend(args.backend, args.model, prefilter=args.prefilter)
-    except ValueError as err:
+    except (ValueError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     summary = run_shard(args.input, args.out, backend, num_shards, shard_index,
@@ -105,7 +127,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("run", help="annotate figures into ArrayRecord shards")
     p.add_argument("--input", nargs="+", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--backend", default="heuristic", choices=["heuristic", "qwen"])
+    p.add_argument("--backend", default="heuristic", choices=["heuristic", "qwen", "vllm"])
     p.add_argument("--model", help="model directory for LVLM backends")
     p.add_argument("--prefilter", action="store_true",
                    help="send figures the heuristic finds to be one panel past the LVLM")
@@ -116,6 +138,10 @@ def main(argv=None) -> int:
     p = sub.add_parser("captions", help="split compound-figure captions per panel")
     p.add_argument("--input", required=True, help="JSONL with id and caption per line")
     p.add_argument("--out", required=True, help="output JSONL")
+    p.add_argument("--backend", default="rules", choices=["rules", "qwen", "vllm"],
+                   help="rules, or an LVLM that assigns clauses to panels (falls back to the rules per caption)")
+    p.add_argument("--model", help="model directory for LVLM backends")
+    p.add_argument("--batch-size", type=int, default=16)
     p = sub.add_parser("synth", help="synthetic compound figures with ground truth")
     p.add_argument("--out", required=True)
     p.add_argument("--num", type=int, default=100)

@@ -1,28 +1,29 @@
-"""Annotation backends behind one interface (`pipeline.Backend`): heuristic on CPU, qwen
-(transformers, imported only when chosen)."""
+"""Annotation backends behind one interface (`pipeline.Backend`): heuristic on CPU; qwen
+(transformers) and vllm, each imported only when chosen."""
 from __future__ import annotations
 
 from PIL import Image
 
 from annotate.captions import split_caption
 from annotate.config import AnnotateConfig
-from annotate.heuristic import SplitConfig, assign_labels, split_panels
+from annotate.heuristic import SplitConfig, split_panels
+from annotate.labels import LabelConfig, read_labels
 from annotate.pipeline import Proposal
 
 
 class HeuristicBackend:
-    """XY-cut panels, caption labels in reading order, no markers (so no regions)."""
+    """XY-cut panels, labels read from the glyphs printed in them, no markers (so no regions)."""
     name = "heuristic"
-    model_id = "xy-cut"
+    model_id = "xy-cut+glyph-labels"
 
-    def __init__(self, split_cfg: SplitConfig = SplitConfig()):
-        self.split_cfg = split_cfg
+    def __init__(self, split_cfg: SplitConfig = SplitConfig(), label_cfg: LabelConfig = LabelConfig()):
+        self.split_cfg, self.label_cfg = split_cfg, label_cfg
 
     def propose(self, images: list[Image.Image], captions: list[str]) -> list[Proposal]:
         proposals = []
         for image, caption in zip(images, captions, strict=True):
             boxes = split_panels(image, self.split_cfg)
-            labels = assign_labels(boxes, [p["label"] for p in split_caption(caption)])
+            labels = read_labels(image, boxes, [p["label"] for p in split_caption(caption)], self.label_cfg)
             proposals.append(Proposal([{"box": box, "label": label, "score": 1.0}
                                        for box, label in zip(boxes, labels)]))
         return proposals
@@ -51,10 +52,10 @@ def make_backend(name: str, model: str | None = None, cfg: AnnotateConfig = Anno
                  prefilter: bool = False):
     if name == "heuristic":
         return HeuristicBackend()
-    if name == "qwen":
+    if name in ("qwen", "vllm"):
         if not model:
-            raise ValueError("--backend qwen needs --model, a Qwen2.5-VL directory (save_pretrained layout)")
-        from annotate.qwen import QwenBackend
-        backend = QwenBackend(model, cfg)
+            raise ValueError(f"--backend {name} needs --model, a Qwen2.5-VL directory (save_pretrained layout)")
+        from annotate.qwen import QwenBackend, VllmBackend
+        backend = (QwenBackend if name == "qwen" else VllmBackend)(model, cfg)
         return PrefilteredBackend(backend) if prefilter else backend
-    raise ValueError(f"backend {name!r} is not available in this version; use heuristic or qwen")
+    raise ValueError(f"unknown backend {name!r}; use heuristic, qwen or vllm")

@@ -180,10 +180,7 @@ def split_caption(caption: str, shared_context: bool = True) -> list[dict]:
     if not markers:
         return [{"label": "", "text": _clean(caption)}]
     # Spans between markers: a prefix marker owns the text after it, a postfix one the text before.
-    first = markers[0]
-    context_end = first.start
-    if first.role == "postfix":  # the shared context ends where the first labelled clause begins
-        context_end = max(caption.rfind(p, 0, first.start) for p in (". ", ": ", ".")) + 1
+    context_end = _context_end(caption, markers[0])
     texts: dict[str, list[str]] = {}
     for n, marker in enumerate(markers):
         if marker.role == "prefix":
@@ -199,7 +196,27 @@ def split_caption(caption: str, shared_context: bool = True) -> list[dict]:
     context = _clean(caption[:context_end]) if shared_context else ""
     # Letters and numbers in label order; "top"/"bottom" as the caption reads.
     order = list(texts) if any(label.lower() in _POSITIONAL for label in texts) else sorted(texts, key=_label_key)
-    return [{"label": label, "text": _clean(" ".join([context, *texts[label]]))} for label in order]
+    return with_context(context, {label: " ".join(texts[label]) for label in order})
+
+
+def _context_end(caption: str, first: Marker) -> int:
+    """Where the shared context ends: at the first prefix marker, or where the clause a first
+    postfix marker closes begins."""
+    if first.role == "postfix":
+        return max(caption.rfind(p, 0, first.start) for p in (". ", ": ", ".")) + 1
+    return first.start
+
+
+def shared_context(caption: str) -> str:
+    """The caption's text that every panel shares (title sentence, abbreviations); "" when the
+    caption has no panel markers."""
+    markers = _markers(caption or "")
+    return _clean(caption[:_context_end(caption, markers[0])]) if markers else ""
+
+
+def with_context(context: str, texts: dict[str, str]) -> list[dict]:
+    """[{'label', 'text'}] with the shared context in front of each panel's own text."""
+    return [{"label": label, "text": _clean(f"{context} {text}")} for label, text in texts.items()]
 
 
 def _clause_start(caption: str, lo: int, hi: int) -> int:

@@ -2,8 +2,8 @@
 
 A cut goes where a band of rows (or columns) is all background — the gutter between panels — or,
 for panels that touch, where the change across one line stands far above the texture around it
-over content on both sides. Each piece is trimmed to its content and split again until nothing cuts. Labels come from
-the caption in reading order (top row first, left to right) when the counts agree; OCR is not used.
+over content on both sides. Each piece is trimmed to its content and split again until nothing cuts.
+Panels come back in reading order; `annotate.labels` reads which caption label each one carries.
 """
 from __future__ import annotations
 
@@ -131,9 +131,3 @@ def panel_kind(image: Image.Image, box) -> str:
     flat = (np.abs(crop - crop.reshape(-1, 3).max(0)).max(-1) < 12).mean()
     colours = len(np.unique((crop // 32).reshape(-1, 3), axis=0))
     return "chart" if flat > 0.45 and colours < 24 else "photo"
-
-
-def assign_labels(boxes: list, caption_labels: list[str]) -> list[str]:
-    """Caption labels to panels in reading order when the counts agree, else no labels."""
-    labels = [label for label in caption_labels if label]
-    return labels if len(labels) == len(boxes) else [""] * len(boxes)

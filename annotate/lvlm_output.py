@@ -84,3 +84,24 @@ def parse_boxes(text: str, original_size: tuple[int, int], seen_size: tuple[int,
         label = next((obj[k] for k in _LABEL_KEYS if k in obj), "")
         items.append({"box": clipped, "label": str(label).strip()})
     return Parsed(items, problems)
+
+
+def parse_caption_split(text: str) -> tuple[dict[str, str], list[str]]:
+    """{label: own text} from an answer listing [{"label": "A", "text": "..."}]; problems say what
+    was dropped. Texts given twice for one label are joined."""
+    objects, salvaged = _json_objects(text or "")
+    problems = ["truncated or malformed JSON; kept the complete objects"] if salvaged and objects else []
+    if not objects:
+        return {}, ["answer lists no panels" if text and not salvaged else
+                    f"no JSON panel texts in answer: {text[:80]!r}" if text else "empty answer"]
+    texts: dict[str, str] = {}
+    for obj in objects:
+        label = next((obj[k] for k in _LABEL_KEYS if k in obj and k != "text"), None) if isinstance(obj, dict) else None
+        own = next((obj[k] for k in ("text", "caption", "subcaption", "description") if k in obj), None) \
+            if isinstance(obj, dict) else None
+        if not (isinstance(label, str) and label.strip() and isinstance(own, str) and own.strip()):
+            problems.append(f"no label and text in {json.dumps(obj)[:60]}")
+            continue
+        label = label.strip().strip("()")
+        texts[label] = f"{texts[label]} {own.strip()}" if label in texts else own.strip()
+    return texts, problems

@@ -80,8 +80,20 @@ def grid_layout(rng: np.random.Generator, name: str) -> Layout:
     return Layout(name, gap + cols * (cell + gap), gap + rows * (cell + gap), panels)
 
 
-def _font(size: int):
-    return ImageFont.load_default(size=max(8, size))
+# Panel letters are drawn in several typefaces, so the CPU label reader (whose templates use
+# Pillow's bundled font) is measured on faces it has not seen. DejaVu ships with most Linux
+# systems; where a face is missing, Pillow's bundled font stands in.
+LABEL_FONTS = ("pillow-default", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSans.ttf",
+               "DejaVuSerif-Bold.ttf", "DejaVuSansCondensed-Bold.ttf")
+
+
+def _font(name: str, size: int) -> tuple[ImageFont.FreeTypeFont, str]:
+    if name != "pillow-default":
+        try:
+            return ImageFont.truetype(name, max(8, size)), name
+        except OSError:
+            pass
+    return ImageFont.load_default(size=max(8, size)), "pillow-default"
 
 
 def _fill_picture(rng, picture: np.ndarray, size: tuple[int, int]) -> Image.Image:
@@ -157,13 +169,14 @@ def render(layout: Layout, rng: np.random.Generator, medmnist: np.ndarray | None
                             "marker_box": [float(v) for v in marker_box], "marker_kind": "arrow",
                             "text_sub": "the arrow marks the region of interest"})
             text += "; the arrow marks the region of interest"
+        font_name = None
         if label_box is not None:
             lx0, ly0, lx1, ly1 = label_box
             draw.rectangle([lx0, ly0, lx1, ly1], fill="white")
-            draw.text(((lx0 + lx1) / 2, (ly0 + ly1) / 2), label, fill="black", anchor="mm",
-                      font=_font(int((ly1 - ly0) * 0.9)))
+            font, font_name = _font(LABEL_FONTS[int(rng.integers(len(LABEL_FONTS)))], int((ly1 - ly0) * 0.9))
+            draw.text(((lx0 + lx1) / 2, (ly0 + ly1) / 2), label, fill="black", anchor="mm", font=font)
         panels.append({"panel_id": panel_id, "label": label, "box": [float(x0), float(y0), float(x1), float(y1)],
-                       "kind": kind, "text": text})
+                       "kind": kind, "text": text, "label_font": font_name})
         clauses.append(f"({label}) {text[0].upper()}{text[1:]}." if label else f"{text[0].upper()}{text[1:]}.")
     caption = "Representative biomedical images and measurements. " + " ".join(clauses)
     return image, {"panels": panels, "regions": regions, "caption": caption,

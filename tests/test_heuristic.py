@@ -3,10 +3,11 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from annotate.captions import split_caption
-from annotate.heuristic import assign_labels, panel_kind, reading_order, split_panels
+from annotate.heuristic import panel_kind, reading_order, split_panels
+from annotate.labels import label_score, read_labels
 from annotate.metrics import panel_scores
 from annotate.synth import synthesize
 from conftest import DATA
@@ -24,14 +25,16 @@ def test_panel_f1_and_labels_on_600_real_layouts(zou_composites):
     predicted = []
     for truth in truths:
         boxes = split_panels(Image.open(zou_composites / "images" / f"{truth['id']}.png"))
-        labels = assign_labels(boxes, [p["label"] for p in split_caption(truth["caption"])])
+        image = Image.open(zou_composites / "images" / f"{truth['id']}.png")
+        labels = read_labels(image, boxes, [p["label"] for p in split_caption(truth["caption"])])
         predicted.append([{"box": b, "label": label} for b, label in zip(boxes, labels)])
     scores = panel_scores(predicted, [t["panels"] for t in truths])
     print(scores)
     assert scores["figures"] == 600 and scores["panels"] > 1500
     assert scores["f1"] >= 0.90
-    # Reading-order labels without OCR: 0.71 measured, below the 0.85 that issue 3 asks for.
-    assert scores["label_accuracy"] >= 0.70
+    # Letters are drawn in Pillow's font and five DejaVu faces; the reader's templates know only
+    # Pillow's. Measured 0.870 (0.858 on the DejaVu faces); reading order alone gave 0.764.
+    assert scores["label_accuracy"] >= 0.85
 
 
 def picture(rng, size):
@@ -51,11 +54,57 @@ def test_gutter_and_touching_boundaries():
                                     [200, 150, 400, 300]]
 
 
-def test_reading_order_and_labels():
+def test_reading_order():
     boxes = [[300, 10, 400, 100], [0, 0, 100, 100], [0, 120, 100, 220], [150, 5, 250, 105]]
     assert reading_order(boxes) == [[0, 0, 100, 100], [150, 5, 250, 105], [300, 10, 400, 100], [0, 120, 100, 220]]
-    assert assign_labels(boxes, ["A", "B", "C", "D"]) == ["A", "B", "C", "D"]
-    assert assign_labels(boxes, ["A", "B"]) == ["", "", "", ""]
+
+
+def labelled_grid(letters, font, rng):
+    """A 2×2 grid of textured panels, each with a letter on a white patch in its top-left corner."""
+    canvas = Image.new("RGB", (420, 420), "white")
+    draw = ImageDraw.Draw(canvas)
+    boxes = [[0, 0, 200, 200], [220, 0, 420, 200], [0, 220, 200, 420], [220, 220, 420, 420]]
+    for box, letter in zip(boxes, letters):
+        canvas.paste(picture(rng, (200, 200)), tuple(box[:2]))
+        if letter:
+            draw.rectangle([box[0] + 4, box[1] + 4, box[0] + 30, box[1] + 30], fill="white")
+            draw.text((box[0] + 17, box[1] + 17), letter, fill="black", anchor="mm", font=font)
+    return canvas, boxes
+
+
+@pytest.mark.parametrize("font_name", ["pillow-default", "DejaVuSerif-Bold.ttf"])
+def test_labels_are_read_not_assumed_in_reading_order(font_name):
+    """Column-major lettering (A C / B D): reading order would say A B C D."""
+    if font_name == "pillow-default":
+        font = ImageFont.load_default(size=22)
+    elif _has_font(font_name):
+        font = ImageFont.truetype(font_name, 22)
+    else:
+        pytest.skip(f"{font_name} is not installed on this machine")
+    canvas, boxes = labelled_grid(["A", "C", "B", "D"], font, np.random.default_rng(0))
+    assert read_labels(canvas, boxes, ["A", "B", "C", "D"]) == ["A", "C", "B", "D"]
+    # One label not printed: the three read ones stand, the fourth takes the one left over.
+    canvas, boxes = labelled_grid(["A", "C", "", "D"], font, np.random.default_rng(1))
+    assert read_labels(canvas, boxes, ["A", "B", "C", "D"]) == ["A", "C", "B", "D"]
+    # Labels the caption does not name are never invented; a caption without labels reads nothing.
+    assert read_labels(canvas, boxes, []) == ["", "", "", ""]
+
+
+def _has_font(name):
+    try:
+        ImageFont.truetype(name, 10)
+        return True
+    except OSError:
+        return False
+
+
+def test_label_score_prefers_the_printed_letter():
+    font = ImageFont.load_default(size=40)
+    canvas = Image.new("L", (60, 60), 0)
+    ImageDraw.Draw(canvas).text((30, 30), "b", fill=255, anchor="mm", font=font)
+    ink = np.asarray(canvas) > 127
+    scores = {label: label_score(ink, label) for label in "abdhpq"}
+    assert max(scores, key=scores.get) == "b" and scores["b"] > 0.9
 
 
 def test_panel_kind(zou_composites):

@@ -1,7 +1,7 @@
 """Parsing realistic Qwen2.5-VL grounding answers into boxes in original pixels."""
 import pytest
 
-from annotate.lvlm_output import parse_boxes, resized_size
+from annotate.lvlm_output import parse_boxes, parse_caption_split, resized_size
 
 
 @pytest.mark.parametrize("original,seen", [
@@ -54,3 +54,18 @@ def test_wrong_keys_and_bad_boxes_are_reported():
 def test_garbage_gives_no_boxes_and_a_reason(answer):
     parsed = parse_boxes(answer, (476, 644), (476, 644))
     assert parsed.items == [] and len(parsed.problems) == 1
+
+
+def test_caption_split_answers():
+    answer = ('Here is the split:\n```json\n[{"label": "(A)", "text": "PAS stain; arrows mark crescents."},\n'
+              ' {"label": "B", "caption": "Electron micrograph."}, {"label": "B", "text": "Scale bar 1 um."},\n'
+              ' {"panel": "C"}]\n```\nLet me know if you need more.')
+    texts, problems = parse_caption_split(answer)
+    assert texts == {"A": "PAS stain; arrows mark crescents.", "B": "Electron micrograph. Scale bar 1 um."}
+    assert problems == ['no label and text in {"panel": "C"}']
+    truncated, problems = parse_caption_split('[{"label": "a", "text": "x y"}, {"label": "b", "te')
+    assert truncated == {"a": "x y"} and problems[0].startswith("truncated")
+    assert parse_caption_split("[]") == ({}, ["answer lists no panels"])
+    assert parse_caption_split("The caption has two panels.") == (
+        {}, ["no JSON panel texts in answer: 'The caption has two panels.'"])
+    assert parse_caption_split("") == ({}, ["empty answer"])

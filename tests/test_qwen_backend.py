@@ -5,7 +5,9 @@ import pytest
 from PIL import Image
 
 from annotate import prompts
+from annotate.__main__ import main
 from annotate.backends import PrefilteredBackend
+from annotate.captions import split_caption
 from annotate.config import AnnotateConfig
 from annotate.lvlm_output import resized_size
 from annotate.qwen import QwenBackend
@@ -101,3 +103,38 @@ def test_prefilter_sends_single_panel_figures_past_the_lvlm(tiny_model):
     proposals = PrefilteredBackend(backend).propose([single, double], ["A cell.", "(A) x. (B) y."])
     assert proposals[0].warnings == ["prefilter: one panel found, LVLM skipped"]
     assert len(proposals[1].panels) == 2 and scripted.calls.count(prompts.PANELS) == len(CFG.panel_scales)
+
+
+def test_captions_cli_with_the_tiny_model_falls_back_to_rules(tmp_path, tiny_model):
+    source = tmp_path / "captions.jsonl"
+    captions = {"f1": "Kidney biopsy. (A) PAS stain. (B) Electron micrograph.", "f2": "Chest radiograph."}
+    source.write_text("".join(json.dumps({"id": k, "caption": v}) + "\n" for k, v in captions.items()))
+    assert main(["captions", "--input", str(source), "--out", str(tmp_path / "out.jsonl"), "--backend", "qwen",
+                 "--model", str(tiny_model), "--batch-size", "2"]) == 0
+    lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [line["id"] for line in lines] == ["f1", "f2"]
+    for line in lines:  # a random model's answers are unusable: each caption says so and uses the rules
+        assert line["panels"] == split_caption(captions[line["id"]])
+        assert line["warnings"][-1] == "used the rule-based split"
+
+
+def test_lvlm_caption_split_keeps_the_shared_context(tiny_model):
+    backend = QwenBackend(str(tiny_model), CFG, max_new_tokens=4)
+    backend._generate = lambda images, questions: [
+        '```json\n[{"label": "A", "text": "PAS stain"}, {"label": "B", "text": "electron micrograph"}]\n```']
+    ((panels, warnings),) = backend.split_captions(["Kidney biopsy. A PAS stain, B electron micrograph."])
+    assert panels == [{"label": "A", "text": "Kidney biopsy. PAS stain"},
+                      {"label": "B", "text": "Kidney biopsy. electron micrograph"}] and warnings == []
+
+
+def test_vllm_backend_is_imported_only_when_chosen(tmp_path, tiny_model, capsys):
+    import importlib.util
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here; this checks the message where it is not")
+    source = tmp_path / "m.jsonl"
+    source.write_text(json.dumps({"id": "x", "image": "x.png", "caption": "c"}) + "\n")
+    assert main(["run", "--input", str(source), "--out", str(tmp_path / "out"), "--backend", "vllm",
+                 "--model", str(tiny_model)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --backend vllm needs the vllm package")
+    assert not (tmp_path / "out").exists()

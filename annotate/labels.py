@@ -1,0 +1,166 @@
+"""Panel-label reader for the CPU backend: which of the caption's labels is printed in each panel.
+
+No OCR engine: the caption already says which labels exist, so reading is a choice among a few
+known strings. Candidates are isolated glyph groups in a panel's top and bottom bands (ink with
+background all around, either polarity); each is compared with the caption's labels rendered in Pillow's
+bundled font at several stroke weights (shape correlation after normalising size and position),
+and panels get labels by a one-to-one assignment. Panels left without a confident glyph fall back
+to reading order when the counts agree.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
+from scipy.optimize import linear_sum_assignment
+
+GLYPH = 24  # side of the normalised glyph, in pixels
+GLYPH_BLUR = 1.5  # Gaussian sigma: forgives stroke-weight and serif differences between typefaces
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelConfig:
+    band_fraction: float = 0.3       # top and bottom bands searched, as a share of the panel's height…
+    band_outside: float = 0.15       # …and how far they reach outside it
+    min_height: int = 5              # glyph height in pixels…
+    max_height_fraction: float = 0.3  # …and at most this share of the panel's shorter side
+    max_width_ratio: float = 1.6     # of one character's width to its height
+    ring: int = 1                    # background pixels required around a candidate
+    ring_ink_fraction: float = 0.1   # ink allowed in that ring
+    min_score: float = 0.55          # correlation with the rendered label to accept a reading
+
+
+@functools.lru_cache(maxsize=None)
+def _template(label: str, stroke: int) -> tuple[np.ndarray, float]:
+    font = ImageFont.load_default(size=64)
+    canvas = Image.new("L", (64 * (len(label) + 1), 128), 0)
+    ImageDraw.Draw(canvas).text((32, 32), label, fill=255, font=font, stroke_width=stroke, stroke_fill=255)
+    return _normalise(np.asarray(canvas) > 127)
+
+
+def _normalise(ink: np.ndarray) -> tuple[np.ndarray, float]:
+    """Ink cropped to its extent, centred on a square, resized to GLYPH², zero-mean unit-norm;
+    and its log aspect ratio (the square hides it: "i", "l" and "f" all become a bar)."""
+    rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
+    ink = ink[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    h, w = ink.shape
+    side = max(h, w)
+    square = np.zeros((side, side), np.uint8)
+    square[(side - h) // 2:(side - h) // 2 + h, (side - w) // 2:(side - w) // 2 + w] = ink * 255
+    glyph = np.asarray(Image.fromarray(square).resize((GLYPH, GLYPH), Image.BILINEAR), np.float32)
+    glyph = ndimage.gaussian_filter(glyph, GLYPH_BLUR)
+    glyph -= glyph.mean()
+    return glyph / max(float(np.linalg.norm(glyph)), 1e-6), float(np.log(w / h))
+
+
+def label_score(ink: np.ndarray, label: str, aspect_weight: float = 0.5) -> float:
+    """Best shape correlation of a glyph's ink mask with the label rendered at any stroke weight,
+    less `aspect_weight` per unit of log aspect-ratio difference."""
+    glyph, aspect = _normalise(ink)
+    return max(float((glyph * template).sum()) - aspect_weight * abs(aspect - template_aspect)
+               for template, template_aspect in (_template(label, stroke) for stroke in (0, 2, 4)))
+
+
+def _edge_bands(box, width: int, height: int, cfg: LabelConfig):
+    """The panel's top and bottom bands, where nearly all printed panel labels sit, reaching a
+    little outside the box (labels sit just outside panels, or the split trimmed through one)."""
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    inside, outside = max(1, int((y1 - y0) * cfg.band_fraction)), int((y1 - y0) * cfg.band_outside)
+    for top, bottom in ((y0 - outside, y0 + inside), (y1 - inside, y1 + outside)):
+        yield max(0, x0 - outside), max(0, top), min(width, x1 + outside), min(height, bottom)
+
+
+def glyph_candidates(gray: np.ndarray, box, cfg: LabelConfig = LabelConfig()) -> list[tuple[np.ndarray, tuple]]:
+    """(ink mask, centre x/y in the image) of each isolated glyph group in the box's edge bands."""
+    x0, y0, x1, y1 = box
+    max_height = cfg.max_height_fraction * min(x1 - x0, y1 - y0)
+    candidates = []
+    for wx0, wy0, wx1, wy1 in _edge_bands(box, gray.shape[1], gray.shape[0], cfg):
+        window = gray[wy0:wy1, wx0:wx1]
+        if window.size == 0 or int(window.max()) - int(window.min()) < 64:
+            continue
+        threshold = (int(window.max()) + int(window.min())) / 2
+        for ink in (window < threshold, window > threshold):
+            components, _ = ndimage.label(ink, structure=np.ones((3, 3)))
+            pieces = [(n + 1, b) for n, b in enumerate(ndimage.find_objects(components))
+                      if 2 <= b[0].stop - b[0].start <= max_height]
+            for group in _glyph_groups(pieces):
+                found = _isolated_ink(ink, components, group, cfg)
+                if found is None:
+                    continue
+                mask, (gy, gx) = found
+                h, w = mask.shape
+                if cfg.min_height <= h <= max_height and w <= cfg.max_width_ratio * h * len(group):
+                    candidates.append((mask, (wx0 + gx + w / 2, wy0 + gy + h / 2)))
+    return candidates
+
+
+def _isolated_ink(ink: np.ndarray, components: np.ndarray, group: list, cfg: LabelConfig):
+    """The group's ink cropped to its extent, and that extent's top-left (y, x), when a ring of
+    background surrounds it."""
+    ys = slice(min(b[0].start for _, b in group), max(b[0].stop for _, b in group))
+    xs = slice(min(b[1].start for _, b in group), max(b[1].stop for _, b in group))
+    member = ink[ys, xs] & np.isin(components[ys, xs], [n for n, _ in group])
+    rows, cols = np.flatnonzero(member.any(1)), np.flatnonzero(member.any(0))
+    y0, y1, x0, x1 = ys.start + rows[0], ys.start + rows[-1] + 1, xs.start + cols[0], xs.start + cols[-1] + 1
+    r = cfg.ring
+    if y0 < r or x0 < r or y1 + r > ink.shape[0] or x1 + r > ink.shape[1]:
+        return None  # touches the band's edge: cannot tell it stands alone
+    outer = ink[y0 - r:y1 + r, x0 - r:x1 + r]
+    inner = ink[y0:y1, x0:x1]
+    if outer.sum() - inner.sum() > cfg.ring_ink_fraction * (outer.size - inner.size):
+        return None
+    return member[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1], (y0, x0)
+
+
+def read_labels(image: Image.Image, boxes: list, caption_labels: list[str],
+                cfg: LabelConfig = LabelConfig()) -> list[str]:
+    """The caption label printed in each panel ("" where none is read). A glyph counts for the panel
+    that contains it, else the nearest one (bands reach outside panels). Panels whose glyph matches
+    no label confidently take the remaining labels in reading order when the counts agree."""
+    labels = list(dict.fromkeys(label for label in caption_labels if label))
+    if not labels or not boxes:
+        return [""] * len(boxes)
+    gray = np.asarray(image.convert("L"))
+    scores = np.zeros((len(boxes), len(labels)))
+    corners = np.asarray(boxes, dtype=np.float64)
+    for i, box in enumerate(boxes):
+        for ink, (cx, cy) in glyph_candidates(gray, box, cfg):
+            distance = np.hypot(np.maximum(0, np.maximum(corners[:, 0] - cx, cx - corners[:, 2])),
+                                np.maximum(0, np.maximum(corners[:, 1] - cy, cy - corners[:, 3])))
+            if distance[i] <= distance.min():
+                scores[i] = np.maximum(scores[i], [label_score(ink, label) for label in labels])
+    read = [""] * len(boxes)
+    for i, j in zip(*linear_sum_assignment(-scores)):
+        if scores[i, j] >= cfg.min_score:
+            read[i] = labels[j]
+    if len(labels) == len(boxes):
+        rest = iter([label for label in labels if label not in read])
+        read = [label or next(rest) for label in read]
+    return read
+
+
+def _glyph_groups(pieces: list, max_pieces: int = 3) -> list[list]:
+    """Each ink piece alone, and runs of up to `max_pieces` that form one label: side by side on
+    a line ("A1", "2b") or stacked (the dot of an "i", a small "b" whose stem and bowl threshold
+    apart)."""
+    ordered = sorted(pieces, key=lambda piece: piece[1][1].start)
+    groups = [[piece] for piece in ordered]
+    for n, first in enumerate(ordered):
+        run, (ys, xs) = [first], first[1]
+        for other in ordered[n + 1:n + max_pieces]:
+            oy, ox = other[1]
+            heights = (ys.stop - ys.start, oy.stop - oy.start)
+            v_overlap = min(ys.stop, oy.stop) - max(ys.start, oy.start)
+            beside = 0 <= ox.start - xs.stop <= 0.6 * max(heights) and v_overlap >= 0.5 * min(heights)
+            stacked = ox.start < xs.stop and v_overlap >= -0.3 * max(heights)
+            if not (beside or stacked):
+                break
+            run = [*run, other]
+            ys = slice(min(ys.start, oy.start), max(ys.stop, oy.stop))
+            xs = slice(xs.start, max(xs.stop, ox.stop))
+            groups.append(run)
+    return groups
