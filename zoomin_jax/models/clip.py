@@ -82,9 +82,12 @@ class Transformer(nnx.Module):
             ResidualAttentionBlock(width, heads, mlp_ratio, layers, activation, dtype, rngs)
             for _ in range(layers)])
 
-    def __call__(self, x, causal: bool):
-        for block in self.resblocks:
+    def __call__(self, x, causal: bool, frozen_blocks: int = 0):
+        """`frozen_blocks` leading blocks run under stop_gradient: no activations are kept for them."""
+        for n, block in enumerate(self.resblocks):
             x = block(x, causal)
+            if n + 1 == frozen_blocks:
+                x = jax.lax.stop_gradient(x)
         return x
 
 
@@ -101,14 +104,15 @@ class VisionTransformer(nnx.Module):
         self.ln_post = _layer_norm(cfg.width, dtype, rngs)
         self.proj = nnx.Param(scale * jax.random.normal(rngs.params(), (cfg.width, embed_dim)))
 
-    def tokens(self, pixels):
-        """Transformer output before ln_post: class token [N, W] and patch grid [N, g, g, W]."""
+    def tokens(self, pixels, frozen_blocks: int = 0):
+        """Transformer output before ln_post: class token [N, W] and patch grid [N, g, g, W]. With
+        frozen_blocks > 0 nothing before the end of that block gets a gradient (the stem too)."""
         x = self.conv1(pixels)
         n, gh, gw, width = x.shape
         cls = jnp.broadcast_to(self.class_embedding[...].astype(x.dtype), (n, 1, width))
         x = jnp.concatenate([cls, x.reshape(n, gh * gw, width)], axis=1)
         x = self.ln_pre(x + self.positional_embedding[...].astype(x.dtype))
-        x = self.transformer(x, causal=False)
+        x = self.transformer(x, causal=False, frozen_blocks=frozen_blocks)
         return x[:, 0], x[:, 1:].reshape(n, gh, gw, width)
 
     def head(self, x):
