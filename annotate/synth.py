@@ -20,7 +20,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 COLOURS = {"red": (200, 40, 40), "blue": (40, 70, 200), "green": (40, 150, 60), "orange": (230, 130, 20),
-           "purple": (120, 50, 160)}
+           "purple": (120, 50, 160), "yellow": (255, 235, 0), "cyan": (0, 210, 230)}
+# Arrows in colours that stand out on the pictures; region texts name the colour and what is under it.
+ARROW_COLOURS = ("yellow", "cyan", "red", "green")
 
 
 @dataclasses.dataclass
@@ -162,13 +164,14 @@ def render(layout: Layout, rng: np.random.Generator, medmnist: np.ndarray | None
         if kind == "photo" and min(size) >= 60 and rng.random() < 0.6:
             target = (x0 + size[0] * rng.uniform(0.45, 0.8), y0 + size[1] * rng.uniform(0.45, 0.8))
             length = min(size) * 0.18
-            marker_box = _draw_arrow(draw, target, length, (255, 235, 0))
+            colour = ARROW_COLOURS[int(rng.integers(len(ARROW_COLOURS)))]
+            marker_box = _draw_arrow(draw, target, length, COLOURS[colour])
             side = min(size) * 0.2
             region_box = [target[0] - side / 2, target[1] - side / 2, target[0] + side / 2, target[1] + side / 2]
             regions.append({"panel_id": panel_id, "box": [float(v) for v in region_box],
                             "marker_box": [float(v) for v in marker_box], "marker_kind": "arrow",
-                            "text_sub": "the arrow marks the region of interest"})
-            text += "; the arrow marks the region of interest"
+                            "text_sub": f"{description}, marked by a {colour} arrow"})
+            text += f"; a {colour} arrow marks the region of interest"
         font_name = None
         if label_box is not None:
             lx0, ly0, lx1, ly1 = label_box

@@ -17,6 +17,7 @@ from zoomin_jax.models.config import OPENAI_MEAN, OPENAI_STD
 TERMS = {"figure": ("figure", "figure_panel_image", "figure_panel_text"),
          "panel": ("panel", "panel_region_image", "panel_region_text", "roi"),
          "region": ("region",)}
+ALL_TERMS = frozenset(term for terms in TERMS.values() for term in terms)
 
 
 def l2_normalize(x, eps: float = 1e-12):

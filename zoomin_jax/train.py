@@ -1,0 +1,191 @@
+"""python -m zoomin_jax.train --config configs/X.py[:arg] --workdir DIR [--config.key=value]
+
+Zoom-in training: the granularity cycle over figure / panel / region batches, one jitted step per
+level on a device mesh, orbax checkpoints with exact resume, SIGTERM -> save and exit, a guard that
+skips non-finite updates and stops after too many in a row. Logs one line per interval, TensorBoard
+events and metrics.jsonl in the workdir.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+import jax
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_flags
+
+from zoomin_jax import losses, sharding, trainer
+from zoomin_jax.checkpoint import Checkpoints
+from zoomin_jax.data import pipeline, samples
+from zoomin_jax.data.device import to_global
+from zoomin_jax.errors import UserError
+from zoomin_jax.models.clip import CLIP
+from zoomin_jax.models.config import get_preset
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py[:arg])")
+_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics.jsonl and TensorBoard events go")
+
+
+def initial_params(config, model_cfg) -> dict:
+    if config.get("model_init"):
+        from zoomin_jax import model_dir
+        found = model_dir.config_of(model_dir.read_meta(config.model_init), config.model_init)
+        if found != model_cfg:
+            raise UserError(f"{config.model_init} holds another architecture than config.model={config.model!r}")
+        return model_dir.params_numpy(config.model_init, model_cfg)
+    return nnx.to_pure_dict(nnx.state(CLIP(model_cfg, rngs=nnx.Rngs(config.seed)), nnx.Param))
+
+
+def sample_config(config, model_cfg, level_train: bool = True) -> samples.SampleConfig:
+    data = config.data
+    return samples.SampleConfig(
+        image_size=model_cfg.vision.image_size, patch_size=model_cfg.vision.patch_size,
+        max_panels=data.max_panels, max_regions=data.max_regions, region_margin=data.region_margin,
+        lvlm_text_prob=data.lvlm_text_prob, drop_panel_kinds=tuple(data.drop_panel_kinds),
+        min_box_side=data.min_box_side, train=level_train)
+
+
+def level_iterators(config, model_cfg) -> tuple[dict, dict]:
+    """{level: grain iterator of this process's batches}, {level: global batch size}."""
+    cfg = sample_config(config, model_cfg)
+    process_count = jax.process_count()
+    iterators, batch_sizes = {}, {}
+    for level in sorted({level for level, _ in config.cycle}):
+        global_batch = config.data.batch_size[level]
+        if global_batch % process_count:
+            raise UserError(f"config.data.batch_size.{level}={global_batch} is not divisible by the "
+                            f"{process_count} processes")
+        dataset = pipeline.make_dataset(config.data.records, level, global_batch // process_count, seed=config.seed,
+                                        cfg=cfg, process_index=jax.process_index(), process_count=process_count,
+                                        strict=config.data.strict, num_epochs=None)
+        iterators[level] = pipeline.batch_iterator(dataset, num_workers=config.data.workers)
+        batch_sizes[level] = global_batch
+    return iterators, batch_sizes
+
+
+class Logger:
+    """One line per interval on stdout, metrics.jsonl and TensorBoard events (primary process)."""
+
+    def __init__(self, workdir: Path):
+        self.active = jax.process_index() == 0
+        if self.active:
+            from tensorboardX import SummaryWriter
+            self.jsonl = open(workdir / "metrics.jsonl", "a")
+            self.writer = SummaryWriter(str(workdir / "tensorboard"))
+
+    def write(self, step: int, level: str, metrics: dict) -> None:
+        if not self.active:
+            return
+        self.jsonl.write(json.dumps({"step": step, "level": level, **metrics}) + "\n")
+        self.jsonl.flush()
+        for key, value in metrics.items():
+            self.writer.add_scalar(f"{level}/{key}" if key in losses.ALL_TERMS else key, value, step)
+        self.writer.flush()
+        shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+        print(f"step {step} [{level}] {shown}", flush=True)
+
+    def close(self) -> None:
+        if self.active:
+            self.jsonl.close()
+            self.writer.close()
+
+
+def train(config, workdir: str) -> dict:
+    """Runs (or resumes) training to config.total_steps; returns the last logged metrics."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    sharding.initialize_distributed()
+    mesh = sharding.make_mesh(tuple(tuple(axis) for axis in config.mesh))
+    model_cfg = get_preset(config.model)
+    params = initial_params(config, model_cfg)
+    part = trainer.partition(params, tuple(tuple(rule) for rule in config.train_rules))
+    trainable, frozen = trainer.split(params, part)
+    rules = tuple(tuple(rule) for rule in config.partition_rules)
+    trainable_shardings = sharding.tree_shardings(trainable, mesh, rules)
+    frozen = jax.device_put(frozen, sharding.tree_shardings(frozen, mesh, rules))
+    optim = trainer.OptimConfig(total_steps=config.total_steps, **config.optim)
+    tx = trainer.make_optimizer(optim, part)
+    state = jax.jit(trainer.init_state, static_argnums=1)(jax.device_put(trainable, trainable_shardings), tx)
+    loss_cfg = losses.LossConfig(weights=tuple(config.loss_weights.items()), text_frozen=part.text_frozen,
+                                 frozen_blocks=part.frozen_blocks)
+    schedule = trainer.lr_schedule(optim)
+    cycle = trainer.Cycle(tuple((level, int(steps)) for level, steps in config.cycle))
+    steps = {level: jax.jit(trainer.make_train_step(model_cfg, level, loss_cfg, tx, schedule), donate_argnums=0)
+             for level, _ in cycle.levels}
+    iterators, batch_sizes = level_iterators(config, model_cfg)
+    checkpoints = Checkpoints(workdir / "checkpoints", every=config.checkpoint_every, keep=config.keep_checkpoints)
+    start = checkpoints.latest_step()
+    if start is not None:
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        state = checkpoints.restore(start, abstract, iterators)
+        print(f"resumed from step {start} in {checkpoints.directory}", flush=True)
+    step = int(state["step"])
+
+    stop = {"signal": None}
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    logger = Logger(workdir)
+    config_json = json.loads(config.to_json_best_effort())
+    interval = {"start": time.perf_counter(), "wait": 0.0, "steps": 0, "examples": 0}
+    compiled, last = set(), {}
+    try:
+        while step < config.total_steps:
+            level = cycle.level_at(step)
+            tick = time.perf_counter()
+            batch = to_global(next(iterators[level]), mesh, mesh.axis_names)
+            interval["wait"] += time.perf_counter() - tick
+            tick = time.perf_counter()
+            state, metrics = steps[level](state, frozen, batch)
+            if level not in compiled:  # the first call of a level compiles it: time that apart
+                jax.block_until_ready(metrics)
+                compiled.add(level)
+                print(f"compiled the {level} step in {time.perf_counter() - tick:.1f} s", flush=True)
+                interval["start"] += time.perf_counter() - tick
+            step += 1
+            interval["steps"] += 1
+            interval["examples"] += batch_sizes[level]
+            if int(state["skipped"]) >= config.max_bad_steps:
+                raise UserError(f"{config.max_bad_steps} non-finite updates in a row at step {step}; the last good "
+                                f"checkpoint is step {checkpoints.latest_step()} in {checkpoints.directory} — lower "
+                                "config.optim.lr or check the data")
+            checkpoints.save(step, state, iterators, config_json)
+            if step % config.log_every == 0 or step == config.total_steps:
+                elapsed = time.perf_counter() - interval["start"]
+                last = {key: float(value) for key, value in jax.device_get(metrics).items()}
+                last |= {"examples_per_s": interval["examples"] / elapsed, "step_time_s": elapsed / interval["steps"],
+                         "data_wait_s": interval["wait"] / interval["steps"]}
+                logger.write(step, level, last)
+                interval = {"start": time.perf_counter(), "wait": 0.0, "steps": 0, "examples": 0}
+            if stop["signal"] is not None:
+                if not checkpoints.has(step):
+                    checkpoints.save(step, state, iterators, config_json, force=True)
+                print(f"stopped by signal {stop['signal']} at step {step}; checkpoint saved", flush=True)
+                break
+        else:
+            if not checkpoints.has(step):
+                checkpoints.save(step, state, iterators, config_json, force=True)
+    finally:
+        checkpoints.close()
+        logger.close()
+    return last
+
+
+def main(argv) -> int:
+    del argv
+    logging.set_verbosity(logging.WARNING)  # orbax narrates every save at INFO
+    if _WORKDIR.value is None or _CONFIG.value is None:
+        print("error: --config and --workdir are required", file=sys.stderr)
+        return 1
+    try:
+        train(_CONFIG.value, _WORKDIR.value)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)))
