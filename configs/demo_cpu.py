@@ -1,32 +1,36 @@
 """Zoom-in training of the tiny preset on synthetic records, minutes on 2 CPU cores.
 
-  python -m zoomin_jax.train --config configs/demo_cpu.py:RECORDS_GLOB --workdir DIR
+  python -m zoomin_jax.train --config configs/demo_cpu.py:records=GLOB[,variant=V] --workdir DIR
 
-RECORDS_GLOB: ArrayRecord shards from `python -m annotate run` (default demo/records/*.array_record).
+records: ArrayRecord shards from `python -m annotate run` (default demo/records/*.array_record).
+variant: zoomin (figure -> panel -> region, the default) or an ablation: figure_only, panel_only,
+region_only, joint (all levels in every step).
 """
 import ml_collections
 
+from zoomin_jax.trainer import VARIANT_CYCLES, parse_config_arg
+
 
 def get_config(arg=None):
+    args = parse_config_arg(arg, records="demo/records/records-*.array_record", variant="zoomin")
     config = ml_collections.ConfigDict()
     config.model = "test-tiny"
     config.model_init = None          # a converted model directory (python -m zoomin_jax.convert import)
     config.seed = 0
     config.total_steps = 60
-    # The granularity cycle: (level, steps) repeated.
-    config.cycle = (("figure", 1), ("panel", 1), ("region", 1))
+    config.cycle = VARIANT_CYCLES[args["variant"]]   # (level, steps) repeated
     config.mesh = (("data", -1),)
     config.partition_rules = ((".*", "fsdp"),)
-    # (regex over param names, lr multiplier or None = frozen); first match wins.
+    # (regex over param names, lr multiplier or None = frozen); first match wins. The tiny model
+    # trains everything after its first vision block.
     config.train_rules = (("visual/transformer/resblocks/[1-9]/.*", 1.0), ("visual/(ln_post|proj)(/.*)?", 1.0),
                           ("logit_scale", 1.0), ("text_projection", 1.0), ("transformer/resblocks/.*", 1.0),
                           ("ln_final/.*", 1.0), (".*", None))
     config.optim = dict(lr=1e-3, warmup_steps=6, weight_decay=0.05, b1=0.9, b2=0.95)  # cosine to total_steps
     config.loss_weights = dict(figure=1.0, figure_panel_image=0.5, figure_panel_text=0.5, panel=1.0,
                                panel_region_image=0.5, panel_region_text=0.5, roi=0.5, region=1.0)
-    config.data = dict(records=arg or "demo/records/records-*.array_record",
-                       batch_size=dict(figure=16, panel=16, region=16), workers=0, strict=False,
-                       max_panels=4, max_regions=4, region_margin=0.1, lvlm_text_prob=0.0,
+    config.data = dict(records=args["records"], batch_size=dict(figure=16, panel=16, region=16), workers=0,
+                       strict=False, max_panels=4, max_regions=4, region_margin=0.1, lvlm_text_prob=0.0,
                        drop_panel_kinds=(), min_box_side=8.0)
     config.log_every = 10
     config.checkpoint_every = 20

@@ -7,6 +7,7 @@ from flax import nnx, traverse_util
 from jax.sharding import NamedSharding, PartitionSpec
 
 from zoomin_jax import losses, sharding, trainer
+from zoomin_jax.bench_train import random_batch
 from zoomin_jax.models.clip import CLIP
 from zoomin_jax.models.config import get_preset
 
@@ -15,28 +16,6 @@ MODEL = get_preset("test-tiny")
 # terms, the text projection.
 RULES = (("visual/transformer/resblocks/1/.*", 1.0), ("visual/(ln_post|proj)(/.*)?", 1.0),
          ("text_projection", 0.5), ("logit_scale", 1.0), (".*", None))
-
-
-def level_batch(level, rng, batch=8, children=3, size=32):
-    def images(*lead):
-        return rng.integers(0, 256, (*lead, size, size, 3), dtype=np.uint8)
-
-    def tokens(*lead):
-        out = np.zeros((*lead, 77), np.int32)
-        out[..., 0], out[..., 1:6], out[..., 6] = 49406, rng.integers(300, 40000, (*lead, 5)), 49407
-        return out
-
-    out = {"image": images(batch), "tokens": tokens(batch)}
-    if level != "region":
-        child = "panel" if level == "figure" else "region"
-        mask = rng.random((batch, children)) > 0.3
-        mask[0] = False  # a parent without children
-        out |= {f"{child}_images": images(batch, children), f"{child}_tokens": tokens(batch, children),
-                f"{child}_mask": mask}
-    if level == "panel":
-        corner = rng.uniform(0, 2, (batch, children, 2)).astype(np.float32)
-        out["region_grid_boxes"] = np.concatenate([corner, corner + rng.uniform(0.5, 2, (batch, children, 2))], -1)
-    return out
 
 
 def run(mesh, num_steps=5, rules=RULES):
@@ -58,7 +37,7 @@ def run(mesh, num_steps=5, rules=RULES):
     logged = []
     for step in range(num_steps):
         level = cycle.level_at(step)
-        batch = jax.device_put(level_batch(level, rng), batch_sharding)
+        batch = jax.device_put(random_batch(level, rng, batch=8, size=32), batch_sharding)
         state, metrics = steps[level](state, frozen, batch)
         logged.append({k: float(v) for k, v in metrics.items()})
     return params, part, jax.device_get(state), logged, steps

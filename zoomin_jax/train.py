@@ -7,6 +7,7 @@ events and metrics.jsonl in the workdir.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import sys
@@ -24,9 +25,9 @@ from zoomin_jax.data import pipeline, samples
 from zoomin_jax.data.device import to_global
 from zoomin_jax.errors import UserError
 from zoomin_jax.models.clip import CLIP
-from zoomin_jax.models.config import get_preset
+from zoomin_jax.models.config import CLIPConfig, get_preset
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py[:arg])")
+CONFIG = config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py[:arg])")
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics.jsonl and TensorBoard events go")
 
 
@@ -40,13 +41,13 @@ def initial_params(config, model_cfg) -> dict:
     return nnx.to_pure_dict(nnx.state(CLIP(model_cfg, rngs=nnx.Rngs(config.seed)), nnx.Param))
 
 
-def sample_config(config, model_cfg, level_train: bool = True) -> samples.SampleConfig:
+def sample_config(config, model_cfg) -> samples.SampleConfig:
     data = config.data
     return samples.SampleConfig(
         image_size=model_cfg.vision.image_size, patch_size=model_cfg.vision.patch_size,
         max_panels=data.max_panels, max_regions=data.max_regions, region_margin=data.region_margin,
         lvlm_text_prob=data.lvlm_text_prob, drop_panel_kinds=tuple(data.drop_panel_kinds),
-        min_box_side=data.min_box_side, train=level_train)
+        min_box_side=data.min_box_side, train=True)
 
 
 def level_iterators(config, model_cfg) -> tuple[dict, dict]:
@@ -54,7 +55,8 @@ def level_iterators(config, model_cfg) -> tuple[dict, dict]:
     cfg = sample_config(config, model_cfg)
     process_count = jax.process_count()
     iterators, batch_sizes = {}, {}
-    for level in sorted({level for level, _ in config.cycle}):
+    levels = {level for level, _ in config.cycle}
+    for level in sorted(set(trainer.LEVELS) if trainer.JOINT in levels else levels):
         global_batch = config.data.batch_size[level]
         if global_batch % process_count:
             raise UserError(f"config.data.batch_size.{level}={global_batch} is not divisible by the "
@@ -94,28 +96,46 @@ class Logger:
             self.writer.close()
 
 
-def train(config, workdir: str) -> dict:
-    """Runs (or resumes) training to config.total_steps; returns the last logged metrics."""
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    sharding.initialize_distributed()
+@dataclasses.dataclass
+class Setup:
+    mesh: jax.sharding.Mesh
+    model_cfg: CLIPConfig
+    part: trainer.Partition
+    state: dict          # trainable params, optimizer state, step counters (sharded)
+    frozen: dict         # frozen params (sharded, never updated or saved)
+    cycle: trainer.Cycle
+    steps: dict          # level -> jitted step(state, frozen, batch)
+
+
+def setup(config) -> Setup:
+    """Mesh, params split and placed by the rules, optimizer state, and one jitted step per level."""
     mesh = sharding.make_mesh(tuple(tuple(axis) for axis in config.mesh))
     model_cfg = get_preset(config.model)
     params = initial_params(config, model_cfg)
     part = trainer.partition(params, tuple(tuple(rule) for rule in config.train_rules))
     trainable, frozen = trainer.split(params, part)
     rules = tuple(tuple(rule) for rule in config.partition_rules)
-    trainable_shardings = sharding.tree_shardings(trainable, mesh, rules)
+    trainable = jax.device_put(trainable, sharding.tree_shardings(trainable, mesh, rules))
     frozen = jax.device_put(frozen, sharding.tree_shardings(frozen, mesh, rules))
     optim = trainer.OptimConfig(total_steps=config.total_steps, **config.optim)
     tx = trainer.make_optimizer(optim, part)
-    state = jax.jit(trainer.init_state, static_argnums=1)(jax.device_put(trainable, trainable_shardings), tx)
+    state = jax.jit(trainer.init_state, static_argnums=1)(trainable, tx)
     loss_cfg = losses.LossConfig(weights=tuple(config.loss_weights.items()), text_frozen=part.text_frozen,
                                  frozen_blocks=part.frozen_blocks)
     schedule = trainer.lr_schedule(optim)
     cycle = trainer.Cycle(tuple((level, int(steps)) for level, steps in config.cycle))
     steps = {level: jax.jit(trainer.make_train_step(model_cfg, level, loss_cfg, tx, schedule), donate_argnums=0)
              for level, _ in cycle.levels}
+    return Setup(mesh, model_cfg, part, state, frozen, cycle, steps)
+
+
+def train(config, workdir: str) -> dict:
+    """Runs (or resumes) training to config.total_steps; returns the last logged metrics."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    sharding.initialize_distributed()
+    run = setup(config)
+    mesh, model_cfg, state, frozen, cycle, steps = run.mesh, run.model_cfg, run.state, run.frozen, run.cycle, run.steps
     iterators, batch_sizes = level_iterators(config, model_cfg)
     checkpoints = Checkpoints(workdir / "checkpoints", every=config.checkpoint_every, keep=config.keep_checkpoints)
     start = checkpoints.latest_step()
@@ -135,7 +155,10 @@ def train(config, workdir: str) -> dict:
         while step < config.total_steps:
             level = cycle.level_at(step)
             tick = time.perf_counter()
-            batch = to_global(next(iterators[level]), mesh, mesh.axis_names)
+            if level == trainer.JOINT:
+                batch = {name: to_global(next(iterators[name]), mesh, mesh.axis_names) for name in trainer.LEVELS}
+            else:
+                batch = to_global(next(iterators[level]), mesh, mesh.axis_names)
             interval["wait"] += time.perf_counter() - tick
             tick = time.perf_counter()
             state, metrics = steps[level](state, frozen, batch)
@@ -146,7 +169,7 @@ def train(config, workdir: str) -> dict:
                 interval["start"] += time.perf_counter() - tick
             step += 1
             interval["steps"] += 1
-            interval["examples"] += batch_sizes[level]
+            interval["examples"] += sum(batch_sizes.values()) if level == trainer.JOINT else batch_sizes[level]
             if int(state["skipped"]) >= config.max_bad_steps:
                 raise UserError(f"{config.max_bad_steps} non-finite updates in a row at step {step}; the last good "
                                 f"checkpoint is step {checkpoints.latest_step()} in {checkpoints.directory} — lower "
@@ -176,11 +199,11 @@ def train(config, workdir: str) -> dict:
 def main(argv) -> int:
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax narrates every save at INFO
-    if _WORKDIR.value is None or _CONFIG.value is None:
+    if _WORKDIR.value is None or CONFIG.value is None:
         print("error: --config and --workdir are required", file=sys.stderr)
         return 1
     try:
-        train(_CONFIG.value, _WORKDIR.value)
+        train(CONFIG.value, _WORKDIR.value)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

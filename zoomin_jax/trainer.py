@@ -21,6 +21,7 @@ from zoomin_jax.models.config import CLIPConfig
 from zoomin_jax.sharding import match_rules
 
 LEVELS = ("figure", "panel", "region")
+JOINT = "joint"  # all three levels' losses in one step (the joint-not-alternating ablation)
 
 
 def param_name(path: tuple) -> str:
@@ -102,13 +103,17 @@ def make_optimizer(cfg: OptimConfig, part: Partition) -> optax.GradientTransform
 
 def make_train_step(model_cfg: CLIPConfig, level: str, loss_cfg: LossConfig, tx: optax.GradientTransformation,
                     schedule: optax.Schedule):
-    """step(state, frozen, batch) -> (state, metrics). state = {"params", "opt_state", "step",
+    """step(state, frozen, batch) -> (state, metrics); for JOINT, batch = {level: batch}.
+    state = {"params", "opt_state", "step",
     "skipped"}; an update whose loss or gradient is not finite is skipped (state kept, `skipped`
     counts the run of them, reset by the next good step)."""
 
     def loss_fn(trainable, frozen, batch):
         model = from_params(model_cfg, merge(trainable, frozen))
-        return level_losses(model, batch, level, loss_cfg)
+        if level != JOINT:
+            return level_losses(model, batch, level, loss_cfg)
+        totals, terms = zip(*(level_losses(model, batch[name], name, loss_cfg) for name in LEVELS))
+        return sum(totals), {key: value for level_terms in terms for key, value in level_terms.items()}
 
     def step(state, frozen, batch):
         (total, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], frozen, batch)
@@ -131,6 +136,27 @@ def init_state(trainable: dict, tx: optax.GradientTransformation) -> dict:
             "skipped": jnp.zeros((), jnp.int32)}
 
 
+# The granularity schedules of the paper's recipe and its ablations, by config variant name.
+VARIANT_CYCLES = {
+    "zoomin": (("figure", 1), ("panel", 1), ("region", 1)),
+    "figure_only": (("figure", 1),),
+    "panel_only": (("panel", 1),),
+    "region_only": (("region", 1),),
+    "joint": ((JOINT, 1),),
+}
+
+
+def parse_config_arg(arg: str | None, **defaults) -> dict:
+    """big_vision-style config argument "key=value,key=value" over `defaults` (strings)."""
+    values = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in values:
+            raise ValueError(f"config argument {item!r}: expected key=value with key in {sorted(values)}")
+        values[key] = value
+    return values
+
+
 @dataclasses.dataclass(frozen=True)
 class Cycle:
     """The granularity schedule: ((level, steps), ...) repeated, e.g. figure → panel → region."""
@@ -138,8 +164,8 @@ class Cycle:
 
     def __post_init__(self):
         for level, steps in self.levels:
-            if level not in LEVELS or steps < 1:
-                raise ValueError(f"cycle entry {(level, steps)}: level must be one of {LEVELS}, steps >= 1")
+            if level not in (*LEVELS, JOINT) or steps < 1:
+                raise ValueError(f"cycle entry {(level, steps)}: level must be one of {(*LEVELS, JOINT)}, steps >= 1")
 
     def level_at(self, step: int) -> str:
         position = step % sum(steps for _, steps in self.levels)

@@ -1,0 +1,44 @@
+"""The paper's recipe: zoom-in pretraining of BMC-CLIP ViT-L-14 on Panel2Patch records.
+
+  python -m zoomin_jax.train --config configs/zoomin_vitl14.py:init=DIR,records=GLOB[,variant=V] --workdir DIR
+
+init: BMC-CLIP converted with `python -m zoomin_jax.convert import --model ViT-L-14` (empty: random
+init, for smoke tests only). variant: zoomin (default) or figure_only, panel_only, region_only, joint.
+Only the last 5 vision blocks, ln_post, proj and logit_scale train; the text tower is frozen, so
+text-side message passing is skipped and the frozen blocks run without a backward pass.
+"""
+import ml_collections
+
+from zoomin_jax.trainer import VARIANT_CYCLES, parse_config_arg
+
+PER_DEVICE_BATCH = 40
+DEVICES = 8
+# 350k figures / (40 x 8) = 1,094 figure steps per epoch; 20 epochs; with the M -> P -> R cycle
+# each level takes a third of the steps.
+EPOCH_STEPS = 1094
+
+
+def get_config(arg=None):
+    args = parse_config_arg(arg, init="", records="", variant="zoomin")
+    config = ml_collections.ConfigDict()
+    config.model = "ViT-L-14"
+    config.model_init = args["init"] or None
+    config.seed = 0
+    config.cycle = VARIANT_CYCLES[args["variant"]]
+    config.total_steps = 20 * EPOCH_STEPS * sum(steps for _, steps in config.cycle)
+    config.mesh = (("data", -1), ("fsdp", 1))
+    config.partition_rules = ((".*", "fsdp"),)
+    config.train_rules = (("visual/transformer/resblocks/(19|2[0-3])/.*", 1.0), ("visual/(ln_post|proj)(/.*)?", 1.0),
+                          ("logit_scale", 1.0), (".*", None))
+    config.optim = dict(lr=1e-5, warmup_steps=1000, weight_decay=0.05, b1=0.9, b2=0.95)
+    config.loss_weights = dict(figure=1.0, figure_panel_image=1.0, panel=1.0, panel_region_image=1.0, roi=1.0,
+                               region=1.0)
+    batch = PER_DEVICE_BATCH * DEVICES
+    config.data = dict(records=args["records"], batch_size=dict(figure=batch, panel=batch, region=batch), workers=8,
+                       strict=False, max_panels=4, max_regions=4, region_margin=0.1, lvlm_text_prob=0.5,
+                       drop_panel_kinds=("chart",), min_box_side=16.0)
+    config.log_every = 50
+    config.checkpoint_every = 1000
+    config.keep_checkpoints = 3
+    config.max_bad_steps = 20
+    return config

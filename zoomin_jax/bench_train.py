@@ -1,0 +1,78 @@
+"""python -m zoomin_jax.bench_train --config configs/X.py[:arg] [--config.key=value] [--steps N]
+
+Compile time and step time per level for a training config on this machine, on random batches
+shaped like the config's (the data pipeline has its own benchmark: zoomin_jax.data.bench). Step
+times are medians over N steps after the compiling one, each waited for.
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+
+from zoomin_jax import trainer
+from zoomin_jax.data.device import to_global
+from zoomin_jax.train import CONFIG, setup  # its --config flag serves here too
+
+_STEPS = flags.DEFINE_integer("steps", 5, "timed steps per level after compilation")
+
+
+def random_batch(level: str, rng: np.random.Generator, batch: int, size: int, children: int = 3) -> dict:
+    """A batch shaped like `data.samples` makes for `level`: uint8 images, CLIP token rows (SOT,
+    five words, EOT), child masks with one childless parent, region boxes in token units."""
+    if level == trainer.JOINT:
+        return {name: random_batch(name, rng, batch, size, children) for name in trainer.LEVELS}
+
+    def images(*lead):
+        return rng.integers(0, 256, (*lead, size, size, 3), dtype=np.uint8)
+
+    def tokens(*lead):
+        out = np.zeros((*lead, 77), np.int32)
+        out[..., 0], out[..., 1:6], out[..., 6] = 49406, rng.integers(300, 40000, (*lead, 5)), 49407
+        return out
+
+    out = {"image": images(batch), "tokens": tokens(batch)}
+    if level != "region":
+        child = "panel" if level == "figure" else "region"
+        mask = rng.random((batch, children)) > 0.3
+        mask[0] = False
+        out |= {f"{child}_images": images(batch, children), f"{child}_tokens": tokens(batch, children),
+                f"{child}_mask": mask}
+    if level == "panel":
+        corner = rng.uniform(0, 2, (batch, children, 2)).astype(np.float32)
+        out["region_grid_boxes"] = np.concatenate([corner, corner + rng.uniform(0.5, 2, (batch, children, 2))], -1)
+    return out
+
+
+def main(argv) -> int:
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    config = CONFIG.value
+    run = setup(config)
+    rng = np.random.default_rng(0)
+    state = run.state
+    print(f"{config.model} on {jax.device_count()} {jax.devices()[0].platform} device(s), mesh {dict(run.mesh.shape)}")
+    for level, _ in run.cycle.levels:
+        children = config.data.max_panels if level == "figure" else config.data.max_regions
+        size = run.model_cfg.vision.image_size
+        times = []
+        for _ in range(_STEPS.value + 1):
+            batch_size = config.data.batch_size[trainer.LEVELS[0] if level == trainer.JOINT else level]
+            host = random_batch(level, rng, batch_size, size, children)
+            batch = jax.tree.map(lambda x: to_global({"x": x}, run.mesh, run.mesh.axis_names)["x"], host)
+            tick = time.perf_counter()
+            state, metrics = run.steps[level](state, run.frozen, batch)
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - tick)
+        print(f"{level:>7}: batch {batch_size}, first call (compile + step) {times[0]:.1f} s, "
+              f"step median {statistics.median(times[1:]):.3f} s over {len(times) - 1} "
+              f"(min {min(times[1:]):.3f}, max {max(times[1:]):.3f})", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)))
