@@ -31,7 +31,8 @@ def get_config(arg=None):
                                panel_region_image=0.5, panel_region_text=0.5, roi=0.5, region=1.0)
     config.data = dict(records=args["records"], batch_size=dict(figure=16, panel=16, region=16), workers=0,
                        strict=False, max_panels=4, max_regions=4, region_margin=0.1, lvlm_text_prob=0.0,
-                       drop_panel_kinds=(), min_box_side=8.0)
+                       drop_panel_kinds=(), min_box_side=8.0,
+                       text_cache=False)  # True: embed each text once with the frozen text tower
     config.log_every = 10
     config.checkpoint_every = 20
     config.keep_checkpoints = 3

@@ -5,7 +5,8 @@
 init: BMC-CLIP converted with `python -m zoomin_jax.convert import --model ViT-L-14` (empty: random
 init, for smoke tests only). variant: zoomin (default) or figure_only, panel_only, region_only, joint.
 Only the last 5 vision blocks, ln_post, proj and logit_scale train; the text tower is frozen, so
-text-side message passing is skipped and the frozen blocks run without a backward pass.
+each text is embedded once before training (workdir/text_cache), text-side message passing is
+skipped, and the frozen blocks run without a backward pass.
 """
 import ml_collections
 
@@ -36,7 +37,8 @@ def get_config(arg=None):
     batch = PER_DEVICE_BATCH * DEVICES
     config.data = dict(records=args["records"], batch_size=dict(figure=batch, panel=batch, region=batch), workers=8,
                        strict=False, max_panels=4, max_regions=4, region_margin=0.1, lvlm_text_prob=0.5,
-                       drop_panel_kinds=("chart",), min_box_side=16.0)
+                       drop_panel_kinds=("chart",), min_box_side=16.0,
+                       text_cache=True)  # the text tower is frozen: each text is embedded once, up front
     config.log_every = 50
     config.checkpoint_every = 1000
     config.keep_checkpoints = 3

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from array_record.python.array_record_module import ArrayRecordWriter
 
 from annotate.synth import synthesize, write_truth_records
 from conftest import REPO
@@ -19,8 +20,12 @@ ENV = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PY
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
-    data = synthesize(tmp_path_factory.mktemp("synth"), num=48, seed=0)
-    return str(write_truth_records(data).parent / "records-*.array_record")
+    """Synthetic figures with perfect annotations, plus a shard holding one undecodable record."""
+    truth = write_truth_records(synthesize(tmp_path_factory.mktemp("synth"), num=48, seed=0))
+    writer = ArrayRecordWriter(str(truth.parent / "records-corrupt.array_record"), "group_size:1")
+    writer.write(b"\x93 not msgpack \xff")
+    writer.close()
+    return str(truth.parent / "records-*.array_record")
 
 
 def train_command(records, workdir, *overrides):
@@ -40,7 +45,7 @@ def test_demo_loss_goes_down(tmp_path, records):
     for level in ("figure", "panel", "region"):
         values = [entry[level] for entry in logs if entry["level"] == level]
         assert np.mean(values[-3:]) < np.mean(values[:3]) - 0.2, (level, values)
-    assert all(entry["update_skipped"] == 0 for entry in logs)
+    assert all(entry["update_skipped"] == 0 and entry["skipped_records"] == 1 for entry in logs)
 
 
 def final_params(workdir, step):
@@ -97,3 +102,52 @@ def test_paper_config_runs_one_step_per_level_with_vit_l14(tmp_path, records):
     assert blocks == {"19", "20", "21", "22", "23"} or blocks == {19, 20, 21, 22, 23}
     assert {path[:2] for path in trained if path[1:2] != ("transformer",)} == {
         ("visual", "ln_post"), ("visual", "proj"), ("logit_scale",)}
+
+
+def test_frozen_text_tower_uses_the_text_cache_and_gives_the_same_losses(tmp_path, records):
+    from configs.demo_cpu import get_config
+    from zoomin_jax.train import train
+
+    logs = {}
+    for cached in (False, True):
+        config = get_config(f"records={records}")
+        config.train_rules = (("visual/transformer/resblocks/1/.*", 1.0), ("visual/(ln_post|proj)(/.*)?", 1.0),
+                              ("logit_scale", 1.0), (".*", None))
+        config.total_steps, config.log_every, config.data.text_cache = 3, 1, cached
+        train(config, tmp_path / str(cached))
+        logs[cached] = logged(tmp_path / str(cached))
+    cache = tmp_path / "True" / "text_cache" / "process_0"
+    assert (cache / "keys.npy").exists() and not (tmp_path / "False" / "text_cache").exists()
+    for plain, cached in zip(logs[False], logs[True], strict=True):
+        for key in ("loss", plain["level"], "grad_norm"):
+            assert np.isclose(cached[key], plain[key], rtol=1e-5), (plain["step"], key)
+
+
+def test_two_processes_train_one_model_and_resume(tmp_path, records):
+    """Two real processes (jax.distributed over gloo, 4 CPU devices each) train on disjoint data
+    slices into one checkpoint that both resume from."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def run_both(total_steps):
+        procs = []
+        for process_id in range(2):
+            env = ENV | {"XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+                         "ZOOMIN_COORDINATOR": f"127.0.0.1:{port}", "ZOOMIN_NUM_PROCESSES": "2",
+                         "ZOOMIN_PROCESS_ID": str(process_id)}
+            procs.append(subprocess.Popen(train_command(records, tmp_path, f"--config.total_steps={total_steps}",
+                                                        "--config.checkpoint_every=3"),
+                                          env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        for proc in procs:
+            output = proc.communicate(timeout=600)[0].decode()
+            assert proc.returncode == 0, output[-3000:]
+
+    run_both(3)
+    data_state = tmp_path / "checkpoints" / "3" / "data_figure"
+    assert {"process_0-of-2.json", "process_1-of-2.json"} <= {p.name for p in data_state.iterdir()}
+    run_both(6)
+    logs = logged(tmp_path)  # only process 0 writes metrics
+    assert [entry["step"] for entry in logs] == [1, 2, 3, 4, 5, 6]
+    assert all(np.isfinite(entry["loss"]) for entry in logs)

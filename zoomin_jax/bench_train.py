@@ -70,7 +70,8 @@ def main(argv) -> int:
             times.append(time.perf_counter() - tick)
         print(f"{level:>7}: batch {batch_size}, first call (compile + step) {times[0]:.1f} s, "
               f"step median {statistics.median(times[1:]):.3f} s over {len(times) - 1} "
-              f"(min {min(times[1:]):.3f}, max {max(times[1:]):.3f})", flush=True)
+              f"(min {min(times[1:]):.3f}, max {max(times[1:]):.3f}); compiled {run.steps[level]._cache_size()}x",
+              flush=True)
     return 0
 
 

@@ -99,6 +99,9 @@ def _encode_images(model, images, cfg: LossConfig, with_grid: bool = False):
 
 
 def _encode_texts(model, tokens, cfg: LossConfig):
+    """Token ids through the text tower, or precomputed (frozen-tower) embeddings as they are."""
+    if jnp.issubdtype(tokens.dtype, jnp.floating):
+        return tokens
     lead = tokens.shape[:-1]
     embeddings = model.encode_text(tokens.reshape(-1, tokens.shape[-1])).reshape(*lead, -1)
     return jax.lax.stop_gradient(embeddings) if cfg.text_frozen else embeddings

@@ -15,17 +15,20 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
 from zoomin_jax import losses, sharding, trainer
 from zoomin_jax.checkpoint import Checkpoints
-from zoomin_jax.data import pipeline, samples
+from zoomin_jax.data import pipeline, samples, text_cache
 from zoomin_jax.data.device import to_global
+from zoomin_jax.data.source import RecordSource
 from zoomin_jax.errors import UserError
-from zoomin_jax.models.clip import CLIP
+from zoomin_jax.models.clip import CLIP, from_params
 from zoomin_jax.models.config import CLIPConfig, get_preset
+from zoomin_jax.tokenizer import tokenize
 
 CONFIG = config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py[:arg])")
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics.jsonl and TensorBoard events go")
@@ -41,6 +44,29 @@ def initial_params(config, model_cfg) -> dict:
     return nnx.to_pure_dict(nnx.state(CLIP(model_cfg, rngs=nnx.Rngs(config.seed)), nnx.Param))
 
 
+def build_text_cache(config, run: "Setup", directory: Path) -> str:
+    """The frozen text tower's embedding of every text in the records, computed once (reused on
+    resume); the data pipeline then emits embeddings instead of tokens."""
+    if not run.part.text_frozen:
+        raise UserError("config.data.text_cache needs a frozen text tower (no text parameter in config.train_rules)")
+    if not directory.exists():
+        source = RecordSource(config.data.records, strict=config.data.strict)
+        texts = (text for n in range(len(source)) if (record := source[n]) is not None
+                 for text in text_cache.record_texts(record))
+        params = trainer.merge(run.state["params"], run.frozen)
+        encode = jax.jit(lambda params, tokens: from_params(run.model_cfg, params).encode_text(tokens))
+        batch = 256
+
+        def embed(chunk: list[str]):
+            tokens = np.zeros((batch, 77), np.int32)  # one shape: one compilation
+            tokens[:len(chunk)] = tokenize(chunk)
+            return np.asarray(encode(params, tokens))[:len(chunk)]
+
+        cache = text_cache.build(directory, texts, embed, batch)
+        print(f"text cache: {len(cache.keys)} distinct texts embedded once into {directory}", flush=True)
+    return str(directory)
+
+
 def sample_config(config, model_cfg) -> samples.SampleConfig:
     data = config.data
     return samples.SampleConfig(
@@ -50,9 +76,10 @@ def sample_config(config, model_cfg) -> samples.SampleConfig:
         min_box_side=data.min_box_side, train=True)
 
 
-def level_iterators(config, model_cfg) -> tuple[dict, dict]:
-    """{level: grain iterator of this process's batches}, {level: global batch size}."""
-    cfg = sample_config(config, model_cfg)
+def level_iterators(config, model_cfg, cache: str | None = None) -> tuple[dict, dict, int]:
+    """{level: grain iterator of this process's batches}, {level: global batch size}, and how many
+    records failed to decode and were skipped."""
+    cfg = dataclasses.replace(sample_config(config, model_cfg), text_cache=cache)
     process_count = jax.process_count()
     iterators, batch_sizes = {}, {}
     levels = {level for level, _ in config.cycle}
@@ -61,12 +88,13 @@ def level_iterators(config, model_cfg) -> tuple[dict, dict]:
         if global_batch % process_count:
             raise UserError(f"config.data.batch_size.{level}={global_batch} is not divisible by the "
                             f"{process_count} processes")
+        index = pipeline.build_index(RecordSource(config.data.records, strict=config.data.strict), level, cfg)
         dataset = pipeline.make_dataset(config.data.records, level, global_batch // process_count, seed=config.seed,
                                         cfg=cfg, process_index=jax.process_index(), process_count=process_count,
-                                        strict=config.data.strict, num_epochs=None)
+                                        strict=config.data.strict, num_epochs=None, index=index)
         iterators[level] = pipeline.batch_iterator(dataset, num_workers=config.data.workers)
         batch_sizes[level] = global_batch
-    return iterators, batch_sizes
+    return iterators, batch_sizes, index.skipped_records
 
 
 class Logger:
@@ -124,7 +152,7 @@ def setup(config) -> Setup:
                                  frozen_blocks=part.frozen_blocks)
     schedule = trainer.lr_schedule(optim)
     cycle = trainer.Cycle(tuple((level, int(steps)) for level, steps in config.cycle))
-    steps = {level: jax.jit(trainer.make_train_step(model_cfg, level, loss_cfg, tx, schedule), donate_argnums=0)
+    steps = {level: trainer.jit_train_step(trainer.make_train_step(model_cfg, level, loss_cfg, tx, schedule), state)
              for level, _ in cycle.levels}
     return Setup(mesh, model_cfg, part, state, frozen, cycle, steps)
 
@@ -136,7 +164,12 @@ def train(config, workdir: str) -> dict:
     sharding.initialize_distributed()
     run = setup(config)
     mesh, model_cfg, state, frozen, cycle, steps = run.mesh, run.model_cfg, run.state, run.frozen, run.cycle, run.steps
-    iterators, batch_sizes = level_iterators(config, model_cfg)
+    cache = (build_text_cache(config, run, workdir / "text_cache" / f"process_{jax.process_index()}")
+             if config.data.get("text_cache") else None)
+    iterators, batch_sizes, skipped_records = level_iterators(config, model_cfg, cache)
+    if skipped_records:
+        print(f"skipping {skipped_records} records that failed to decode (config.data.strict=True stops instead)",
+              flush=True)
     checkpoints = Checkpoints(workdir / "checkpoints", every=config.checkpoint_every, keep=config.keep_checkpoints)
     start = checkpoints.latest_step()
     if start is not None:
@@ -149,8 +182,10 @@ def train(config, workdir: str) -> dict:
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
     logger = Logger(workdir)
     config_json = json.loads(config.to_json_best_effort())
-    interval = {"start": time.perf_counter(), "wait": 0.0, "steps": 0, "examples": 0}
-    compiled, last = set(), {}
+    def new_interval():
+        return {"start": time.perf_counter(), "wait": 0.0, "steps": 0, "examples": 0, "metrics": {}}
+
+    interval, compiled, last = new_interval(), set(), {}
     try:
         while step < config.total_steps:
             level = cycle.level_at(step)
@@ -169,6 +204,7 @@ def train(config, workdir: str) -> dict:
                 interval["start"] += time.perf_counter() - tick
             step += 1
             interval["steps"] += 1
+            interval["metrics"].setdefault(level, []).append(metrics)  # device arrays: no sync here
             interval["examples"] += sum(batch_sizes.values()) if level == trainer.JOINT else batch_sizes[level]
             if int(state["skipped"]) >= config.max_bad_steps:
                 raise UserError(f"{config.max_bad_steps} non-finite updates in a row at step {step}; the last good "
@@ -176,12 +212,14 @@ def train(config, workdir: str) -> dict:
                                 "config.optim.lr or check the data")
             checkpoints.save(step, state, iterators, config_json)
             if step % config.log_every == 0 or step == config.total_steps:
+                # One line per level trained in the interval, each term averaged over its steps.
                 elapsed = time.perf_counter() - interval["start"]
-                last = {key: float(value) for key, value in jax.device_get(metrics).items()}
-                last |= {"examples_per_s": interval["examples"] / elapsed, "step_time_s": elapsed / interval["steps"],
-                         "data_wait_s": interval["wait"] / interval["steps"]}
-                logger.write(step, level, last)
-                interval = {"start": time.perf_counter(), "wait": 0.0, "steps": 0, "examples": 0}
+                timing = {"examples_per_s": interval["examples"] / elapsed, "step_time_s": elapsed / interval["steps"],
+                          "data_wait_s": interval["wait"] / interval["steps"], "skipped_records": skipped_records}
+                for logged_level, history in jax.device_get(interval["metrics"]).items():
+                    last = {key: float(np.mean([m[key] for m in history])) for key in history[0]} | timing
+                    logger.write(step, logged_level, last)
+                interval = new_interval()
             if stop["signal"] is not None:
                 if not checkpoints.has(step):
                     checkpoints.save(step, state, iterators, config_json, force=True)

@@ -131,6 +131,13 @@ def make_train_step(model_cfg: CLIPConfig, level: str, loss_cfg: LossConfig, tx:
     return step
 
 
+def jit_train_step(step, state: dict):
+    """The step jitted with its state donated and laid out exactly as `state` on the way out, so
+    the next call sees the same input shardings (else XLA's choice for the outputs can differ
+    from the initial layout and the second call recompiles)."""
+    return jax.jit(step, donate_argnums=0, out_shardings=(jax.tree.map(lambda leaf: leaf.sharding, state), None))
+
+
 def init_state(trainable: dict, tx: optax.GradientTransformation) -> dict:
     return {"params": trainable, "opt_state": tx.init(trainable), "step": jnp.zeros((), jnp.int32),
             "skipped": jnp.zeros((), jnp.int32)}

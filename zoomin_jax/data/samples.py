@@ -5,6 +5,9 @@ figure: the figure + caption, and up to max_panels panel crops + texts with a ma
 panel:  a panel crop + text, and up to max_regions region crops + texts + their boxes in the panel
         crop's patch-token grid, with a mask (panel<->region and ROI consistency).
 region: a region crop (with a context margin) + text_sub or text_lvlm, one drawn per example.
+
+Texts ("tokens", "<child>_tokens") are CLIP token ids, or, when SampleConfig.text_cache names a
+frozen text tower's precomputed embeddings, those embeddings (float32).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from zoomin_jax.image_transform import crop_offset, eval_uint8, resized_shape
+from zoomin_jax.data.text_cache import open_cache
 from zoomin_jax.tokenizer import tokenize
 
 
@@ -32,6 +36,7 @@ class SampleConfig:
     train: bool = False
     crop_scale: tuple[float, float] = (0.5, 1.0)   # of the crop's area, for random resized crops
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    text_cache: str | None = None   # a frozen text tower's embeddings (data.text_cache) replace tokens
 
 
 def decode_image(record: dict) -> Image.Image:
@@ -121,16 +126,22 @@ def panel_text(panel: dict, cfg: SampleConfig, rng: np.random.Generator | None) 
     return panel["text"]
 
 
+def text_arrays(texts: list[str], cfg: SampleConfig) -> np.ndarray:
+    """CLIP token ids [n, 77] int32, or with cfg.text_cache the cached embeddings [n, D] float32."""
+    return open_cache(cfg.text_cache).lookup(texts) if cfg.text_cache else tokenize(texts)
+
+
 def _stack(views: list[np.ndarray], texts: list[str], limit: int, cfg: SampleConfig):
     size = cfg.image_size
     images = np.zeros((limit, size, size, 3), np.uint8)
-    tokens = np.zeros((limit, 77), np.int32)
+    row = (open_cache(cfg.text_cache).dim, np.float32) if cfg.text_cache else (77, np.int32)
+    text = np.zeros((limit, row[0]), row[1])
     mask = np.zeros((limit,), bool)
     count = min(len(views), limit)
     if count:
         images[:count], mask[:count] = views[:count], True
-        tokens[:count] = tokenize(texts[:count])  # one tokenizer call for all children
-    return images, tokens, mask
+        text[:count] = text_arrays(texts[:count], cfg)  # one call for all children
+    return images, text, mask
 
 
 def figure_example(record: dict, cfg: SampleConfig, rng: np.random.Generator | None = None) -> dict:
@@ -139,7 +150,7 @@ def figure_example(record: dict, cfg: SampleConfig, rng: np.random.Generator | N
     views = [view(crop(image, p["box"]), cfg, rng)[0] for p in panels]
     panel_images, panel_tokens, panel_mask = _stack(views, [panel_text(p, cfg, rng) for p in panels],
                                                     cfg.max_panels, cfg)
-    return {"image": view(image, cfg, rng)[0], "tokens": tokenize(record["caption"])[0],
+    return {"image": view(image, cfg, rng)[0], "tokens": text_arrays([record["caption"]], cfg)[0],
             "panel_images": panel_images, "panel_tokens": panel_tokens, "panel_mask": panel_mask}
 
 
@@ -159,7 +170,7 @@ def panel_example(record: dict, panel_index: int, cfg: SampleConfig, rng: np.ran
     grid_boxes = np.zeros((cfg.max_regions, 4), np.float32)
     for n, (_, grid) in enumerate(regions):
         grid_boxes[n] = grid
-    return {"image": pixels, "tokens": tokenize(panel_text(panel, cfg, rng))[0],
+    return {"image": pixels, "tokens": text_arrays([panel_text(panel, cfg, rng)], cfg)[0],
             "region_images": region_images, "region_tokens": region_tokens, "region_mask": region_mask,
             "region_grid_boxes": grid_boxes}
 
@@ -169,4 +180,4 @@ def region_example(record: dict, region_index: int, cfg: SampleConfig, rng: np.r
     texts = [t for t in (region["text_sub"], region["text_lvlm"]) if t]
     text = texts[int(rng.integers(len(texts)))] if texts else record["caption"]
     pixels, _ = view(crop(decode_image(record), region["box"], cfg.region_margin), cfg, rng)
-    return {"image": pixels, "tokens": tokenize(text)[0]}
+    return {"image": pixels, "tokens": text_arrays([text], cfg)[0]}

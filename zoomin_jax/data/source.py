@@ -5,23 +5,36 @@ None for the pipeline to skip and count (default)."""
 from __future__ import annotations
 
 import bisect
-import glob
+import re
 from typing import Sequence
 
 import grain
+from etils import epath
 
 from zoomin_jax import records
 from zoomin_jax.errors import UserError
 
 
+def _matches(pattern: str) -> list[str]:
+    """Paths matching a glob, local or remote (gs://… through etils.epath)."""
+    parts = pattern.split("/")
+    first = next((n for n, part in enumerate(parts) if re.search(r"[*?\[]", part)), None)
+    if first is None:
+        return [pattern] if epath.Path(pattern).exists() else []
+    root = "/".join(parts[:first]) or ("/" if pattern.startswith("/") else ".")
+    return [str(path) for path in epath.Path(root).glob("/".join(parts[first:]))]
+
+
 def expand(patterns: str | Sequence[str]) -> list[str]:
     if isinstance(patterns, str):
         patterns = [patterns]
-    paths = sorted({path for pattern in patterns for path in (glob.glob(pattern) or [pattern])})
-    missing = [p for p in paths if not glob.glob(p)]
-    if missing:
-        raise UserError(f"no record shards match {missing[0]}; pass a path or glob of *.array_record files.")
-    return paths
+    paths = set()
+    for pattern in patterns:
+        found = _matches(pattern)
+        if not found:
+            raise UserError(f"no record shards match {pattern}; pass a path or glob of *.array_record files.")
+        paths.update(found)
+    return sorted(paths)
 
 
 class RecordSource:
