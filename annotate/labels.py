@@ -56,12 +56,13 @@ def _normalise(ink: np.ndarray) -> tuple[np.ndarray, float]:
     return glyph / max(float(np.linalg.norm(glyph)), 1e-6), float(np.log(w / h))
 
 
-def label_score(ink: np.ndarray, label: str, aspect_weight: float = 0.5) -> float:
-    """Best shape correlation of a glyph's ink mask with the label rendered at any stroke weight,
-    less `aspect_weight` per unit of log aspect-ratio difference."""
+def label_scores(ink: np.ndarray, labels: list[str], aspect_weight: float = 0.5) -> list[float]:
+    """Per label: the best shape correlation of a glyph's ink mask with the label rendered at any
+    stroke weight, less `aspect_weight` per unit of log aspect-ratio difference."""
     glyph, aspect = _normalise(ink)
-    return max(float((glyph * template).sum()) - aspect_weight * abs(aspect - template_aspect)
-               for template, template_aspect in (_template(label, stroke) for stroke in (0, 2, 4)))
+    return [max(float((glyph * template).sum()) - aspect_weight * abs(aspect - template_aspect)
+                for template, template_aspect in (_template(label, stroke) for stroke in (0, 2, 4)))
+            for label in labels]
 
 
 def _edge_bands(box, width: int, height: int, cfg: LabelConfig):
@@ -132,7 +133,7 @@ def read_labels(image: Image.Image, boxes: list, caption_labels: list[str],
             distance = np.hypot(np.maximum(0, np.maximum(corners[:, 0] - cx, cx - corners[:, 2])),
                                 np.maximum(0, np.maximum(corners[:, 1] - cy, cy - corners[:, 3])))
             if distance[i] <= distance.min():
-                scores[i] = np.maximum(scores[i], [label_score(ink, label) for label in labels])
+                scores[i] = np.maximum(scores[i], label_scores(ink, labels))
     read = [""] * len(boxes)
     for i, j in zip(*linear_sum_assignment(-scores)):
         if scores[i, j] >= cfg.min_score:

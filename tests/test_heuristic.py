@@ -7,7 +7,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from annotate.captions import split_caption
 from annotate.heuristic import panel_kind, reading_order, split_panels
-from annotate.labels import label_score, read_labels
+from annotate.labels import label_scores, read_labels
 from annotate.metrics import panel_scores
 from annotate.synth import synthesize
 from conftest import DATA
@@ -104,7 +104,7 @@ def test_label_score_prefers_the_printed_letter():
     canvas = Image.new("L", (60, 60), 0)
     ImageDraw.Draw(canvas).text((30, 30), "b", fill=255, anchor="mm", font=font)
     ink = np.asarray(canvas) > 127
-    scores = {label: label_score(ink, label) for label in "abdhpq"}
+    scores = dict(zip("abdhpq", label_scores(ink, list("abdhpq")), strict=True))
     assert max(scores, key=scores.get) == "b" and scores["b"] > 0.9
 
 
