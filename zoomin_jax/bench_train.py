@@ -63,7 +63,7 @@ def main(argv) -> int:
         for _ in range(_STEPS.value + 1):
             batch_size = config.data.batch_size[trainer.LEVELS[0] if level == trainer.JOINT else level]
             host = random_batch(level, rng, batch_size, size, children)
-            batch = jax.tree.map(lambda x: to_global({"x": x}, run.mesh, run.mesh.axis_names)["x"], host)
+            batch = to_global(host, run.mesh, run.mesh.axis_names)
             tick = time.perf_counter()
             state, metrics = run.steps[level](state, run.frozen, batch)
             jax.block_until_ready(metrics)

@@ -82,13 +82,14 @@ def level_iterators(config, model_cfg, cache: str | None = None) -> tuple[dict, 
     cfg = dataclasses.replace(sample_config(config, model_cfg), text_cache=cache)
     process_count = jax.process_count()
     iterators, batch_sizes = {}, {}
-    levels = {level for level, _ in config.cycle}
-    for level in sorted(set(trainer.LEVELS) if trainer.JOINT in levels else levels):
+    in_cycle = {level for level, _ in config.cycle}
+    levels = trainer.LEVELS if trainer.JOINT in in_cycle else sorted(in_cycle)
+    indexes = pipeline.build_indexes(RecordSource(config.data.records, strict=config.data.strict), levels, cfg)
+    for level, index in indexes.items():
         global_batch = config.data.batch_size[level]
         if global_batch % process_count:
             raise UserError(f"config.data.batch_size.{level}={global_batch} is not divisible by the "
                             f"{process_count} processes")
-        index = pipeline.build_index(RecordSource(config.data.records, strict=config.data.strict), level, cfg)
         dataset = pipeline.make_dataset(config.data.records, level, global_batch // process_count, seed=config.seed,
                                         cfg=cfg, process_index=jax.process_index(), process_count=process_count,
                                         strict=config.data.strict, num_epochs=None, index=index)
@@ -190,10 +191,9 @@ def train(config, workdir: str) -> dict:
         while step < config.total_steps:
             level = cycle.level_at(step)
             tick = time.perf_counter()
-            if level == trainer.JOINT:
-                batch = {name: to_global(next(iterators[name]), mesh, mesh.axis_names) for name in trainer.LEVELS}
-            else:
-                batch = to_global(next(iterators[level]), mesh, mesh.axis_names)
+            host = ({name: next(iterators[name]) for name in trainer.LEVELS} if level == trainer.JOINT
+                    else next(iterators[level]))
+            batch = to_global(host, mesh, mesh.axis_names)
             interval["wait"] += time.perf_counter() - tick
             tick = time.perf_counter()
             state, metrics = steps[level](state, frozen, batch)
@@ -206,19 +206,24 @@ def train(config, workdir: str) -> dict:
             interval["steps"] += 1
             interval["metrics"].setdefault(level, []).append(metrics)  # device arrays: no sync here
             interval["examples"] += sum(batch_sizes.values()) if level == trainer.JOINT else batch_sizes[level]
-            if int(state["skipped"]) >= config.max_bad_steps:
-                raise UserError(f"{config.max_bad_steps} non-finite updates in a row at step {step}; the last good "
-                                f"checkpoint is step {checkpoints.latest_step()} in {checkpoints.directory} — lower "
-                                "config.optim.lr or check the data")
             checkpoints.save(step, state, iterators, config_json)
             if step % config.log_every == 0 or step == config.total_steps:
                 # One line per level trained in the interval, each term averaged over its steps.
                 elapsed = time.perf_counter() - interval["start"]
                 timing = {"examples_per_s": interval["examples"] / elapsed, "step_time_s": elapsed / interval["steps"],
                           "data_wait_s": interval["wait"] / interval["steps"], "skipped_records": skipped_records}
-                for logged_level, history in jax.device_get(interval["metrics"]).items():
-                    last = {key: float(np.mean([m[key] for m in history])) for key in history[0]} | timing
-                    logger.write(step, logged_level, last)
+                # The guard is read here, not after every step: a per-step read would make the host
+                # wait for the device before fetching the next batch.
+                history = jax.device_get(interval["metrics"])
+                for logged_level, level_history in history.items():
+                    last = {key: float(np.mean([m[key] for m in level_history])) for key in level_history[0]}
+                    last["skipped_in_a_row"] = float(max(m["skipped_in_a_row"] for m in level_history))
+                    logger.write(step, logged_level, last | timing)
+                worst = max(m["skipped_in_a_row"] for level_history in history.values() for m in level_history)
+                if worst >= config.max_bad_steps:
+                    raise UserError(f"{int(worst)} non-finite updates in a row before step {step}; the last good "
+                                    f"checkpoint is step {checkpoints.latest_step()} in {checkpoints.directory} — "
+                                    "lower config.optim.lr or check the data")
                 interval = new_interval()
             if stop["signal"] is not None:
                 if not checkpoints.has(step):

@@ -18,14 +18,10 @@ from flax import traverse_util
 from zoomin_jax.losses import LossConfig, level_losses
 from zoomin_jax.models.clip import from_params
 from zoomin_jax.models.config import CLIPConfig
-from zoomin_jax.sharding import match_rules
+from zoomin_jax.sharding import match_rules, path_name
 
 LEVELS = ("figure", "panel", "region")
 JOINT = "joint"  # all three levels' losses in one step (the joint-not-alternating ablation)
-
-
-def param_name(path: tuple) -> str:
-    return "/".join(str(key) for key in path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,10 +37,10 @@ def partition(params: dict, rules) -> Partition:
     flat = traverse_util.flatten_dict(params)
     multipliers = {}
     for path in flat:
-        multiplier = match_rules(rules, param_name(path), "train")
+        multiplier = match_rules(rules, path_name(path), "train")
         if multiplier is not None:
             multipliers[path] = float(multiplier)
-    names = [param_name(path) for path in multipliers]
+    names = [path_name(path) for path in multipliers]
     stem = r"visual/(conv1|class_embedding|positional_embedding|ln_pre)(/.*)?"
     frozen_blocks = 0
     if not any(re.fullmatch(stem, name) for name in names):
@@ -125,7 +121,7 @@ def make_train_step(model_cfg: CLIPConfig, level: str, loss_cfg: LossConfig, tx:
         new_state = {"params": keep(params, state["params"]), "opt_state": keep(opt_state, state["opt_state"]),
                      "step": state["step"] + 1, "skipped": jnp.where(finite, 0, state["skipped"] + 1)}
         metrics = {**terms, "loss": total, "grad_norm": grad_norm, "lr": schedule(state["step"]),
-                   "update_skipped": ~finite}
+                   "update_skipped": ~finite, "skipped_in_a_row": new_state["skipped"]}
         return new_state, metrics
 
     return step

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import jax
-import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 
-def to_global(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh,
-              data_axes: tuple[str, ...] = ("data",)) -> dict[str, jax.Array]:
-    """The leading (batch) axis is split over `data_axes`; the global batch is this process's local
-    batch times the process count, assembled by jax.make_array_from_process_local_data."""
+def to_global(batch, mesh: jax.sharding.Mesh, data_axes: tuple[str, ...] = ("data",)):
+    """Each array of a (possibly nested) batch, its leading axis split over `data_axes`; the global
+    batch is this process's local batch times the process count, assembled by
+    jax.make_array_from_process_local_data."""
     sharding = NamedSharding(mesh, PartitionSpec(data_axes))
-    return {key: jax.make_array_from_process_local_data(sharding, value) for key, value in batch.items()}
+    return jax.tree.map(lambda value: jax.make_array_from_process_local_data(sharding, value), batch)

@@ -22,20 +22,27 @@ class LevelIndex:
     skipped_records: int
 
 
-def build_index(source: RecordSource, level: str, cfg: samples.SampleConfig) -> LevelIndex:
-    if level not in LEVELS:
-        raise ValueError(f"level must be one of {LEVELS}, not {level!r}")
-    rows, skipped = [], 0
+def build_indexes(source: RecordSource, levels, cfg: samples.SampleConfig) -> dict[str, LevelIndex]:
+    """Each level's index from one pass over the records (each is read and decoded once)."""
+    for level in levels:
+        if level not in LEVELS:
+            raise ValueError(f"level must be one of {LEVELS}, not {level!r}")
+    rows, skipped = {level: [] for level in levels}, 0
     for record_index in range(len(source)):
         record = source[record_index]
         if record is None:
             skipped += 1
             continue
-        if level == "figure":
-            rows.append((record_index, -1))  # figures without panels still feed the figure level
-        else:
-            rows += [(record_index, n) for n in samples.item_indices(record, level, cfg)]
-    return LevelIndex(np.asarray(rows, np.int64).reshape(-1, 2), skipped)
+        for level in levels:
+            if level == "figure":
+                rows[level].append((record_index, -1))  # figures without panels still feed the figure level
+            else:
+                rows[level] += [(record_index, n) for n in samples.item_indices(record, level, cfg)]
+    return {level: LevelIndex(np.asarray(rows[level], np.int64).reshape(-1, 2), skipped) for level in levels}
+
+
+def build_index(source: RecordSource, level: str, cfg: samples.SampleConfig) -> LevelIndex:
+    return build_indexes(source, (level,), cfg)[level]
 
 
 class _Example:

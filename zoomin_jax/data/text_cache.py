@@ -67,8 +67,9 @@ def build(directory: str | Path, texts: Iterable[str], encode: Callable[[list[st
     """Embeds each distinct text once with `encode` (texts -> [n, D]) and writes the cache
     atomically (a half-written cache is never opened)."""
     directory = Path(directory)
-    unique = sorted(set(texts), key=text_key)
-    keys = np.asarray([text_key(text) for text in unique], np.uint64)
+    keyed = sorted((text_key(text), text) for text in set(texts))
+    keys = np.asarray([key for key, _ in keyed], np.uint64)
+    unique = [text for _, text in keyed]
     if len(np.unique(keys)) != len(keys):
         raise UserError("two distinct texts share a 64-bit hash; this cache cannot hold them")
     embeddings = np.concatenate([np.asarray(encode(unique[n:n + batch_size]), np.float32)
