@@ -1,10 +1,12 @@
 """Zoom-in training of the tiny preset on synthetic records, minutes on 2 CPU cores.
 
-  python -m zoomin_jax.train --config configs/demo_cpu.py:records=GLOB[,variant=V] --workdir DIR
+  python -m zoomin_jax.train --config configs/demo_cpu.py:records=GLOB[,variant=V,eval_records=GLOB,seed=N] --workdir DIR
 
 records: ArrayRecord shards from `python -m annotate run` (default demo/records/*.array_record).
 variant: zoomin (figure -> panel -> region, the default) or an ablation: figure_only, panel_only,
 region_only, joint (all levels in every step).
+eval_records: held-out records for retrieval at the three levels, every 30 steps and at the end.
+seed: model init, data order and augmentation.
 """
 import ml_collections
 
@@ -12,11 +14,12 @@ from zoomin_jax.trainer import VARIANT_CYCLES, parse_config_arg
 
 
 def get_config(arg=None):
-    args = parse_config_arg(arg, records="demo/records/records-*.array_record", variant="zoomin")
+    args = parse_config_arg(arg, records="demo/records/records-*.array_record", variant="zoomin", eval_records="",
+                            seed="0")
     config = ml_collections.ConfigDict()
     config.model = "test-tiny"
     config.model_init = None          # a converted model directory (python -m zoomin_jax.convert import)
-    config.seed = 0
+    config.seed = int(args["seed"])
     config.total_steps = 60
     config.cycle = VARIANT_CYCLES[args["variant"]]   # (level, steps) repeated
     config.mesh = (("data", -1),)
@@ -33,6 +36,10 @@ def get_config(arg=None):
                        strict=False, max_panels=4, max_regions=4, region_margin=0.1, lvlm_text_prob=0.0,
                        drop_panel_kinds=(), min_box_side=8.0,
                        text_cache=False)  # True: embed each text once with the frozen text tower
+    config.evals = {}
+    if args["eval_records"]:
+        config.evals.heldout = dict(type="retrieval", records=args["eval_records"], levels=("figure", "panel", "region"),
+                                    every=30, batch_size=64)
     config.log_every = 10
     config.checkpoint_every = 20
     config.keep_checkpoints = 3

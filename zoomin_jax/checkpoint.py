@@ -37,6 +37,10 @@ class Checkpoints:
             **{f"data_{level}": grain.checkpoint.CheckpointRestore(it) for level, it in iterators.items()}))
         return restored["state"]
 
+    def config(self, step: int) -> dict:
+        """The config saved with `step` (as JSON)."""
+        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()

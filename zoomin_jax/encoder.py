@@ -10,8 +10,9 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from zoomin_jax import model_dir
+from zoomin_jax import run_dir
 from zoomin_jax.image_transform import preprocess
+from zoomin_jax.models.clip import from_params
 
 
 def _encode_image(graphdef, params, pixels):
@@ -46,4 +47,6 @@ class CLIPEncoder:
 
 
 def load_clip(directory: str | Path, dtype=None) -> CLIPEncoder:
-    return CLIPEncoder(*model_dir.load_model(directory, dtype=dtype))
+    """A model directory or a training run (WORKDIR for its latest checkpoint, or WORKDIR/STEP)."""
+    model = run_dir.load(directory)
+    return CLIPEncoder(from_params(model.cfg, model.params, dtype), model.preprocess_cfg)

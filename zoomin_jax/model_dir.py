@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from zoomin_jax.errors import UserError
-from zoomin_jax.models.clip import CLIP, abstract_params, from_params, nest
+from zoomin_jax.models.clip import abstract_params, nest
 from zoomin_jax.models.config import OPENAI_MEAN, OPENAI_STD, CLIPConfig
 
 FORMAT = "zoomin_jax.model/1"
@@ -64,13 +64,6 @@ def restore_params(directory: str | Path, cfg: CLIPConfig, sharding=None) -> dic
                    for path, leaf in abstract_params(cfg).items()})
     with ocp.StandardCheckpointer() as checkpointer:
         return checkpointer.restore(Path(directory).absolute() / PARAMS, target)
-
-
-def load_model(directory: str | Path, dtype=None) -> tuple[CLIP, dict]:
-    """(CLIP with the directory's params, preprocess_cfg)."""
-    meta = read_meta(directory)
-    cfg = config_of(meta, directory)
-    return from_params(cfg, restore_params(directory, cfg), dtype), meta["preprocess_cfg"]
 
 
 def params_numpy(directory: str | Path, cfg: CLIPConfig) -> dict:

@@ -20,7 +20,7 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from zoomin_jax import losses, sharding, trainer
+from zoomin_jax import evaluators, losses, run_dir, sharding, trainer
 from zoomin_jax.checkpoint import Checkpoints
 from zoomin_jax.data import pipeline, samples, text_cache
 from zoomin_jax.data.device import to_global
@@ -31,7 +31,8 @@ from zoomin_jax.models.config import CLIPConfig, get_preset
 from zoomin_jax.tokenizer import tokenize
 
 CONFIG = config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py[:arg])")
-_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics.jsonl and TensorBoard events go")
+WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics.jsonl and TensorBoard events go "
+                                "(evaluate: the run to read, WORKDIR or WORKDIR/STEP)")
 
 
 def initial_params(config, model_cfg) -> dict:
@@ -225,6 +226,12 @@ def train(config, workdir: str) -> dict:
                                     f"checkpoint is step {checkpoints.latest_step()} in {checkpoints.directory} — "
                                     "lower config.optim.lr or check the data")
                 interval = new_interval()
+            if evals := evaluators.due(config.get("evals", {}), step, config.total_steps):
+                tick = time.perf_counter()
+                embedder = evaluators.Embedder(model_cfg, trainer.merge(state["params"], frozen),
+                                             run_dir.preprocess_cfg(config, model_cfg), mesh)
+                logger.write(step, "eval", evaluators.run_evaluators(evals, embedder))
+                interval["start"] += time.perf_counter() - tick  # evaluation time is not step time
             if stop["signal"] is not None:
                 if not checkpoints.has(step):
                     checkpoints.save(step, state, iterators, config_json, force=True)
@@ -242,11 +249,11 @@ def train(config, workdir: str) -> dict:
 def main(argv) -> int:
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax narrates every save at INFO
-    if _WORKDIR.value is None or CONFIG.value is None:
+    if WORKDIR.value is None or CONFIG.value is None:
         print("error: --config and --workdir are required", file=sys.stderr)
         return 1
     try:
-        train(CONFIG.value, _WORKDIR.value)
+        train(CONFIG.value, WORKDIR.value)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -1,7 +1,8 @@
 """python -m zoomin_jax.convert {import,export,verify}: open_clip checkpoints <-> zoomin_jax model dirs.
 
   import  --src PATH [--model NAME] --out DIR     open_clip .pt/.bin/.safetensors/hub folder -> model dir
-  export  --src DIR --out PATH_OR_DIR             model dir -> .safetensors/.bin file, or hub folder
+  export  --src DIR --out PATH_OR_DIR             model dir or training run (WORKDIR[/STEP]: trained and
+                                                  frozen weights merged) -> .safetensors/.bin, or hub folder
   verify  --flax DIR --open-clip PATH --model NAME   embedding differences; exit 1 above tolerance
 """
 from __future__ import annotations
@@ -83,21 +84,21 @@ def cmd_import(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from zoomin_jax import model_dir
+    from zoomin_jax import run_dir
     from zoomin_jax.convert.formats import write_hub_folder, write_state_dict
     from zoomin_jax.convert.mapping import params_to_state_dict
 
     start = time.perf_counter()
-    meta = model_dir.read_meta(args.src)
-    cfg = model_dir.config_of(meta, args.src)
     _log(f"reading {args.src}")
-    state_dict = params_to_state_dict(model_dir.params_numpy(args.src, cfg), cfg, progress=True)
+    model = run_dir.load(args.src)
+    cfg = model.cfg
+    state_dict = params_to_state_dict(model.params, cfg, progress=True)
     out = Path(args.out)
     _log(f"writing {out}")
     if out.suffix:
         write_state_dict(state_dict, out)
     else:
-        write_hub_folder(state_dict, dict(cfg.open_clip_cfg), meta["preprocess_cfg"], out)
+        write_hub_folder(state_dict, dict(cfg.open_clip_cfg), model.preprocess_cfg, out)
     _log(f"export done in {time.perf_counter() - start:.1f}s")
 
 
@@ -142,11 +143,11 @@ def main(argv=None) -> int:
     p.add_argument("--src", required=True, help=".pt/.bin/.safetensors file or open_clip hub folder")
     p.add_argument("--model", help="preset name, e.g. ViT-L-14 (optional for hub folders)")
     p.add_argument("--out", required=True, type=Path)
-    p = sub.add_parser("export", help="zoomin_jax model directory -> open_clip weights")
+    p = sub.add_parser("export", help="zoomin_jax model directory or training run -> open_clip weights")
     p.add_argument("--src", required=True, type=Path)
     p.add_argument("--out", required=True, help="FILE.safetensors, FILE.bin, or a folder for a hub folder")
     p = sub.add_parser("verify", help="compare embeddings with open_clip")
-    p.add_argument("--flax", required=True, type=Path)
+    p.add_argument("--flax", required=True, type=Path, help="model directory or training run WORKDIR[/STEP]")
     p.add_argument("--open-clip", required=True, help="open_clip weights file or hub folder")
     p.add_argument("--model", required=True)
     p.add_argument("--images", nargs="*", default=[], help="image files (default: a fixed synthetic set)")

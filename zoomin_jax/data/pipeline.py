@@ -72,8 +72,9 @@ def item_rows(index: LevelIndex, *, seed: int, process_index: int, process_count
 
 def make_dataset(patterns, level: str, batch_size: int, *, seed: int = 0, cfg=samples.SampleConfig(),
                  process_index: int = 0, process_count: int = 1, shuffle: bool = True, strict: bool = False,
-                 num_epochs: int = 1, index: LevelIndex | None = None) -> grain.MapDataset:
-    """Batches of this process's slice of one level, for `num_epochs` epochs."""
+                 num_epochs: int = 1, index: LevelIndex | None = None, drop_remainder: bool = True) -> grain.MapDataset:
+    """Batches of this process's slice of one level, for `num_epochs` epochs (evaluation keeps the
+    last, smaller batch: drop_remainder=False)."""
     source = RecordSource(patterns, strict=strict)
     index = index or build_index(source, level, cfg)
     if len(index.rows) == 0:
@@ -82,7 +83,7 @@ def make_dataset(patterns, level: str, batch_size: int, *, seed: int = 0, cfg=sa
     dataset = item_rows(index, seed=seed, process_index=process_index, process_count=process_count,
                         shuffle=shuffle, num_epochs=num_epochs)
     dataset = dataset.random_map(_Example(source, level, cfg), seed=seed + 1)
-    return dataset.batch(batch_size, drop_remainder=True)
+    return dataset.batch(batch_size, drop_remainder=drop_remainder)
 
 
 def batch_iterator(dataset: grain.MapDataset, num_workers: int = 0, prefetch: int = 2,

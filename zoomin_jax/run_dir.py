@@ -1,0 +1,97 @@
+"""The model a source path holds: a model directory (`convert import`), or a training run's workdir
+(latest step, or WORKDIR/STEP): its trainable leaves from the orbax checkpoint merged with the
+frozen ones, rebuilt from the config the run saved (model_init, or the seeded random init)."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+
+from zoomin_jax import model_dir
+from zoomin_jax.errors import UserError
+from zoomin_jax.models.config import CLIPConfig, get_preset
+
+CHECKPOINTS = "checkpoints"
+
+
+def is_run(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / CHECKPOINTS).is_dir() or (path.name.isdigit() and (path.parent / CHECKPOINTS).is_dir())
+
+
+def _workdir_and_step(path: Path) -> tuple[Path, int | None]:
+    return (path.parent, int(path.name)) if not (path / CHECKPOINTS).is_dir() else (path, None)
+
+
+def workdir_of(src: str | Path) -> Path:
+    return _workdir_and_step(Path(src))[0]
+
+
+def _checkpoints(workdir: Path):
+    from zoomin_jax.checkpoint import Checkpoints
+    return Checkpoints(workdir / CHECKPOINTS, every=1)
+
+
+def run_config(src: str | Path) -> tuple[ml_collections.ConfigDict, int]:
+    """(the config a run saved with its checkpoint, that checkpoint's step)."""
+    workdir, step = _workdir_and_step(Path(src))
+    checkpoints = _checkpoints(workdir)
+    try:
+        steps = checkpoints.manager.all_steps()
+        if not steps:
+            raise UserError(f"{workdir / CHECKPOINTS} holds no complete checkpoint; train first.")
+        step = max(steps) if step is None else step
+        if step not in steps:
+            raise UserError(f"{workdir / CHECKPOINTS} has no step {step}; it has {sorted(steps)}.")
+        return ml_collections.ConfigDict(checkpoints.config(step)), step
+    finally:
+        checkpoints.close()
+
+
+def preprocess_cfg(config, cfg: CLIPConfig) -> dict:
+    """A training config's image preprocessing: its init model's, else open_clip's default."""
+    init = config.get("model_init")
+    return model_dir.read_meta(init)["preprocess_cfg"] if init else model_dir.default_preprocess_cfg(cfg)
+
+
+@dataclasses.dataclass
+class Model:
+    cfg: CLIPConfig
+    params: dict                    # nested, NumPy
+    preprocess_cfg: dict
+    config: ml_collections.ConfigDict | None = None   # a run's training config
+    step: int | None = None                           # a run's checkpoint step
+
+
+def _run_model(src: str | Path) -> Model:
+    from zoomin_jax import trainer
+    from zoomin_jax.train import initial_params
+
+    config, step = run_config(src)
+    cfg = get_preset(config.model)
+    params = initial_params(config, cfg)
+    part = trainer.partition(params, tuple(tuple(rule) for rule in config.train_rules))
+    trainable, frozen = trainer.split(params, part)
+    tx = trainer.make_optimizer(trainer.OptimConfig(total_steps=config.total_steps, **config.optim), part)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
+                            jax.eval_shape(lambda params: trainer.init_state(params, tx), trainable))
+    checkpoints = _checkpoints(workdir_of(src))
+    try:
+        state = checkpoints.restore(step, abstract, {})
+    finally:
+        checkpoints.close()
+    merged = jax.tree.map(np.asarray, trainer.merge(state["params"], frozen))
+    return Model(cfg, merged, preprocess_cfg(config, cfg), config, step)
+
+
+def load(src: str | Path) -> Model:
+    """The model of a model directory, or of a training run's checkpoint (WORKDIR or WORKDIR/STEP)."""
+    if is_run(src):
+        return _run_model(src)
+    meta = model_dir.read_meta(src)
+    cfg = model_dir.config_of(meta, src)
+    return Model(cfg, model_dir.params_numpy(src, cfg), meta["preprocess_cfg"])
