@@ -8,7 +8,7 @@
   captions --input captions.jsonl --out out.jsonl
       lines {"id", "caption"} -> lines {"id", "panels": [{"label", "text"}]}; a line that cannot be
       read goes to OUT.failures.jsonl with its line number and reason, never silently dropped.
-  synth --out DIR --num N --seed S [--layouts CSV] [--medmnist NPZ]
+  synth --out DIR --num N --seed S [--layouts CSV] [--medmnist NPZ] [--truth-records]
       compound figures with ground truth: DIR/images/*.png, DIR/manifest.jsonl, DIR/gt.jsonl.
   eval --pred DIR --gt GT.jsonl
       panel precision/recall/F1@0.5, label accuracy, region recall, caption-split scores (JSON).
@@ -102,9 +102,11 @@ def cmd_run(args) -> int:
 
 
 def cmd_synth(args) -> int:
-    from annotate.synth import synthesize
+    from annotate.synth import synthesize, write_truth_records
     out = synthesize(Path(args.out), args.num, args.seed, args.layouts, args.medmnist)
     print(f"synth: {args.num} figures in {out}", file=sys.stderr)
+    if args.truth_records:
+        print(f"synth: ground-truth records in {write_truth_records(out)}", file=sys.stderr)
     return 0
 
 
@@ -148,6 +150,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layouts", help="CSV of real layouts shaped like zou_train.csv (default: random grids)")
     p.add_argument("--medmnist", help="MedMNIST .npz whose train_images also fill panels")
+    p.add_argument("--truth-records", action="store_true",
+                   help="also write the ground truth as records (DIR/truth/records-*.array_record), for evaluation")
     p = sub.add_parser("eval", help="score records against ground truth")
     p.add_argument("--pred", required=True, help="folder of records-*.array_record")
     p.add_argument("--gt", required=True, help="gt.jsonl as written by synth")

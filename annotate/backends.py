@@ -8,24 +8,28 @@ from annotate.captions import split_caption
 from annotate.config import AnnotateConfig
 from annotate.heuristic import SplitConfig, split_panels
 from annotate.labels import LabelConfig, read_labels
+from annotate.markers import MarkerConfig, find_markers
 from annotate.pipeline import Proposal
 
 
 class HeuristicBackend:
-    """XY-cut panels, labels read from the glyphs printed in them, no markers (so no regions)."""
+    """XY-cut panels, labels read from the glyphs printed in them, solid-colour arrows found in each
+    panel (markers, which become 'marker' regions; no caption-phrase boxes)."""
     name = "heuristic"
-    model_id = "xy-cut+glyph-labels"
+    model_id = "xy-cut+glyph-labels+colour-arrows"
 
-    def __init__(self, split_cfg: SplitConfig = SplitConfig(), label_cfg: LabelConfig = LabelConfig()):
-        self.split_cfg, self.label_cfg = split_cfg, label_cfg
+    def __init__(self, split_cfg: SplitConfig = SplitConfig(), label_cfg: LabelConfig = LabelConfig(),
+                 marker_cfg: MarkerConfig = MarkerConfig()):
+        self.split_cfg, self.label_cfg, self.marker_cfg = split_cfg, label_cfg, marker_cfg
 
     def propose(self, images: list[Image.Image], captions: list[str]) -> list[Proposal]:
         proposals = []
         for image, caption in zip(images, captions, strict=True):
             boxes = split_panels(image, self.split_cfg)
             labels = read_labels(image, boxes, [p["label"] for p in split_caption(caption)], self.label_cfg)
+            markers = {k: found for k, box in enumerate(boxes) if (found := find_markers(image, box, self.marker_cfg))}
             proposals.append(Proposal([{"box": box, "label": label, "score": 1.0}
-                                       for box, label in zip(boxes, labels)]))
+                                       for box, label in zip(boxes, labels)], markers=markers))
         return proposals
 
 

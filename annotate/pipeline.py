@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import re
 import time
 import warnings
 from typing import Protocol
@@ -23,6 +24,24 @@ from annotate.prompts import VERSION as PROMPT_VERSION
 from annotate.regions import fuse_regions
 from zoomin_jax import records
 
+
+
+# Words a caption uses for each marker kind, the kind's own word first.
+_MARKER_WORDS = {"arrow": (r"arrows?", r"arrowheads?"), "arrowhead": (r"arrowheads?", r"arrows?"),
+                 "asterisk": (r"asterisks?", r"stars?", r"\*+"), "circle": (r"circles?|circled", r"ovals?|rings?"),
+                 "inset": (r"insets?", r"box(?:es|ed)?")}
+
+
+def marker_clause(panel_text: str, kind: str) -> str:
+    """The clause of a panel's text that names its marker ("a red arrow marks the lesion"), so a region
+    found from the marker alone still has a text; the whole panel text when no clause names it."""
+    clauses = [c.strip() for c in re.split(r"(?<=[.;:])\s+", panel_text) if c.strip()]
+    for word in _MARKER_WORDS.get(kind, ()):
+        pattern = re.compile(rf"(?<!\w){word}(?!\w)", re.IGNORECASE)
+        for clause in clauses:
+            if pattern.search(clause):
+                return clause.rstrip(".;: ")
+    return panel_text.strip()
 
 
 class FigureError(Exception):
@@ -98,6 +117,8 @@ def build_record(figure: Figure, data: bytes, image: Image.Image, proposal: Prop
             text_lvlm=proposal.panel_descriptions.get(k, ""), kind=panel_kind(image, box),
             score=float(proposal.panels[k]["score"])))
         for region in fuse_regions(box, proposal.markers.get(k, []), proposal.phrases.get(k, []), cfg):
+            if not region["text_sub"]:
+                region["text_sub"] = marker_clause(panels[-1]["text"], region["marker_kind"])
             regions.append(records.new_region(panel_id=panel_id, text_lvlm="", **region))
     return records.new_figure(
         figure_id=figure.figure_id, source=figure.source, license=figure.license, image_bytes=data,

@@ -2,8 +2,9 @@
 
 Path A gives marker boxes (arrows, asterisks, circles…), path B caption-phrase boxes. A phrase box
 near a marker is the region that marker points at ('fused'); a marker that no phrase box claims
-becomes a region by dilating it ('marker'); phrase boxes in a panel without markers are kept as
-'caption' regions when the config allows. Boxes are [x0, y0, x1, y1] in original pixels.
+becomes a region ('marker': what an arrow with a known tip points at, else the marker dilated);
+phrase boxes in a panel without markers are kept as 'caption' regions when the config allows.
+Boxes are [x0, y0, x1, y1] in original pixels.
 """
 from __future__ import annotations
 
@@ -31,6 +32,16 @@ def dilate(box, factor: float) -> list[float]:
     """The box scaled by `factor` about its centre (callers clip it)."""
     (x, y), half_w, half_h = centre(box), (box[2] - box[0]) * factor / 2, (box[3] - box[1]) * factor / 2
     return [x - half_w, y - half_h, x + half_w, y + half_h]
+
+
+def pointed_at(marker: dict, dilation: float) -> list[float]:
+    """The region a marker shows: for an arrow with a known tip, a square as long as the arrow centred
+    on its tip (what it points at, not the arrow itself); else the marker box dilated."""
+    box = marker["box"]
+    if marker.get("tip") is None:
+        return dilate(box, dilation)
+    (x, y), half = marker["tip"], max(box[2] - box[0], box[3] - box[1]) / 2
+    return [x - half, y - half, x + half, y + half]
 
 
 def is_degenerate(box, panel_box, cfg: AnnotateConfig) -> bool:
@@ -77,7 +88,7 @@ def fuse_regions(panel_box, markers: list[dict], phrases: list[dict], cfg: Annot
                             "text_sub": phrase["text"], "source": "caption", "score": phrase["score"]})
     for n, marker in enumerate(markers):
         if n not in claimed:
-            regions.append({"box": dilate(marker["box"], cfg.marker_dilation), "marker_box": marker["box"],
+            regions.append({"box": pointed_at(marker, cfg.marker_dilation), "marker_box": marker["box"],
                             "marker_kind": marker["kind"], "text_sub": "", "source": "marker",
                             "score": marker["score"]})
     kept = []

@@ -171,7 +171,7 @@ def render(layout: Layout, rng: np.random.Generator, medmnist: np.ndarray | None
             regions.append({"panel_id": panel_id, "box": [float(v) for v in region_box],
                             "marker_box": [float(v) for v in marker_box], "marker_kind": "arrow",
                             "text_sub": f"{description}, marked by a {colour} arrow"})
-            text += f"; a {colour} arrow marks the region of interest"
+            text += f"; a {colour} arrow marks the {description}"  # as real captions say what arrows mark
         font_name = None
         if label_box is not None:
             lx0, ly0, lx1, ly1 = label_box

@@ -49,6 +49,16 @@ def real_images() -> list[Image.Image]:
     return images
 
 
+@pytest.fixture(scope="session")
+def zou_composites(tmp_path_factory) -> Path:
+    """600 synthetic compound figures on real layouts (zou_train.csv) with PneumoniaMNIST and other
+    real pictures in the panels: DIR/images, DIR/gt.jsonl (built once per test session)."""
+    from annotate.synth import synthesize
+    return synthesize(tmp_path_factory.mktemp("zou"), num=600, seed=0,
+                      layouts_csv=str(_require(DATA / "layouts" / "zou_train.csv")),
+                      medmnist_npz=str(_require(DATA / "medmnist" / "pneumoniamnist.npz")))
+
+
 def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     result = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=REPO)

@@ -88,6 +88,12 @@ def test_shards_partition_the_inputs(tmp_path, figures):
     expected = [json.loads(line)["id"] for line in (figures / "manifest.jsonl").read_text().splitlines()]
     got = ids_in(tmp_path)
     assert sorted(got) == sorted(expected) and len(list(tmp_path.glob("summary-*-of-00003.json"))) == 3
+    # The heuristic's arrows become marker regions with the caption clause that names the arrow; a
+    # false arrow in a panel whose caption names none gets the panel's whole text.
+    regions = [r for record in records.iter_records(sorted(tmp_path.glob("records-*.array_record")))
+               for r in record["regions"]]
+    assert len(regions) >= 10 and all(r["source"] == "marker" and r["marker_kind"] == "arrow" for r in regions)
+    assert all(r["text_sub"] for r in regions) and sum("arrow" in r["text_sub"] for r in regions) >= 0.8 * len(regions)
 
 
 def test_kill_9_mid_shard_then_resume_gives_each_id_once(tmp_path):

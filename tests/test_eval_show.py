@@ -18,7 +18,8 @@ def test_eval_scores_perfect_and_heuristic_predictions(tmp_path):
     scores = json.loads(run_cli("-m", "annotate", "eval", "--pred", str(tmp_path / "heuristic"),
                                 "--gt", str(data / "gt.jsonl")).stdout)
     assert scores["figures"] == scores["figures_annotated"] == 12
-    assert scores["panels"]["f1"] >= 0.9 and scores["region_recall"] == 0.0  # the heuristic finds no markers
+    # Measured 1.0 here (0.95 on 300 figures of real layouts): arrows found, their regions at the tips.
+    assert scores["panels"]["f1"] >= 0.9 and scores["region_recall"] >= 0.8
 
 
 def test_gallery_escapes_untrusted_text(tmp_path):

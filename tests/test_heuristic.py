@@ -9,15 +9,6 @@ from annotate.captions import split_caption
 from annotate.heuristic import panel_kind, reading_order, split_panels
 from annotate.labels import label_scores, read_labels
 from annotate.metrics import panel_scores
-from annotate.synth import synthesize
-from conftest import DATA
-
-
-@pytest.fixture(scope="module")
-def zou_composites(tmp_path_factory):
-    out = tmp_path_factory.mktemp("zou")
-    return synthesize(out, num=600, seed=0, layouts_csv=str(DATA / "layouts" / "zou_train.csv"),
-                      medmnist_npz=str(DATA / "medmnist" / "pneumoniamnist.npz"))
 
 
 def test_panel_f1_and_labels_on_600_real_layouts(zou_composites):

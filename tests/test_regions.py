@@ -60,3 +60,13 @@ def test_regions_are_clipped_to_their_panel_and_ungated_phrases_kept_without_mar
     strict = AnnotateConfig(keep_ungated_caption_boxes=False)
     assert fuse_regions([100, 0, 300, 200], [], [{"box": [80, -20, 160, 60], "text": "x", "score": 1.0}],
                         strict) == []
+
+
+def test_an_arrow_with_a_tip_marks_what_it_points_at():
+    panel = [0, 0, 400, 300]
+    arrow = {"box": [100, 100, 140, 130], "tip": [140, 130], "kind": "arrow", "score": 0.9}
+    [region] = fuse_regions(panel, [arrow], [], CFG)
+    assert region["box"] == [120, 110, 160, 150]  # a square as long as the arrow, centred on the tip
+    assert region["marker_box"] == arrow["box"] and region["source"] == "marker"
+    [plain] = fuse_regions(panel, [{"box": arrow["box"], "kind": "asterisk", "score": 0.9}], [], CFG)
+    assert plain["box"] == dilate(arrow["box"], CFG.marker_dilation)  # no tip: the marker dilated
