@@ -1,16 +1,17 @@
 """Zoom-in training of the tiny preset on synthetic records, minutes on 2 CPU cores.
 
-  python -m zoomin_jax.train --config configs/demo_cpu.py:records=GLOB[,variant=V,eval_records=GLOB,seed=N] --workdir DIR
+  python -m zoomin_jax.train --config configs/demo_cpu.py:records=GLOB[,variant=V,eval_records=GLOB,seed=N] \
+      --workdir DIR
 
 records: ArrayRecord shards from `python -m annotate run` (default demo/records/*.array_record).
 variant: zoomin (figure -> panel -> region, the default) or an ablation: figure_only, panel_only,
 region_only, joint (all levels in every step).
-eval_records: held-out records for retrieval at the three levels, every 30 steps and at the end.
+eval_records: held-out records for retrieval at the three levels, every 50 steps and at the end.
 seed: model init, data order and augmentation.
 """
 import ml_collections
 
-from zoomin_jax.trainer import VARIANT_CYCLES, parse_config_arg
+from zoomin_jax.trainer import apply_variant, parse_config_arg
 
 
 def get_config(arg=None):
@@ -20,8 +21,7 @@ def get_config(arg=None):
     config.model = "test-tiny"
     config.model_init = None          # a converted model directory (python -m zoomin_jax.convert import)
     config.seed = int(args["seed"])
-    config.total_steps = 60
-    config.cycle = VARIANT_CYCLES[args["variant"]]   # (level, steps) repeated
+    config.total_steps = 150
     config.mesh = (("data", -1),)
     config.partition_rules = ((".*", "fsdp"),)
     # (regex over param names, lr multiplier or None = frozen); first match wins. The tiny model
@@ -38,8 +38,9 @@ def get_config(arg=None):
                        text_cache=False)  # True: embed each text once with the frozen text tower
     config.evals = {}
     if args["eval_records"]:
-        config.evals.heldout = dict(type="retrieval", records=args["eval_records"], levels=("figure", "panel", "region"),
-                                    every=30, batch_size=64)
+        config.evals.heldout = dict(type="retrieval", records=args["eval_records"],
+                                    levels=("figure", "panel", "region"), every=50, batch_size=64)
+    apply_variant(config, args["variant"])
     config.log_every = 10
     config.checkpoint_every = 20
     config.keep_checkpoints = 3

@@ -10,7 +10,7 @@ skipped, and the frozen blocks run without a backward pass.
 """
 import ml_collections
 
-from zoomin_jax.trainer import VARIANT_CYCLES, parse_config_arg
+from zoomin_jax.trainer import apply_variant, parse_config_arg
 
 PER_DEVICE_BATCH = 40
 DEVICES = 8
@@ -25,8 +25,6 @@ def get_config(arg=None):
     config.model = "ViT-L-14"
     config.model_init = args["init"] or None
     config.seed = 0
-    config.cycle = VARIANT_CYCLES[args["variant"]]
-    config.total_steps = 20 * EPOCH_STEPS * sum(steps for _, steps in config.cycle)
     config.mesh = (("data", -1), ("fsdp", 1))
     config.partition_rules = ((".*", "fsdp"),)
     config.train_rules = (("visual/transformer/resblocks/(19|2[0-3])/.*", 1.0), ("visual/(ln_post|proj)(/.*)?", 1.0),
@@ -39,6 +37,8 @@ def get_config(arg=None):
                        strict=False, max_panels=4, max_regions=4, region_margin=0.1, lvlm_text_prob=0.5,
                        drop_panel_kinds=("chart",), min_box_side=16.0,
                        text_cache=True)  # the text tower is frozen: each text is embedded once, up front
+    apply_variant(config, args["variant"])
+    config.total_steps = 20 * EPOCH_STEPS * sum(steps for _, steps in config.cycle)
     config.log_every = 50
     config.checkpoint_every = 1000
     config.keep_checkpoints = 3

@@ -79,6 +79,24 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path, records):
         assert np.array_equal(np.asarray(leaf), np.asarray(ocp.tree.to_flat_dict(got)[path])), path
 
 
+def test_non_finite_updates_are_skipped_then_training_stops(tmp_path, records):
+    """A learning rate of 1e30 blows the weights up after one update; from then on every loss is
+    non-finite: those updates are skipped and counted, and training stops with the last good
+    checkpoint named once there were max_bad_steps in a row."""
+    result = subprocess.run(train_command(records, tmp_path, "--config.total_steps=30", "--config.optim.lr=1e30",
+                                          "--config.optim.warmup_steps=1", "--config.max_bad_steps=4",
+                                          "--config.checkpoint_every=2"),
+                            env=ENV, capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 1, result.stderr[-3000:]
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: ") and "non-finite updates in a row" in message, message
+    assert "last good checkpoint is step" in message and str(tmp_path / "checkpoints") in message
+    logs = logged(tmp_path)
+    assert logs[0]["update_skipped"] == 0 and logs[-1]["update_skipped"] == 1
+    assert logs[-1]["skipped_in_a_row"] >= 4 and logs[-1]["step"] < 30
+    assert not np.isfinite(logs[-1]["loss"])
+
+
 def test_paper_config_runs_one_step_per_level_with_vit_l14(tmp_path, records):
     """configs/zoomin_vitl14.py as written (random init: no BMC-CLIP here), at a tiny batch. The 8
     fake devices share this machine's memory, so params are split over them (fsdp=8) rather than

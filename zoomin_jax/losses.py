@@ -125,9 +125,13 @@ def level_losses(model, batch: dict, level: str, cfg: LossConfig) -> tuple[jax.A
         encoded = _encode_images(model, batch["image"], cfg, with_grid)
         image, grid = encoded if with_grid else (encoded, None)
         text = _encode_texts(model, batch["tokens"], cfg)
+        terms[level] = clip_loss(image, text, scale)
+        child_terms = [f"{level}_{child}_image"] + ([] if cfg.text_frozen else [f"{level}_{child}_text"])
+        child_terms += ["roi"] if level == "panel" else []
+        if not any(cfg.weight(term) for term in child_terms):  # e.g. plain figure-caption CLIP
+            return cfg.weight(level) * terms[level], terms
         mask = batch[f"{child}_mask"]
         child_images = _encode_images(model, batch[f"{child}_images"], cfg)
-        terms[level] = clip_loss(image, text, scale)
         mean_images, has_children = _children(child_images, mask)
         terms[f"{level}_{child}_image"] = clip_loss(image, mean_images, scale, has_children)
         if not cfg.text_frozen:

@@ -149,6 +149,18 @@ VARIANT_CYCLES = {
 }
 
 
+def apply_variant(config, name: str) -> None:
+    """The recipe (zoomin) or an ablation: its granularity cycle; figure_only is plain figure-caption
+    CLIP, the BMC-CLIP baseline (no figure<->panel terms, no panel crops loaded). Call after the
+    config's loss_weights and data are set."""
+    if name not in VARIANT_CYCLES:
+        raise ValueError(f"config argument variant={name!r}: use one of {', '.join(VARIANT_CYCLES)}")
+    config.cycle = VARIANT_CYCLES[name]
+    if name == "figure_only":
+        config.loss_weights.update(figure_panel_image=0.0, figure_panel_text=0.0)
+        config.data.max_panels = 0
+
+
 def parse_config_arg(arg: str | None, **defaults) -> dict:
     """big_vision-style config argument "key=value,key=value" over `defaults` (strings)."""
     values = dict(defaults)
