@@ -1,0 +1,23 @@
+"""The README's main command at a small size: every stage runs, the table and the files it names exist."""
+import json
+
+from conftest import run_cli
+
+
+def test_demo_end_to_end_small(tmp_path):
+    out = tmp_path / "demo"
+    result = run_cli("-m", "zoomin_jax.demo", "--out", str(out), "--seeds", "0", "--figures", "40",
+                     "--heldout", "12", "--steps", "6")
+    lines = result.stdout.splitlines()
+    table = lines[lines.index(next(line for line in lines if line.strip().startswith("figure R@1"))):]
+    assert [line.split()[0] for line in table[1:5]] == ["figure-only", "figure-only", "zoom-in", "zoom-in"]
+    results = json.loads((out / "results.json").read_text())
+    for variant in ("figure_only", "zoomin"):
+        metrics = results[variant]["0"]
+        assert metrics["step"] == 6
+        assert all(0 <= metrics[f"heldout/{level}/i2t_r1"] <= 1 for level in ("figure", "panel", "region"))
+    assert (out / "gallery" / "index.html").exists() and (out / "open_clip" / "open_clip_config.json").exists()
+    assert list((out / "records").glob("records-*.array_record"))
+    assert list((out / "runs" / "zoomin-seed0" / "tensorboard").iterdir())
+    verify = (out / "demo.log").read_text()
+    assert verify.count(" ok\n") >= 2  # convert verify: image and text embeddings match open_clip's
