@@ -6,7 +6,7 @@
 records: ArrayRecord shards from `python -m annotate run` (default demo/records/*.array_record).
 variant: zoomin (figure -> panel -> region, the default) or an ablation: figure_only, panel_only,
 region_only, joint (all levels in every step).
-eval_records: held-out records for retrieval at the three levels, every 50 steps and at the end.
+eval_records: held-out records for retrieval at the three levels, every 225 steps and at the end.
 seed: model init, data order and augmentation.
 """
 import ml_collections
@@ -21,7 +21,7 @@ def get_config(arg=None):
     config.model = "test-tiny"
     config.model_init = None          # a converted model directory (python -m zoomin_jax.convert import)
     config.seed = int(args["seed"])
-    config.total_steps = 150
+    config.total_steps = 450
     config.mesh = (("data", -1),)
     config.partition_rules = ((".*", "fsdp"),)
     # (regex over param names, lr multiplier or None = frozen); first match wins. The tiny model
@@ -32,14 +32,15 @@ def get_config(arg=None):
     config.optim = dict(lr=1e-3, warmup_steps=6, weight_decay=0.05, b1=0.9, b2=0.95)  # cosine to total_steps
     config.loss_weights = dict(figure=1.0, figure_panel_image=0.5, figure_panel_text=0.5, panel=1.0,
                                panel_region_image=0.5, panel_region_text=0.5, roi=0.5, region=1.0)
-    config.data = dict(records=args["records"], batch_size=dict(figure=16, panel=16, region=16), workers=0,
+    config.data = dict(records=args["records"], batch_size=dict(figure=16, panel=16, region=16), workers=1,
                        strict=False, max_panels=4, max_regions=4, region_margin=0.1, lvlm_text_prob=0.0,
                        drop_panel_kinds=(), min_box_side=8.0,
+                       cached_images=512,  # each worker keeps the demo's figures decoded (decoding: 3/4 of a sample)
                        text_cache=False)  # True: embed each text once with the frozen text tower
     config.evals = {}
     if args["eval_records"]:
         config.evals.heldout = dict(type="retrieval", records=args["eval_records"],
-                                    levels=("figure", "panel", "region"), every=50, batch_size=64)
+                                    levels=("figure", "panel", "region"), every=225, batch_size=64)
     apply_variant(config, args["variant"])
     config.log_every = 10
     config.checkpoint_every = 20

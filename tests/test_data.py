@@ -1,4 +1,6 @@
 """The grain pipeline on real annotation output: shapes, determinism, process slices, pixels, corruption."""
+import dataclasses
+
 import numpy as np
 import open_clip
 import pytest
@@ -37,8 +39,19 @@ def test_one_batch_per_level(shards):
     assert panel["region_images"].shape == (4, 2, 64, 64, 3) and panel["region_grid_boxes"].shape == (4, 2, 4)
     region = make_dataset(shards["truth"], "region", 4, cfg=CFG)[0]
     assert region["image"].shape == (4, 64, 64, 3) and region["tokens"].shape == (4, 77)
-    with pytest.raises(UserError, match="no region-level items"):
-        make_dataset(shards["heuristic"], "region", 4, cfg=CFG)
+    with pytest.raises(UserError, match="no region-level items"):  # every box below the minimum side
+        make_dataset(shards["heuristic"], "region", 4, cfg=dataclasses.replace(CFG, min_box_side=10_000))
+
+
+def test_decoded_image_cache_gives_the_same_batches(shards):
+    """Two epochs of training views: the second one takes every image from the cache."""
+    cfg = dataclasses.replace(CFG, train=True)
+    plain = list(make_dataset(shards["truth"], "panel", 2, seed=5, cfg=cfg, num_epochs=2))
+    cached = list(make_dataset(shards["truth"], "panel", 2, seed=5, cfg=cfg, num_epochs=2, cached_images=64))
+    assert len(plain) == len(cached) > 4
+    for a, b in zip(plain, cached):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
 
 
 def test_same_seed_same_batches_other_seed_other_order(shards):

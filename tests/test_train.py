@@ -29,8 +29,9 @@ def records(tmp_path_factory):
 
 
 def train_command(records, workdir, *overrides):
+    """Data on the main process: the kill -9 test kills that process alone (the demo test covers workers)."""
     return [sys.executable, "-m", "zoomin_jax.train", f"--config={REPO / 'configs' / 'demo_cpu.py'}:records={records}",
-            f"--workdir={workdir}", "--config.log_every=1", *overrides]
+            f"--workdir={workdir}", "--config.log_every=1", "--config.data.workers=0", *overrides]
 
 
 def logged(workdir):
@@ -131,7 +132,7 @@ def test_frozen_text_tower_uses_the_text_cache_and_gives_the_same_losses(tmp_pat
         config = get_config(f"records={records}")
         config.train_rules = (("visual/transformer/resblocks/1/.*", 1.0), ("visual/(ln_post|proj)(/.*)?", 1.0),
                               ("logit_scale", 1.0), (".*", None))
-        config.total_steps, config.log_every, config.data.text_cache = 3, 1, cached
+        config.total_steps, config.log_every, config.data.text_cache, config.data.workers = 3, 1, cached, 0
         train(config, tmp_path / str(cached))
         logs[cached] = logged(tmp_path / str(cached))
     cache = tmp_path / "True" / "text_cache" / "process_0"

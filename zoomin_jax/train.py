@@ -93,7 +93,8 @@ def level_iterators(config, model_cfg, cache: str | None = None) -> tuple[dict, 
                             f"{process_count} processes")
         dataset = pipeline.make_dataset(config.data.records, level, global_batch // process_count, seed=config.seed,
                                         cfg=cfg, process_index=jax.process_index(), process_count=process_count,
-                                        strict=config.data.strict, num_epochs=None, index=index)
+                                        strict=config.data.strict, num_epochs=None, index=index,
+                                        cached_images=config.data.get("cached_images", 0))
         iterators[level] = pipeline.batch_iterator(dataset, num_workers=config.data.workers)
         batch_sizes[level] = global_batch
     return iterators, batch_sizes, index.skipped_records

@@ -3,6 +3,7 @@ mapped to examples, batched. The same seed gives the same batches; process slice
 and together cover every item once per epoch."""
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import grain
@@ -46,18 +47,32 @@ def build_index(source: RecordSource, level: str, cfg: samples.SampleConfig) -> 
 
 
 class _Example:
-    """Module-level callable (picklable for grain's spawned workers)."""
+    """Module-level callable (picklable for grain's spawned workers). Keeps the last `cached_images`
+    decoded images: on a dataset that small, each image is decoded once per worker, not once per
+    sample (decoding is most of the time of a sample)."""
 
-    def __init__(self, source: RecordSource, level: str, cfg: samples.SampleConfig):
-        self.source, self.level, self.cfg = source, level, cfg
+    def __init__(self, source: RecordSource, level: str, cfg: samples.SampleConfig, cached_images: int = 0):
+        self.source, self.level, self.cfg, self.cached_images = source, level, cfg, cached_images
+        self.decoded = collections.OrderedDict()
+
+    def _image(self, index: int, record: dict):
+        if not self.cached_images:
+            return samples.decode_image(record)
+        image = self.decoded.pop(index, None)
+        self.decoded[index] = samples.decode_image(record) if image is None else image
+        if len(self.decoded) > self.cached_images:
+            self.decoded.popitem(last=False)
+        return self.decoded[index]
 
     def __call__(self, row, rng: np.random.Generator):
-        record = self.source[int(row[0])]
+        index = int(row[0])
+        record = self.source[index]
+        image = self._image(index, record)
         if self.level == "figure":
-            return samples.figure_example(record, self.cfg, rng)
+            return samples.figure_example(record, self.cfg, rng, image)
         if self.level == "panel":
-            return samples.panel_example(record, int(row[1]), self.cfg, rng)
-        return samples.region_example(record, int(row[1]), self.cfg, rng)
+            return samples.panel_example(record, int(row[1]), self.cfg, rng, image)
+        return samples.region_example(record, int(row[1]), self.cfg, rng, image)
 
 
 def item_rows(index: LevelIndex, *, seed: int, process_index: int, process_count: int,
@@ -72,7 +87,8 @@ def item_rows(index: LevelIndex, *, seed: int, process_index: int, process_count
 
 def make_dataset(patterns, level: str, batch_size: int, *, seed: int = 0, cfg=samples.SampleConfig(),
                  process_index: int = 0, process_count: int = 1, shuffle: bool = True, strict: bool = False,
-                 num_epochs: int = 1, index: LevelIndex | None = None, drop_remainder: bool = True) -> grain.MapDataset:
+                 num_epochs: int = 1, index: LevelIndex | None = None, drop_remainder: bool = True,
+                 cached_images: int = 0) -> grain.MapDataset:
     """Batches of this process's slice of one level, for `num_epochs` epochs (evaluation keeps the
     last, smaller batch: drop_remainder=False)."""
     source = RecordSource(patterns, strict=strict)
@@ -82,7 +98,7 @@ def make_dataset(patterns, level: str, batch_size: int, *, seed: int = 0, cfg=sa
                         f"{'regions' if level == 'region' else 'panels'}?); annotate with a backend that finds them.")
     dataset = item_rows(index, seed=seed, process_index=process_index, process_count=process_count,
                         shuffle=shuffle, num_epochs=num_epochs)
-    dataset = dataset.random_map(_Example(source, level, cfg), seed=seed + 1)
+    dataset = dataset.random_map(_Example(source, level, cfg, cached_images), seed=seed + 1)
     return dataset.batch(batch_size, drop_remainder=drop_remainder)
 
 

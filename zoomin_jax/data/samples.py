@@ -144,8 +144,10 @@ def _stack(views: list[np.ndarray], texts: list[str], limit: int, cfg: SampleCon
     return images, text, mask
 
 
-def figure_example(record: dict, cfg: SampleConfig, rng: np.random.Generator | None = None) -> dict:
-    image = decode_image(record)
+def figure_example(record: dict, cfg: SampleConfig, rng: np.random.Generator | None = None,
+                   image: Image.Image | None = None) -> dict:
+    """`image`: the record's image when the caller already decoded it."""
+    image = decode_image(record) if image is None else image
     panels = kept_panels(record, cfg)[:cfg.max_panels]
     views = [view(crop(image, p["box"]), cfg, rng)[0] for p in panels]
     panel_images, panel_tokens, panel_mask = _stack(views, [panel_text(p, cfg, rng) for p in panels],
@@ -154,8 +156,9 @@ def figure_example(record: dict, cfg: SampleConfig, rng: np.random.Generator | N
             "panel_images": panel_images, "panel_tokens": panel_tokens, "panel_mask": panel_mask}
 
 
-def panel_example(record: dict, panel_index: int, cfg: SampleConfig, rng: np.random.Generator | None = None) -> dict:
-    image = decode_image(record)
+def panel_example(record: dict, panel_index: int, cfg: SampleConfig, rng: np.random.Generator | None = None,
+                  image: Image.Image | None = None) -> dict:
+    image = decode_image(record) if image is None else image
     panel = record["panels"][panel_index]
     pixels, rect = view(crop(image, panel["box"]), cfg, rng)
     regions = []
@@ -175,9 +178,11 @@ def panel_example(record: dict, panel_index: int, cfg: SampleConfig, rng: np.ran
             "region_grid_boxes": grid_boxes}
 
 
-def region_example(record: dict, region_index: int, cfg: SampleConfig, rng: np.random.Generator) -> dict:
+def region_example(record: dict, region_index: int, cfg: SampleConfig, rng: np.random.Generator,
+                   image: Image.Image | None = None) -> dict:
     region = record["regions"][region_index]
     texts = [t for t in (region["text_sub"], region["text_lvlm"]) if t]
     text = texts[int(rng.integers(len(texts)))] if texts else record["caption"]
-    pixels, _ = view(crop(decode_image(record), region["box"], cfg.region_margin), cfg, rng)
+    image = decode_image(record) if image is None else image
+    pixels, _ = view(crop(image, region["box"], cfg.region_margin), cfg, rng)
     return {"image": pixels, "tokens": text_arrays([text], cfg)[0]}
