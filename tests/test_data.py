@@ -209,3 +209,14 @@ def test_two_processes_assemble_one_global_batch(tmp_path, shards):
     expected = results[0]["local_signature"] + results[1]["local_signature"]
     assert results[0]["global_signature"] == results[1]["global_signature"] == expected
     assert results[0]["local_signature"] != results[1]["local_signature"]
+
+
+def test_bench_prints_rates_and_where_the_time_goes(shards):
+    out = run_cli("-m", "zoomin_jax.data.bench", "--records", shards["truth"], "--level", "panel", "--workers", "0",
+                  "--batch-size", "4", "--batches", "2", "--repeats", "2", "--image-size", "64", "--breakdown").stdout
+    rate, shares = out.strip().splitlines()[-2:]
+    assert rate.startswith("level=panel views=train workers=0 samples/s median=")
+    stages = dict(part.rsplit(" ", 1) for part in shares.split("time: ")[1].split(", "))
+    assert list(stages) == ["read record", "decode image", "crop", "convert", "resize", "tokenize", "other"]
+    percent = {stage: float(share.rstrip("%")) for stage, share in stages.items()}
+    assert abs(sum(percent.values()) - 100) <= len(percent) and percent["decode image"] > 0

@@ -1,16 +1,27 @@
-"""python -m zoomin_jax.data.bench --records GLOB --level panel --workers 0,1,2
+"""python -m zoomin_jax.data.bench --records GLOB --level panel --workers 0,1,2 [--breakdown]
 
 Samples per second of one level's pipeline (decode, crop, resize, tokenize, batch) for each worker
-count: the median of --repeats timed runs of --batches batches, after one warm-up batch."""
+count: the median of --repeats timed runs of --batches batches, after one warm-up batch. Examples
+are made as training makes them (random resized crops); --eval measures open_clip's eval transform.
+--breakdown profiles the examples of one batch size x --batches in this process and prints the
+share of their time each stage takes."""
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import statistics
 import time
 
 from zoomin_jax.data.pipeline import batch_iterator, build_index, make_dataset
 from zoomin_jax.data.samples import SampleConfig
 from zoomin_jax.data.source import RecordSource
+
+# stage -> (file suffix, function) whose cumulative time is the stage's
+STAGES = {"read record": ("zoomin_jax/data/source.py", "__getitem__"),
+          "decode image": ("zoomin_jax/image_decode.py", "decode"),
+          "crop": ("PIL/Image.py", "crop"), "convert": ("PIL/Image.py", "convert"),
+          "resize": ("PIL/Image.py", "resize"), "tokenize": ("zoomin_jax/tokenizer.py", "tokenize")}
 
 
 def measure(records: str, level: str, workers: int, batch_size: int, batches: int, repeats: int,
@@ -29,6 +40,24 @@ def measure(records: str, level: str, workers: int, batch_size: int, batches: in
     return rates
 
 
+def breakdown(records: str, level: str, batch_size: int, batches: int, cfg: SampleConfig) -> dict[str, float]:
+    """{stage: fraction of the time of making `batches` batches}, "other" being the rest (batching,
+    boxes, masks, the grain machinery)."""
+    dataset = make_dataset(records, level, batch_size, cfg=cfg, num_epochs=1000)
+    dataset[0]  # warm-up
+    profile = cProfile.Profile()
+    profile.enable()
+    for n in range(1, batches + 1):
+        dataset[n]
+    profile.disable()
+    stats = pstats.Stats(profile).stats
+    total = sum(tottime for _, _, tottime, _, _ in stats.values())
+    shares = {stage: sum(cumtime for (path, _, name), (_, _, _, cumtime, _) in stats.items()
+                         if path.endswith(suffix) and name == function) / total
+              for stage, (suffix, function) in STAGES.items()}
+    return {**shares, "other": 1 - sum(shares.values())}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", required=True)
@@ -38,14 +67,21 @@ def main(argv=None) -> None:
     parser.add_argument("--batches", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--eval", action="store_true", help="open_clip's eval transform instead of training views")
     parser.add_argument("--worker-buffer", type=int, default=4, help="batches each worker keeps ready")
+    parser.add_argument("--breakdown", action="store_true", help="also print where a sample's time goes")
     args = parser.parse_args(argv)
-    cfg = SampleConfig(image_size=args.image_size)
+    cfg = SampleConfig(image_size=args.image_size, train=not args.eval)
+    views = "eval" if args.eval else "train"
     for workers in map(int, args.workers.split(",")):
         rates = measure(args.records, args.level, workers, args.batch_size, args.batches, args.repeats, cfg,
                         args.worker_buffer)
-        print(f"level={args.level} workers={workers} samples/s median={statistics.median(rates):.1f} "
+        print(f"level={args.level} views={views} workers={workers} samples/s median={statistics.median(rates):.1f} "
               f"runs={[round(r, 1) for r in rates]}", flush=True)
+    if args.breakdown:
+        shares = breakdown(args.records, args.level, args.batch_size, args.batches, cfg)
+        print(f"level={args.level} views={views} time: " + ", ".join(f"{stage} {share:.0%}"
+                                                                     for stage, share in shares.items()))
 
 
 if __name__ == "__main__":

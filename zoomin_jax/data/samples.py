@@ -12,12 +12,12 @@ frozen text tower's precomputed embeddings, those embeddings (float32).
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 
 import numpy as np
 from PIL import Image
 
+from zoomin_jax import image_decode
 from zoomin_jax.image_transform import crop_offset, eval_uint8, resized_shape
 from zoomin_jax.data.text_cache import open_cache
 from zoomin_jax.tokenizer import tokenize
@@ -40,9 +40,7 @@ class SampleConfig:
 
 
 def decode_image(record: dict) -> Image.Image:
-    image = Image.open(io.BytesIO(record["image_bytes"]))
-    image.load()
-    return image
+    return image_decode.decode(record["image_bytes"])
 
 
 def crop(image: Image.Image, box, margin: float = 0.0) -> Image.Image:
