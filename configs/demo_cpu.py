@@ -11,7 +11,7 @@ seed: model init, data order and augmentation.
 """
 import ml_collections
 
-from zoomin_jax.trainer import apply_variant, parse_config_arg
+from zoomin_jax.recipes import apply_variant, parse_config_arg
 
 
 def get_config(arg=None):

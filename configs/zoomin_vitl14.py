@@ -10,7 +10,7 @@ skipped, and the frozen blocks run without a backward pass.
 """
 import ml_collections
 
-from zoomin_jax.trainer import apply_variant, parse_config_arg
+from zoomin_jax.recipes import apply_variant, parse_config_arg
 
 PER_DEVICE_BATCH = 40
 DEVICES = 8

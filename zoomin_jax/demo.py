@@ -18,10 +18,11 @@ import sys
 import time
 from pathlib import Path
 
+from zoomin_jax.recipes import LEVELS
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("ZOOMIN_SHARED_DATA", REPO.parent / "shared" / "data"))
 VARIANTS = (("figure_only", "figure-only"), ("zoomin", "zoom-in"))
-LEVELS = ("figure", "panel", "region")
 KS = (1, 5)
 
 
@@ -38,7 +39,7 @@ class Stages:
             log.write(f"$ {' '.join(args)}\n")
             log.flush()
             result = subprocess.run([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                                    env=os.environ | {"PYTHONPATH": str(REPO)} | (env or {}))
+                                    env=os.environ | (env or {}))
         if result.returncode:
             sys.exit(f"demo: `{' '.join(args)}` failed (exit {result.returncode}); its output is in {self.log}")
 

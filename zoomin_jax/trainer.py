@@ -16,13 +16,10 @@ import optax
 from flax import traverse_util
 
 from zoomin_jax.losses import LossConfig, level_losses
-from zoomin_jax.models.clip import from_params
+from zoomin_jax.models.clip import from_params, merge
 from zoomin_jax.models.config import CLIPConfig
+from zoomin_jax.recipes import JOINT, LEVELS
 from zoomin_jax.sharding import match_rules, path_name
-
-LEVELS = ("figure", "panel", "region")
-JOINT = "joint"  # all three levels' losses in one step (the joint-not-alternating ablation)
-
 
 @dataclasses.dataclass(frozen=True)
 class Partition:
@@ -58,10 +55,6 @@ def split(params: dict, part: Partition) -> tuple[dict, dict]:
     trainable = {path: leaf for path, leaf in flat.items() if path in part.multipliers}
     frozen = {path: leaf for path, leaf in flat.items() if path not in part.multipliers}
     return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
-
-
-def merge(trainable: dict, frozen: dict) -> dict:
-    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(frozen), **traverse_util.flatten_dict(trainable)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,39 +130,6 @@ def jit_train_step(step, state: dict):
 def init_state(trainable: dict, tx: optax.GradientTransformation) -> dict:
     return {"params": trainable, "opt_state": tx.init(trainable), "step": jnp.zeros((), jnp.int32),
             "skipped": jnp.zeros((), jnp.int32)}
-
-
-# The granularity schedules of the paper's recipe and its ablations, by config variant name.
-VARIANT_CYCLES = {
-    "zoomin": (("figure", 1), ("panel", 1), ("region", 1)),
-    "figure_only": (("figure", 1),),
-    "panel_only": (("panel", 1),),
-    "region_only": (("region", 1),),
-    "joint": ((JOINT, 1),),
-}
-
-
-def apply_variant(config, name: str) -> None:
-    """The recipe (zoomin) or an ablation: its granularity cycle; figure_only is plain figure-caption
-    CLIP, the BMC-CLIP baseline (no figure<->panel terms, no panel crops loaded). Call after the
-    config's loss_weights and data are set."""
-    if name not in VARIANT_CYCLES:
-        raise ValueError(f"config argument variant={name!r}: use one of {', '.join(VARIANT_CYCLES)}")
-    config.cycle = VARIANT_CYCLES[name]
-    if name == "figure_only":
-        config.loss_weights.update(figure_panel_image=0.0, figure_panel_text=0.0)
-        config.data.max_panels = 0
-
-
-def parse_config_arg(arg: str | None, **defaults) -> dict:
-    """big_vision-style config argument "key=value,key=value" over `defaults` (strings)."""
-    values = dict(defaults)
-    for item in filter(None, (arg or "").split(",")):
-        key, sep, value = item.partition("=")
-        if not sep or key not in values:
-            raise ValueError(f"config argument {item!r}: expected key=value with key in {sorted(values)}")
-        values[key] = value
-    return values
 
 
 @dataclasses.dataclass(frozen=True)
