@@ -9,9 +9,10 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from flax import nnx
 
 from zoomin_jax.errors import UserError
-from zoomin_jax.models.clip import abstract_params, nest
+from zoomin_jax.models.clip import CLIP, abstract_params, nest
 from zoomin_jax.models.config import OPENAI_MEAN, OPENAI_STD, CLIPConfig
 
 FORMAT = "zoomin_jax.model/1"
@@ -68,3 +69,14 @@ def restore_params(directory: str | Path, cfg: CLIPConfig, sharding=None) -> dic
 
 def params_numpy(directory: str | Path, cfg: CLIPConfig) -> dict:
     return jax.tree.map(np.asarray, restore_params(directory, cfg))
+
+
+def initial_params(model_init: str | None, cfg: CLIPConfig, seed: int) -> dict:
+    """A training run's starting params: the model directory `model_init` (checked to hold the
+    architecture `cfg`), else the seeded random init. Training starts from them, and reading a
+    run back takes its frozen leaves from them (they are never saved)."""
+    if model_init:
+        if config_of(read_meta(model_init), model_init) != cfg:
+            raise UserError(f"{model_init} holds another architecture than the config's model")
+        return params_numpy(model_init, cfg)
+    return nnx.to_pure_dict(nnx.state(CLIP(cfg, rngs=nnx.Rngs(seed)), nnx.Param))

@@ -1,6 +1,7 @@
 """The model a source path holds: a model directory (`convert import`), or a training run's workdir
 (latest step, or WORKDIR/STEP): its trainable leaves from the orbax checkpoint merged with the
-frozen ones, rebuilt from the config the run saved (model_init, or the seeded random init)."""
+frozen ones, rebuilt from the config the run saved (model_init, or the seeded random init). Reading
+a run rebuilds neither its optimizer nor its data pipeline (see zoomin_jax.checkpoint)."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,8 +11,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from zoomin_jax import model_dir
+from zoomin_jax import checkpoint, model_dir
 from zoomin_jax.errors import UserError
+from zoomin_jax.models.clip import merge
 from zoomin_jax.models.config import CLIPConfig, get_preset
 
 CHECKPOINTS = "checkpoints"
@@ -30,25 +32,16 @@ def workdir_of(src: str | Path) -> Path:
     return _workdir_and_step(Path(src))[0]
 
 
-def _checkpoints(workdir: Path):
-    from zoomin_jax.checkpoint import Checkpoints
-    return Checkpoints(workdir / CHECKPOINTS, every=1)
-
-
 def run_config(src: str | Path) -> tuple[ml_collections.ConfigDict, int]:
     """(the config a run saved with its checkpoint, that checkpoint's step)."""
     workdir, step = _workdir_and_step(Path(src))
-    checkpoints = _checkpoints(workdir)
-    try:
-        steps = checkpoints.manager.all_steps()
-        if not steps:
-            raise UserError(f"{workdir / CHECKPOINTS} holds no complete checkpoint; train first.")
-        step = max(steps) if step is None else step
-        if step not in steps:
-            raise UserError(f"{workdir / CHECKPOINTS} has no step {step}; it has {sorted(steps)}.")
-        return ml_collections.ConfigDict(checkpoints.config(step)), step
-    finally:
-        checkpoints.close()
+    steps = checkpoint.complete_steps(workdir / CHECKPOINTS)
+    if not steps:
+        raise UserError(f"{workdir / CHECKPOINTS} holds no complete checkpoint; train first.")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise UserError(f"{workdir / CHECKPOINTS} has no step {step}; it has {steps}.")
+    return ml_collections.ConfigDict(checkpoint.read_config(workdir / CHECKPOINTS, step)), step
 
 
 def preprocess_cfg(config, cfg: CLIPConfig) -> dict:
@@ -67,25 +60,12 @@ class Model:
 
 
 def _run_model(src: str | Path) -> Model:
-    from zoomin_jax import trainer
-    from zoomin_jax.train import initial_params
-
     config, step = run_config(src)
     cfg = get_preset(config.model)
-    params = initial_params(config, cfg)
-    part = trainer.partition(params, tuple(tuple(rule) for rule in config.train_rules))
-    trainable, frozen = trainer.split(params, part)
-    tx = trainer.make_optimizer(trainer.OptimConfig(total_steps=config.total_steps, **config.optim), part)
+    initial = model_dir.initial_params(config.get("model_init"), cfg, config.seed)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
-                            jax.eval_shape(lambda params: trainer.init_state(params, tx), trainable))
-    checkpoints = _checkpoints(workdir_of(src))
-    try:
-        state = checkpoints.restore(step, abstract, {})
-    finally:
-        checkpoints.close()
-    merged = jax.tree.map(np.asarray, trainer.merge(state["params"], frozen))
-    return Model(cfg, merged, preprocess_cfg(config, cfg), config, step)
+    trained = checkpoint.read_params(workdir_of(src) / CHECKPOINTS, step, initial, device)
+    return Model(cfg, jax.tree.map(np.asarray, merge(trained, initial)), preprocess_cfg(config, cfg), config, step)
 
 
 def load(src: str | Path) -> Model:

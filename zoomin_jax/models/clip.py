@@ -11,7 +11,7 @@ import math
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, traverse_util
 
 from zoomin_jax.models.config import CLIPConfig, VisionConfig
 
@@ -181,6 +181,12 @@ def nest(flat: dict[tuple, object]) -> dict:
             node = node.setdefault(part, {})
         node[path[-1]] = value
     return tree
+
+
+def merge(trainable: dict, frozen: dict) -> dict:
+    """One nested param dict from two disjoint (or overriding: `trainable` wins) ones."""
+    flat = traverse_util.flatten_dict(frozen) | traverse_util.flatten_dict(trainable)
+    return traverse_util.unflatten_dict(flat)
 
 
 def from_params(cfg: CLIPConfig, params: dict, dtype=None) -> CLIP:
