@@ -11,7 +11,8 @@ from flax import nnx, traverse_util
 from annotate.synth import synthesize, write_truth_records
 from conftest import DATA, run_cli
 from zoomin_jax import run_dir, sharding
-from zoomin_jax.evaluators import Embedder, recall_at_k, retrieval, retrieval_metrics, run_evaluators
+from zoomin_jax.encoder import CLIPEncoder
+from zoomin_jax.evaluators import recall_at_k, retrieval, retrieval_metrics, run_evaluators
 from zoomin_jax.models.clip import CLIP
 from zoomin_jax.models.config import get_preset
 from zoomin_jax.model_dir import default_preprocess_cfg
@@ -69,8 +70,8 @@ def test_retrieval_is_the_same_on_1_and_8_devices(truth_records, level):
     found = {}
     for devices in (1, 8):
         mesh = sharding.make_mesh((("data", devices),), devices=jax.devices()[:devices])
-        embedder = Embedder(cfg, params, default_preprocess_cfg(cfg), mesh, batch_size=16)
-        found[devices] = retrieval(embedder, truth_records, level, batch_size=10)
+        encoder = CLIPEncoder(cfg, params, default_preprocess_cfg(cfg), mesh, batch_size=16)
+        found[devices] = retrieval(encoder, truth_records, level, batch_size=10)
     assert found[1] == found[8]
     assert found[1]["items"] > 16  # more than one batch, with a partial last one
     assert 0 <= found[1]["i2t_r1"] <= found[1]["i2t_r5"] <= found[1]["i2t_r10"] <= 1
@@ -79,11 +80,11 @@ def test_retrieval_is_the_same_on_1_and_8_devices(truth_records, level):
 def test_zeroshot_evaluator_from_the_config():
     cfg = get_preset("test-tiny")
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(CLIP(cfg, rngs=nnx.Rngs(0)), nnx.Param)))
-    embedder = Embedder(cfg, params, default_preprocess_cfg(cfg), sharding.make_mesh((("data", -1),)), batch_size=16)
+    encoder = CLIPEncoder(cfg, params, default_preprocess_cfg(cfg), batch_size=16)
     evals = ml_collections.ConfigDict({"pneumonia": dict(
         type="zeroshot", task="pneumoniamnist", source=f"npz:{DATA / 'medmnist' / 'pneumoniamnist.npz'}",
         split="test", limit=40)})
-    metrics = run_evaluators(evals, embedder)
+    metrics = run_evaluators(evals, encoder)
     assert metrics["pneumonia/count"] == 40
     assert 0 <= metrics["pneumonia/balanced_accuracy"] <= 1 and 0 <= metrics["pneumonia/top1"] <= 1
 

@@ -7,20 +7,13 @@ run during training every `every` steps and standalone (`python -m zoomin_jax.ev
 """
 from __future__ import annotations
 
-import functools
-
-import jax
 import numpy as np
-from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from zoomin_jax import losses
 from zoomin_jax.data import pipeline, samples
+from zoomin_jax.encoder import CLIPEncoder
 from zoomin_jax.errors import UserError
-from zoomin_jax.image_transform import preprocess
-from zoomin_jax.models.clip import from_params
-from zoomin_jax.models.config import CLIPConfig
+from zoomin_jax.recipes import LEVELS
 
 KS = (1, 5, 10)
 
@@ -52,75 +45,25 @@ def retrieval_metrics(image_emb: np.ndarray, text_emb: np.ndarray, text_of_image
     return metrics
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _encode_image(cfg: CLIPConfig, params, pixels):
-    return losses.l2_normalize(from_params(cfg, params).encode_image(pixels))
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _encode_text(cfg: CLIPConfig, params, tokens):
-    return losses.l2_normalize(from_params(cfg, params).encode_text(tokens))
-
-
-class Embedder:
-    """L2-normalised embeddings of one set of params: batches padded to one fixed size (one
-    compilation per input kind) and split over every device of the mesh; any batch, any device
-    count. Has the encode_image / encode_text / preprocess interface of `load_clip`'s encoder."""
-
-    def __init__(self, cfg: CLIPConfig, params, preprocess_cfg: dict, mesh: jax.sharding.Mesh,
-                 batch_size: int = 64):
-        self.config, self.preprocess_cfg, self.mesh = cfg, preprocess_cfg, mesh
-        self.batch_size = -(-batch_size // mesh.size) * mesh.size
-        self.batch_sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
-        replicated = NamedSharding(mesh, PartitionSpec())
-        self.params = jax.tree.map(  # host arrays are replicated; device arrays keep their layout
-            lambda leaf: leaf if isinstance(leaf, jax.Array) else jax.device_put(leaf, replicated), params)
-
-    def _run(self, encode, rows: np.ndarray) -> np.ndarray:
-        out = []
-        for start in range(0, len(rows), self.batch_size):
-            chunk = rows[start:start + self.batch_size]
-            padded = np.zeros((self.batch_size, *chunk.shape[1:]), chunk.dtype)
-            padded[:len(chunk)] = chunk
-            batch = jax.make_array_from_callback(padded.shape, self.batch_sharding, padded.__getitem__)
-            embeddings = encode(self.config, self.params, batch)
-            out.append(np.asarray(multihost_utils.process_allgather(embeddings, tiled=True))[:len(chunk)])
-        return np.concatenate(out) if out else np.zeros((0, self.config.embed_dim), np.float32)
-
-    def encode_image(self, pixels) -> np.ndarray:
-        """float32 [N, H, W, 3], normalised (`preprocess`) -> [N, D]."""
-        return self._run(_encode_image, np.asarray(pixels, np.float32))
-
-    def encode_uint8(self, images) -> np.ndarray:
-        """uint8 [N, H, W, 3] as the data pipeline makes them -> [N, D]."""
-        return self.encode_image(np.asarray(losses.pixels_to_model(np.asarray(images))))
-
-    def encode_text(self, tokens) -> np.ndarray:
-        return self._run(_encode_text, np.asarray(tokens, np.int32))
-
-    def preprocess(self, image) -> np.ndarray:
-        cfg = self.preprocess_cfg
-        return preprocess(image, size=cfg["size"], mean=cfg["mean"], std=cfg["std"])
-
-
-def retrieval(embedder: Embedder, records: str, level: str, *, batch_size: int = 64, strict: bool = False,
+def retrieval(encoder: CLIPEncoder, records: str, level: str, *, batch_size: int = 64, strict: bool = False,
               progress: bool = False) -> dict[str, float]:
     """R@k both ways over every `level` item of the records, through the eval transform (exactly
     open_clip's); identical texts (same tokens) are one gallery entry, relevant to all their images."""
-    cfg = samples.SampleConfig(image_size=embedder.config.vision.image_size,
-                               patch_size=embedder.config.vision.patch_size, max_panels=0, max_regions=0)
+    cfg = samples.SampleConfig(image_size=encoder.config.vision.image_size,
+                               patch_size=encoder.config.vision.patch_size, max_panels=0, max_regions=0)
     dataset = pipeline.make_dataset(records, level, batch_size, cfg=cfg, shuffle=False, strict=strict,
                                     drop_remainder=False)
     image_emb, tokens = [], []
     for batch in tqdm(dataset, desc=f"retrieval {level}", disable=not progress, leave=False):
-        image_emb.append(embedder.encode_uint8(batch["image"]))
+        image_emb.append(encoder.encode_uint8(batch["image"], normalize=True))
         tokens.append(batch["tokens"])
     texts, text_of_image = np.unique(np.concatenate(tokens), axis=0, return_inverse=True)
-    metrics = retrieval_metrics(np.concatenate(image_emb), embedder.encode_text(texts), text_of_image.reshape(-1))
+    metrics = retrieval_metrics(np.concatenate(image_emb), encoder.encode_text(texts, normalize=True),
+                                text_of_image.reshape(-1))
     return metrics | {"items": float(len(text_of_image)), "texts": float(len(texts))}
 
 
-def zeroshot_eval(embedder: Embedder, spec) -> dict[str, float]:
+def zeroshot_eval(encoder: CLIPEncoder, spec) -> dict[str, float]:
     from zoomin_jax import zeroshot
     kind, _, where = spec.source.partition(":")
     if kind == "tfds":
@@ -134,8 +77,8 @@ def zeroshot_eval(embedder: Embedder, spec) -> dict[str, float]:
     if spec.get("limit"):
         examples = list(examples)[:spec.limit]
     task = zeroshot.get_task(spec.task)
-    return zeroshot.evaluate(embedder, examples, task.classnames, task.templates,
-                             batch_size=spec.get("batch_size", embedder.batch_size))
+    return zeroshot.evaluate(encoder, examples, task.classnames, task.templates,
+                             batch_size=spec.get("batch_size", encoder.batch_size))
 
 
 def due(evals, step: int, last_step: int) -> dict:
@@ -144,17 +87,17 @@ def due(evals, step: int, last_step: int) -> dict:
             if spec.get("every") and (step % spec.every == 0 or step == last_step)}
 
 
-def run_evaluators(evals, embedder: Embedder, progress: bool = False) -> dict[str, float]:
+def run_evaluators(evals, encoder: CLIPEncoder, progress: bool = False) -> dict[str, float]:
     """{"name/metric": value} of every evaluator in `evals`."""
     metrics = {}
     for name, spec in sorted(evals.items()):
         if spec.type == "retrieval":
-            for level in spec.get("levels", pipeline.LEVELS):
-                found = retrieval(embedder, spec.records, level, batch_size=spec.get("batch_size", 64),
+            for level in spec.get("levels", LEVELS):
+                found = retrieval(encoder, spec.records, level, batch_size=spec.get("batch_size", 64),
                                   progress=progress)
                 metrics |= {f"{name}/{level}/{key}": value for key, value in found.items()}
         elif spec.type == "zeroshot":
-            metrics |= {f"{name}/{key}": value for key, value in zeroshot_eval(embedder, spec).items()}
+            metrics |= {f"{name}/{key}": value for key, value in zeroshot_eval(encoder, spec).items()}
         else:
             raise UserError(f"config.evals.{name}.type={spec.type!r}: use retrieval or zeroshot")
     return metrics

@@ -100,17 +100,12 @@ def _batches(examples: Iterable, batch_size: int):
 
 
 def predict(encoder, images: Iterable, class_weights: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """int64 [N] predicted class of each image (PIL or uint8 array) against `classifier(...)` weights.
-
-    Every batch has `batch_size` rows (the last one padded with zeros and the padding dropped), so
-    a jitted encoder compiles once.
-    """
+    """int64 [N] predicted class of each image (PIL or uint8 array) against `classifier(...)` weights,
+    preprocessed and encoded `batch_size` at a time."""
     predictions = []
     for batch in _batches(images, batch_size):
         pixels = np.stack([encoder.preprocess(to_pil(image)) for image in batch])
-        padded = np.zeros((batch_size, *pixels.shape[1:]), pixels.dtype)
-        padded[:len(pixels)] = pixels
-        features = np.asarray(encoder.encode_image(padded), np.float32)[:len(pixels)]
+        features = np.asarray(encoder.encode_image(pixels), np.float32)
         predictions.append(np.argmax(_l2_normalize(features) @ class_weights.T, axis=-1))
     return np.concatenate(predictions) if predictions else np.zeros((0,), np.int64)
 
