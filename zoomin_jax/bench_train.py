@@ -13,19 +13,18 @@ import time
 import jax
 import numpy as np
 from absl import app, flags, logging
+from ml_collections import config_flags
 
-from zoomin_jax import trainer
 from zoomin_jax.data.device import to_global
-from zoomin_jax.train import CONFIG, setup  # its --config flag serves here too
-
-_STEPS = flags.DEFINE_integer("steps", 5, "timed steps per level after compilation")
+from zoomin_jax.recipes import JOINT, LEVELS
+from zoomin_jax.train import setup
 
 
 def random_batch(level: str, rng: np.random.Generator, batch: int, size: int, children: int = 3) -> dict:
     """A batch shaped like `data.samples` makes for `level`: uint8 images, CLIP token rows (SOT,
     five words, EOT), child masks with one childless parent, region boxes in token units."""
-    if level == trainer.JOINT:
-        return {name: random_batch(name, rng, batch, size, children) for name in trainer.LEVELS}
+    if level == JOINT:
+        return {name: random_batch(name, rng, batch, size, children) for name in LEVELS}
 
     def images(*lead):
         return rng.integers(0, 256, (*lead, size, size, 3), dtype=np.uint8)
@@ -48,10 +47,8 @@ def random_batch(level: str, rng: np.random.Generator, batch: int, size: int, ch
     return out
 
 
-def main(argv) -> int:
-    del argv
+def main(config, timed_steps: int) -> int:
     logging.set_verbosity(logging.WARNING)
-    config = CONFIG.value
     run = setup(config)
     rng = np.random.default_rng(0)
     state = run.state
@@ -60,8 +57,8 @@ def main(argv) -> int:
         children = config.data.max_panels if level == "figure" else config.data.max_regions
         size = run.model_cfg.vision.image_size
         times = []
-        for _ in range(_STEPS.value + 1):
-            batch_size = config.data.batch_size[trainer.LEVELS[0] if level == trainer.JOINT else level]
+        for _ in range(timed_steps + 1):
+            batch_size = config.data.batch_size[LEVELS[0] if level == JOINT else level]
             host = random_batch(level, rng, batch_size, size, children)
             batch = to_global(host, run.mesh, run.mesh.axis_names)
             tick = time.perf_counter()
@@ -76,4 +73,6 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py[:arg])")
+    _STEPS = flags.DEFINE_integer("steps", 5, "timed steps per level after compilation")
+    app.run(lambda argv: sys.exit(main(_CONFIG.value, _STEPS.value)))

@@ -11,36 +11,33 @@ import sys
 from pathlib import Path
 
 from absl import app, flags, logging
+from ml_collections import config_flags
 
-from zoomin_jax import run_dir, sharding
+from zoomin_jax import run_dir
+from zoomin_jax.encoder import CLIPEncoder
 from zoomin_jax.errors import UserError
-from zoomin_jax.evaluators import Embedder, run_evaluators
-from zoomin_jax.train import CONFIG, WORKDIR  # its --config and --workdir flags serve here too
-
-_MODEL = flags.DEFINE_string("model", None, "a model directory (convert import) instead of a training run")
-_OUT = flags.DEFINE_string("out", None, "JSON file for the metrics (default: WORKDIR/eval-STEP.json for runs)")
+from zoomin_jax.evaluators import run_evaluators
 
 
-def main(argv) -> int:
-    del argv
+def main(workdir: str | None, model_src: str | None, config, out: str | None) -> int:
     logging.set_verbosity(logging.WARNING)
-    src = WORKDIR.value or _MODEL.value
-    if not src or (_MODEL.value and CONFIG.value is None):
+    src = workdir or model_src
+    if not src or (model_src and config is None):
         print("error: pass --workdir RUN[/STEP], or --model DIR with --config", file=sys.stderr)
         return 1
     try:
         model = run_dir.load(src)
-        config = CONFIG.value or model.config
+        config = config or model.config
         if not config.get("evals"):
             raise UserError("the config declares no evaluators (config.evals); pass --config with some")
-        embedder = Embedder(model.cfg, model.params, model.preprocess_cfg, sharding.make_mesh((("data", -1),)))
-        metrics = run_evaluators(config.evals, embedder, progress=True)
+        encoder = CLIPEncoder(model.cfg, model.params, model.preprocess_cfg)
+        metrics = run_evaluators(config.evals, encoder, progress=True)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     for key, value in metrics.items():
         print(f"{key} {value:.4f}")
-    out = _OUT.value or (run_dir.workdir_of(src) / f"eval-{model.step}.json" if WORKDIR.value else None)
+    out = out or (run_dir.workdir_of(src) / f"eval-{model.step}.json" if workdir else None)
     if out:
         Path(out).write_text(json.dumps({"src": str(src), "step": model.step, **metrics}, indent=1) + "\n")
         print(f"wrote {out}")
@@ -48,4 +45,8 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    _WORKDIR = flags.DEFINE_string("workdir", None, "the training run to read: WORKDIR (latest step) or WORKDIR/STEP")
+    _MODEL = flags.DEFINE_string("model", None, "a model directory (convert import) instead of a training run")
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "a config whose evaluators to run (default: the run's)")
+    _OUT = flags.DEFINE_string("out", None, "JSON file for the metrics (default: WORKDIR/eval-STEP.json for runs)")
+    app.run(lambda argv: sys.exit(main(_WORKDIR.value, _MODEL.value, _CONFIG.value, _OUT.value)))

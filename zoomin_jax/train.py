@@ -17,33 +17,19 @@ from pathlib import Path
 import jax
 import numpy as np
 from absl import app, flags, logging
-from flax import nnx
 from ml_collections import config_flags
 
-from zoomin_jax import evaluators, losses, run_dir, sharding, trainer
+from zoomin_jax import evaluators, losses, model_dir, run_dir, sharding, trainer
 from zoomin_jax.checkpoint import Checkpoints
 from zoomin_jax.data import pipeline, samples, text_cache
 from zoomin_jax.data.device import to_global
 from zoomin_jax.data.source import RecordSource
+from zoomin_jax.encoder import CLIPEncoder
 from zoomin_jax.errors import UserError
-from zoomin_jax.models.clip import CLIP, from_params
+from zoomin_jax.models.clip import from_params, merge
 from zoomin_jax.models.config import CLIPConfig, get_preset
+from zoomin_jax.recipes import JOINT, LEVELS
 from zoomin_jax.tokenizer import tokenize
-
-CONFIG = config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py[:arg])")
-WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics.jsonl and TensorBoard events go "
-                                "(evaluate: the run to read, WORKDIR or WORKDIR/STEP)")
-
-
-def initial_params(config, model_cfg) -> dict:
-    if config.get("model_init"):
-        from zoomin_jax import model_dir
-        found = model_dir.config_of(model_dir.read_meta(config.model_init), config.model_init)
-        if found != model_cfg:
-            raise UserError(f"{config.model_init} holds another architecture than config.model={config.model!r}")
-        return model_dir.params_numpy(config.model_init, model_cfg)
-    return nnx.to_pure_dict(nnx.state(CLIP(model_cfg, rngs=nnx.Rngs(config.seed)), nnx.Param))
-
 
 def build_text_cache(config, run: "Setup", directory: Path) -> str:
     """The frozen text tower's embedding of every text in the records, computed once (reused on
@@ -54,7 +40,7 @@ def build_text_cache(config, run: "Setup", directory: Path) -> str:
         source = RecordSource(config.data.records, strict=config.data.strict)
         texts = (text for n in range(len(source)) if (record := source[n]) is not None
                  for text in text_cache.record_texts(record))
-        params = trainer.merge(run.state["params"], run.frozen)
+        params = merge(run.state["params"], run.frozen)
         encode = jax.jit(lambda params, tokens: from_params(run.model_cfg, params).encode_text(tokens))
         batch = 256
 
@@ -84,7 +70,7 @@ def level_iterators(config, model_cfg, cache: str | None = None) -> tuple[dict, 
     process_count = jax.process_count()
     iterators, batch_sizes = {}, {}
     in_cycle = {level for level, _ in config.cycle}
-    levels = trainer.LEVELS if trainer.JOINT in in_cycle else sorted(in_cycle)
+    levels = LEVELS if JOINT in in_cycle else sorted(in_cycle)
     indexes = pipeline.build_indexes(RecordSource(config.data.records, strict=config.data.strict), levels, cfg)
     for level, index in indexes.items():
         global_batch = config.data.batch_size[level]
@@ -142,7 +128,7 @@ def setup(config) -> Setup:
     """Mesh, params split and placed by the rules, optimizer state, and one jitted step per level."""
     mesh = sharding.make_mesh(tuple(tuple(axis) for axis in config.mesh))
     model_cfg = get_preset(config.model)
-    params = initial_params(config, model_cfg)
+    params = model_dir.initial_params(config.get("model_init"), model_cfg, config.seed)
     part = trainer.partition(params, tuple(tuple(rule) for rule in config.train_rules))
     trainable, frozen = trainer.split(params, part)
     rules = tuple(tuple(rule) for rule in config.partition_rules)
@@ -193,7 +179,7 @@ def train(config, workdir: str) -> dict:
         while step < config.total_steps:
             level = cycle.level_at(step)
             tick = time.perf_counter()
-            host = ({name: next(iterators[name]) for name in trainer.LEVELS} if level == trainer.JOINT
+            host = ({name: next(iterators[name]) for name in LEVELS} if level == JOINT
                     else next(iterators[level]))
             batch = to_global(host, mesh, mesh.axis_names)
             interval["wait"] += time.perf_counter() - tick
@@ -207,7 +193,7 @@ def train(config, workdir: str) -> dict:
             step += 1
             interval["steps"] += 1
             interval["metrics"].setdefault(level, []).append(metrics)  # device arrays: no sync here
-            interval["examples"] += sum(batch_sizes.values()) if level == trainer.JOINT else batch_sizes[level]
+            interval["examples"] += sum(batch_sizes.values()) if level == JOINT else batch_sizes[level]
             checkpoints.save(step, state, iterators, config_json)
             if step % config.log_every == 0 or step == config.total_steps:
                 # One line per level trained in the interval, each term averaged over its steps.
@@ -229,9 +215,9 @@ def train(config, workdir: str) -> dict:
                 interval = new_interval()
             if evals := evaluators.due(config.get("evals", {}), step, config.total_steps):
                 tick = time.perf_counter()
-                embedder = evaluators.Embedder(model_cfg, trainer.merge(state["params"], frozen),
-                                             run_dir.preprocess_cfg(config, model_cfg), mesh)
-                logger.write(step, "eval", evaluators.run_evaluators(evals, embedder))
+                encoder = CLIPEncoder(model_cfg, merge(state["params"], frozen),
+                                      run_dir.preprocess_cfg(config, model_cfg), mesh)
+                logger.write(step, "eval", evaluators.run_evaluators(evals, encoder))
                 interval["start"] += time.perf_counter() - tick  # evaluation time is not step time
             if stop["signal"] is not None:
                 if not checkpoints.has(step):
@@ -247,14 +233,13 @@ def train(config, workdir: str) -> dict:
     return last
 
 
-def main(argv) -> int:
-    del argv
+def main(config, workdir: str | None) -> int:
     logging.set_verbosity(logging.WARNING)  # orbax narrates every save at INFO
-    if WORKDIR.value is None or CONFIG.value is None:
+    if workdir is None or config is None:
         print("error: --config and --workdir are required", file=sys.stderr)
         return 1
     try:
-        train(CONFIG.value, WORKDIR.value)
+        train(config, workdir)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -262,4 +247,8 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    # Flags exist only when this module is the program: importing it (or anything that reads a
+    # run) must not register --config / --workdir in someone else's program.
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py[:arg])")
+    _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics.jsonl and TensorBoard events go")
+    app.run(lambda argv: sys.exit(main(_CONFIG.value, _WORKDIR.value)))
