@@ -8,10 +8,12 @@ DEMO := out/demo
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt annotate/requirements.txt
+# The package (editable) with the annotation stage and the test tools, in ONE pip command so pip
+# never swaps the torch build.
+$(VENV)/.installed: pyproject.toml requirements.txt requirements-test.txt annotate/requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q -e '.[annotate,test]'
 	touch $@
 
 # The whole method on CPU: synthetic figures -> heuristic annotation -> zoom-in and figure-only

@@ -60,8 +60,7 @@ def zou_composites(tmp_path_factory) -> Path:
 
 
 def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=REPO)
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO)
     if check and result.returncode != 0:
         raise AssertionError(f"{args} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result
