@@ -121,19 +121,29 @@ def test_iterator_state_restores_in_a_fresh_process(tmp_path, shards, num_worker
         np.testing.assert_array_equal(expected[key], restored[key])
 
 
-def test_epochs_reshuffle_and_slices_cover_each_epoch(shards):
+def test_epochs_reshuffle_and_process_slices_interleave_into_the_one_process_stream(shards):
     index = build_index(RecordSource(shards["truth"]), "panel", CFG)
     one_process = [tuple(r) for r in item_rows(index, seed=3, process_index=0, process_count=1, num_epochs=2)]
     n = len(index.rows)
-    assert sorted(one_process[:n]) == sorted(one_process[n:]) and one_process[:n] != one_process[n:]
-    per_epoch = [[] for _ in range(2)]
-    for p in range(2):
-        rows = list(item_rows(index, seed=3, process_index=p, process_count=2, num_epochs=2))
-        half = len(rows) // 2
-        per_epoch[0] += rows[:half]
-        per_epoch[1] += rows[half:]
-    for epoch in per_epoch:
-        assert sorted(map(tuple, epoch)) == sorted(map(tuple, index.rows))
+    assert sorted(one_process[:n]) == sorted(one_process[n:]) == sorted(map(tuple, index.rows))
+    assert one_process[:n] != one_process[n:]
+    slices = [[tuple(r) for r in item_rows(index, seed=3, process_index=p, process_count=3, num_epochs=2)]
+              for p in range(3)]
+    assert [slices[k % 3][k // 3] for k in range(2 * n)] == one_process
+
+
+def test_augmentation_follows_the_example_not_the_process(shards):
+    """Global batch k of 2 processes holds the examples, crops and text draws of the one-process
+    batch k (in another order): a run's data does not depend on how many hosts share it."""
+    cfg = dataclasses.replace(CFG, train=True)
+    one = make_dataset(shards["truth"], "panel", 4, seed=5, cfg=cfg)
+    halves = [make_dataset(shards["truth"], "panel", 2, seed=5, cfg=cfg, process_index=p, process_count=2)
+              for p in range(2)]
+    for k in range(2):
+        expected = one[k]["image"]
+        got = np.concatenate([halves[0][k]["image"], halves[1][k]["image"]])
+        assert sorted(map(bytes, expected)) == sorted(map(bytes, got))
+    assert not np.array_equal(halves[0][0]["image"][0], halves[1][0]["image"][0])
 
 
 def test_global_batch_is_sharded_over_the_data_axes(shards):
@@ -187,7 +197,6 @@ def test_panel_text_mixes_in_lvlm_descriptions():
 
 def test_two_processes_assemble_one_global_batch(tmp_path, shards):
     import json
-    import os
     import socket
     import subprocess
     import sys
@@ -196,9 +205,8 @@ def test_two_processes_assemble_one_global_batch(tmp_path, shards):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
-    env = dict(os.environ, PYTHONPATH=str(REPO))
     procs = [subprocess.Popen([sys.executable, "tests/data_multiprocess.py", shards["truth"], port, str(i),
-                               str(tmp_path)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                               str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for i in range(2)]
     for proc in procs:
         output = proc.communicate(timeout=300)[0].decode()

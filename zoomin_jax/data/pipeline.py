@@ -12,8 +12,7 @@ import numpy as np
 from zoomin_jax.data import samples
 from zoomin_jax.data.source import RecordSource
 from zoomin_jax.errors import UserError
-
-LEVELS = ("figure", "panel", "region")
+from zoomin_jax.recipes import LEVELS
 
 
 @dataclasses.dataclass
@@ -76,30 +75,39 @@ class _Example:
 
 
 def item_rows(index: LevelIndex, *, seed: int, process_index: int, process_count: int,
-              shuffle: bool = True, num_epochs: int = 1) -> grain.MapDataset:
-    """This process's (record, item) rows: a seeded shuffle (a new permutation each epoch), then
-    every process_count-th row from process_index, so the slices are disjoint and cover all rows."""
+              shuffle: bool = True, num_epochs: int | None = 1) -> grain.MapDataset:
+    """This process's (record, item) rows: see `_global_rows`, then every process_count-th row from
+    process_index, so the slices are disjoint and together are the one-process stream."""
+    return _global_rows(index, seed, shuffle, num_epochs)[process_index::process_count]
+
+
+def _global_rows(index: LevelIndex, seed: int, shuffle: bool, num_epochs: int | None) -> grain.MapDataset:
+    """Every process's rows in one stream: a seeded shuffle, a new permutation each epoch (grain
+    seeds a repeated shuffle per epoch)."""
     dataset = grain.MapDataset.source(index.rows)
     if shuffle:
         dataset = dataset.shuffle(seed=seed)
-    return dataset[process_index::process_count].repeat(num_epochs)
+    return dataset.repeat(num_epochs)
 
 
 def make_dataset(patterns, level: str, batch_size: int, *, seed: int = 0, cfg=samples.SampleConfig(),
                  process_index: int = 0, process_count: int = 1, shuffle: bool = True, strict: bool = False,
-                 num_epochs: int = 1, index: LevelIndex | None = None, drop_remainder: bool = True,
+                 num_epochs: int | None = 1, index: LevelIndex | None = None, drop_remainder: bool = True,
                  cached_images: int = 0) -> grain.MapDataset:
-    """Batches of this process's slice of one level, for `num_epochs` epochs (evaluation keeps the
-    last, smaller batch: drop_remainder=False)."""
+    """Batches of this process's slice of one level, for `num_epochs` epochs (None: forever;
+    evaluation keeps the last, smaller batch: drop_remainder=False). Global batch k holds the same
+    examples, crops and text draws whatever the process count."""
     source = RecordSource(patterns, strict=strict)
     index = index or build_index(source, level, cfg)
     if len(index.rows) == 0:
         raise UserError(f"{patterns} holds no {level}-level items (records without "
                         f"{'regions' if level == 'region' else 'panels'}?); annotate with a backend that finds them.")
-    dataset = item_rows(index, seed=seed, process_index=process_index, process_count=process_count,
-                        shuffle=shuffle, num_epochs=num_epochs)
-    dataset = dataset.random_map(_Example(source, level, cfg, cached_images), seed=seed + 1)
-    return dataset.batch(batch_size, drop_remainder=drop_remainder)
+    # The random draws are seeded by an example's position in the global stream, before the
+    # process slice: seeded after it, example k of every process would get the same crop, and a
+    # run's augmentation would change with its process count.
+    examples = _global_rows(index, seed, shuffle, num_epochs).random_map(
+        _Example(source, level, cfg, cached_images), seed=seed + 1)
+    return examples[process_index::process_count].batch(batch_size, drop_remainder=drop_remainder)
 
 
 def batch_iterator(dataset: grain.MapDataset, num_workers: int = 0, prefetch: int = 2,
