@@ -70,18 +70,25 @@ def tree_shardings(tree, mesh: Mesh, rules=DEFAULT_PARTITION_RULES, min_size: in
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None) -> None:
     """jax.distributed.initialize for multi-host runs. On TPU pods and SLURM it finds everything
-    itself; elsewhere (GPU/CPU hosts) pass the coordinator address, process count and id, or set
-    ZOOMIN_COORDINATOR / ZOOMIN_NUM_PROCESSES / ZOOMIN_PROCESS_ID. A single process does nothing."""
+    itself (ZOOMIN_CLUSTER=auto asks for that where no variable below shows it, as launch/tpu.py
+    does); elsewhere (GPU/CPU hosts, launch/local.py) pass the coordinator address, process count
+    and id, or set ZOOMIN_COORDINATOR / ZOOMIN_NUM_PROCESSES / ZOOMIN_PROCESS_ID. A single process
+    does nothing. ZOOMIN_HEARTBEAT_TIMEOUT_S bounds how long the others run on once a process
+    died: then JAX's coordination service stops every process with an error (default 100 s)."""
     coordinator = coordinator or os.environ.get("ZOOMIN_COORDINATOR")
     num_processes = num_processes or int(os.environ.get("ZOOMIN_NUM_PROCESSES", "0")) or None
     if process_id is None and "ZOOMIN_PROCESS_ID" in os.environ:
         process_id = int(os.environ["ZOOMIN_PROCESS_ID"])
+    heartbeat = {"heartbeat_timeout_seconds": int(os.environ["ZOOMIN_HEARTBEAT_TIMEOUT_S"])
+                 } if "ZOOMIN_HEARTBEAT_TIMEOUT_S" in os.environ else {}
     if coordinator is None and num_processes is None:
         # Asking jax for its backend would start it, after which initialize() is refused: look at
         # the environment the TPU runtime and SLURM set instead.
-        if any(key in os.environ for key in ("TPU_WORKER_HOSTNAMES", "CLOUD_TPU_TASK_ID", "SLURM_JOB_ID")):
-            jax.distributed.initialize()
+        if os.environ.get("ZOOMIN_CLUSTER") == "auto" or any(
+                key in os.environ for key in ("TPU_WORKER_HOSTNAMES", "CLOUD_TPU_TASK_ID", "SLURM_JOB_ID")):
+            jax.distributed.initialize(**heartbeat)
         return
     if num_processes == 1:
         return
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
+                               **heartbeat)

@@ -1,0 +1,127 @@
+"""launch/gpu_local.py runs real multi-process training on CPU (2 processes x 4 devices, jax.distributed
+over gloo): the same losses as 1 process x 8 devices, checkpoint and resume, and no hang when a
+process is killed."""
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from annotate.synth import synthesize, write_truth_records
+from conftest import REPO
+from zoomin_jax.losses import ALL_TERMS
+
+LAUNCHER = REPO / "launch" / "gpu_local.py"
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    return str(write_truth_records(synthesize(tmp_path_factory.mktemp("synth"), num=48, seed=0)))
+
+
+def launch_command(tmp_path, workdir, records, processes, devices, *overrides, launcher_args=()):
+    # warmup_steps=6: the learning rate of steps 1-6 is the same whether a run ends at 6 or 9.
+    return [sys.executable, str(LAUNCHER), "--processes", str(processes), "--cpu-devices", str(devices),
+            "--log-dir", str(tmp_path / f"logs-{workdir.name}"), *launcher_args, "--",
+            "python", "-m", "zoomin_jax.train", f"--config=configs/demo_cpu.py:records={records}",
+            f"--workdir={workdir}", "--config.log_every=1", "--config.data.workers=0",
+            "--config.optim.warmup_steps=6", "--config.checkpoint_every=3", *overrides]
+
+
+def run(command):
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    return result
+
+
+def logged(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_train_like_one_then_resume(tmp_path, records):
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(launch_command(tmp_path, one, records, 1, 8, "--config.total_steps=9"))
+    first = run(launch_command(tmp_path, two, records, 2, 4, "--config.total_steps=6"))
+    assert "[0] step 6 [region]" in first.stdout and "[1] " in first.stdout  # both processes' output, prefixed
+    assert (two / "checkpoints" / "6").is_dir()
+    resumed = run(launch_command(tmp_path, two, records, 2, 4, "--config.total_steps=9"))
+    assert "resumed from step 6" in resumed.stdout
+
+    reference = {entry["step"]: entry for entry in logged(one)}
+    entries = logged(two)  # process 0 writes the metrics
+    assert [entry["step"] for entry in entries] == list(range(1, 10))
+    for entry in entries:
+        terms = [key for key in entry if key in ALL_TERMS] + ["loss", "grad_norm"]
+        assert len(terms) >= 3, entry
+        for key in terms:
+            assert entry[key] == pytest.approx(reference[entry["step"]][key], rel=1e-5), (entry["step"], key)
+    data_state = two / "checkpoints" / "9" / "data_panel"
+    assert {"process_0-of-2.json", "process_1-of-2.json"} <= {path.name for path in data_state.iterdir()}
+
+
+def test_killing_one_process_stops_the_other(tmp_path, records):
+    """SIGKILL to process 1 mid-training: process 0 stops with an error on its own (JAX's
+    coordination service misses process 1's heartbeats), well inside 120 s, and the launcher
+    names what happened and exits 1."""
+    workdir = tmp_path / "run"
+    launcher = subprocess.Popen(launch_command(tmp_path, workdir, records, 2, 4, "--config.total_steps=1000",
+                                               launcher_args=("--heartbeat-timeout", "20")),
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(launcher.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 600
+        while not ((workdir / "metrics.jsonl").exists() and logged(workdir)):
+            assert launcher.poll() is None and time.monotonic() < deadline, "".join(lines)[-4000:]
+            time.sleep(0.2)
+        pids = dict(re.findall(r"started process (\d) \(pid (\d+)\)", "".join(lines)))
+        killed_at = time.monotonic()
+        subprocess.run(["kill", "-9", pids["1"]], check=True)
+        returncode = launcher.wait(timeout=180)
+        stopped_after = time.monotonic() - killed_at
+    finally:
+        if launcher.poll() is None:
+            launcher.send_signal(signal.SIGKILL)
+    reader.join(timeout=10)
+    output = "".join(lines)
+    assert returncode == 1, output[-4000:]
+    assert "launch: error: process 1 was killed by SIGKILL" in output, output[-4000:]
+    survivor = re.search(r"launch: process 0 (was killed by \w+|exited with status \d+), (\d+) s after process 1",
+                         output)
+    assert survivor and survivor.group(1) != "exited with status 0", output[-4000:]
+    assert int(survivor.group(2)) <= 120 and stopped_after <= 120
+    assert "still runs" not in output  # process 0 stopped by itself; the launcher did not have to kill it
+    process_0_log = (tmp_path / "logs-run" / "process_0.log").read_text()
+    assert "another task died" in process_0_log or "Gloo" in process_0_log, process_0_log[-3000:]
+
+
+def test_dry_run_prints_each_process_environment():
+    result = subprocess.run([sys.executable, str(LAUNCHER), "--processes", "2", "--cpu-devices", "4", "--port",
+                             "12345", "--dry-run", "--", "python", "-m", "zoomin_jax.train", "--config=c.py:a=1,b='x y'",
+                             "--workdir=w"], cwd=REPO, capture_output=True, text=True, check=True)
+    lines = result.stdout.splitlines()
+    common = ("JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=4 "
+              "ZOOMIN_COORDINATOR=127.0.0.1:12345 ZOOMIN_NUM_PROCESSES=2")
+    assert lines == [f"env {common} ZOOMIN_PROCESS_ID={i} ZOOMIN_HEARTBEAT_TIMEOUT_S=60 {sys.executable} -m "
+                     f"zoomin_jax.train '--config=c.py:a=1,b='\"'\"'x y'\"'\"'' --workdir=w" for i in range(2)]
+
+
+def test_gpu_processes_get_one_gpu_each_and_a_clear_error_without_gpus():
+    base = [sys.executable, str(LAUNCHER), "--port", "2222", "--dry-run"]
+    result = subprocess.run([*base, "--gpus", "0,3", "--", "python", "-m", "zoomin_jax.train"], capture_output=True,
+                            text=True, check=True)
+    lines = result.stdout.splitlines()
+    assert [re.search(r"CUDA_VISIBLE_DEVICES=(\d)", line).group(1) for line in lines] == ["0", "3"]
+    assert all("ZOOMIN_NUM_PROCESSES=2" in line for line in lines)
+    one = subprocess.run([*base, "--one-process", "--gpus", "0,3", "--", "python", "x.py"], capture_output=True,
+                         text=True, check=True).stdout
+    assert one.startswith("env CUDA_VISIBLE_DEVICES=0,3 ") and "ZOOMIN_" not in one
+    env = {"PATH": "/nonexistent"}  # no nvidia-smi
+    missing = subprocess.run([*base, "--", "python", "x.py"], capture_output=True, text=True, env=env)
+    assert missing.returncode == 1 and missing.stderr.strip().startswith("error: no GPU found")
