@@ -1,9 +1,13 @@
-"""python -m annotate {run,captions,synth,eval,show}: the Panel2Patch annotation stage's command line.
+"""python -m annotate {run,merge,captions,synth,eval,show}: the Panel2Patch annotation stage's command line.
 
   run --input PATH... --out DIR --backend heuristic|qwen|vllm [--model DIR] [--num-shards N --shard-index I]
       figures (.jsonl manifests, WebDataset .tar shards, JATS .nxml) -> DIR/records-SSSSS-of-NNNNN
       .array_record, DIR/failures-….jsonl (id, stage, reason), DIR/summary-….json; resumable. The
       shard comes from the flags, else SLURM_ARRAY_TASK_ID/COUNT, else RANK/WORLD_SIZE.
+  merge --out DIR [--input PATH...] [--report FILE]
+      after all shards ran: names missing shards and ids accounted for twice or (given the run's
+      inputs) not at all; sums the summaries into FILE (default DIR/merged-summary.json). Exit 1
+      unless every shard is there and every input id is one record or one failure.
 
   captions --input captions.jsonl --out out.jsonl
       lines {"id", "caption"} -> lines {"id", "panels": [{"label", "text"}]}; a line that cannot be
@@ -101,6 +105,22 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    from annotate.merge import merge
+    try:
+        report = merge(args.out, args.input)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    path = Path(args.report or Path(args.out) / "merged-summary.json")
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"merge: {len(report['shards'])} of {report['num_shards']} shards: {report['figures']} figures, "
+          f"{report['panels']} panels, {report['regions']} regions, {report['failures']} failures; report in {path}")
+    for problem in report["problems"]:
+        print(f"error: {problem}", file=sys.stderr)
+    return 0 if report["complete"] else 1
+
+
 def cmd_synth(args) -> int:
     from annotate.synth import synthesize, write_truth_records
     out = synthesize(Path(args.out), args.num, args.seed, args.layouts, args.medmnist)
@@ -137,6 +157,11 @@ def main(argv=None) -> int:
     p.add_argument("--shard-index", type=int)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--part-size", type=int, default=256, help="records per part file (the unit of resume)")
+    p = sub.add_parser("merge", help="check that the shards account for every input id once; sum their summaries")
+    p.add_argument("--out", required=True, help="the folder the shards were written to")
+    p.add_argument("--input", nargs="+",
+                   help="the inputs annotate run got, to find ids no shard has (reads them again, images undecoded)")
+    p.add_argument("--report", help="merged report JSON (default OUT/merged-summary.json)")
     p = sub.add_parser("captions", help="split compound-figure captions per panel")
     p.add_argument("--input", required=True, help="JSONL with id and caption per line")
     p.add_argument("--out", required=True, help="output JSONL")
@@ -160,7 +185,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--limit", type=int)
     args = parser.parse_args(argv)
-    commands = {"run": cmd_run, "captions": cmd_captions, "synth": cmd_synth, "eval": cmd_eval, "show": cmd_show}
+    commands = {"run": cmd_run, "merge": cmd_merge, "captions": cmd_captions, "synth": cmd_synth, "eval": cmd_eval,
+                "show": cmd_show}
     try:
         return commands[args.command](args)
     except OSError as err:

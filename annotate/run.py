@@ -24,6 +24,10 @@ from annotate.inputs import InputFailure, iter_inputs
 from annotate.pipeline import Backend, FigureError, annotate_batch
 from zoomin_jax import records
 
+# The failure reason of an input that repeats an id already seen: the only way one id may be
+# accounted for more than once (annotate merge relies on it).
+DUPLICATE_ID_REASON = "duplicate id; an earlier figure has it"
+
 
 def shard_of(figure_id: str, num_shards: int) -> int:
     return zlib.crc32(figure_id.encode("utf-8")) % num_shards
@@ -44,7 +48,7 @@ def shard_from_env(num_shards: int | None, shard_index: int | None) -> tuple[int
 
 class ShardFiles:
     def __init__(self, out: Path, index: int, count: int):
-        stem = f"{index:05d}-of-{count:05d}"
+        self.stem = stem = f"{index:05d}-of-{count:05d}"
         self.out = out
         self.records = out / f"records-{stem}.array_record"
         self.failures = out / f"failures-{stem}.jsonl"
@@ -143,7 +147,7 @@ def run_shard(inputs: list[str], out: str | Path, backend: Backend, num_shards: 
                 progress.fail(item.figure_id, item.source, item.stage, item.reason)
                 seen.add(item.figure_id)
             elif item.figure_id in seen:
-                progress.fail(item.figure_id, item.source, "read", "duplicate id; an earlier figure has it")
+                progress.fail(item.figure_id, item.source, "read", DUPLICATE_ID_REASON)
             else:
                 seen.add(item.figure_id)
                 yield item

@@ -1,0 +1,101 @@
+"""launch/slurm_annotate.sbatch run by hand as a 3-task array on the real MedICaT figures, then
+`annotate merge`: every input id accounted for once, and a lost shard named."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import DATA, REPO, run_cli
+from zoomin_jax import records
+
+SCRIPT = REPO / "launch" / "slurm_annotate.sbatch"
+MISSING_IMAGE_ID = "no-such-figure"
+
+
+def run_script(env: dict) -> subprocess.CompletedProcess:
+    """The script as SLURM would start it, outside SLURM: only the variables given here, not the
+    caller's SLURM_/ANNOTATE_/ZOOMIN_ ones (a test run inside a SLURM job must not inherit its array)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "ANNOTATE_", "ZOOMIN_"))}
+    return subprocess.run(["bash", str(SCRIPT)], env=base | {"PYTHON": sys.executable} | env,
+                          capture_output=True, text=True, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def annotated(tmp_path_factory):
+    """The 10 real figures (referenced where they lie) and one whose image does not exist,
+    annotated by array tasks 0, 1 and 2 of 3 with the heuristic backend."""
+    tmp = tmp_path_factory.mktemp("fanout")
+    medicat = DATA / "figures" / "medicat"
+    lines = []
+    for line in (medicat / "sample.jsonl").read_text().splitlines():
+        sample = json.loads(line)
+        image = medicat / f"{sample['pdf_hash']}_{sample['fig_uri']}"
+        lines.append({"id": image.stem, "image": str(image), "caption": sample["s2_caption"],
+                      "context": sample["s2orc_references"] or []})
+    lines.append({"id": MISSING_IMAGE_ID, "image": str(tmp / "absent.png"), "caption": "(A) CT. (B) MRI."})
+    manifest = tmp / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp / "out"
+    for task in range(3):
+        result = run_script({"SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_COUNT": "3",
+                             "SLURM_ARRAY_TASK_MIN": "0", "ANNOTATE_INPUT": str(manifest),
+                             "ANNOTATE_OUT": str(out), "ANNOTATE_BACKEND": "heuristic"})
+        assert result.returncode == 0, f"array task {task}:\n{result.stdout}\n{result.stderr}"
+    return out, manifest, [line["id"] for line in lines]
+
+
+def shard_ids(out):
+    recorded = [r["figure_id"] for r in records.iter_records(sorted(out.glob("records-*.array_record")))]
+    failed = [json.loads(line) for path in sorted(out.glob("failures-*.jsonl"))
+              for line in path.read_text().splitlines()]
+    return recorded, failed
+
+
+def test_array_tasks_then_merge_account_for_every_id_once(annotated):
+    out, manifest, ids = annotated
+    assert sorted(p.name for p in out.glob("summary-*")) == [f"summary-0000{i}-of-00003.json" for i in range(3)]
+    result = run_cli("-m", "annotate", "merge", "--out", str(out), "--input", str(manifest))
+    assert "error:" not in result.stderr
+    recorded, failed = shard_ids(out)
+    assert sorted(recorded + [f["id"] for f in failed]) == sorted(ids)
+    assert [f["id"] for f in failed] == [MISSING_IMAGE_ID] and "No such file" in failed[0]["reason"]
+    report = json.loads((out / "merged-summary.json").read_text())
+    assert report["complete"] and report["problems"] == [] and report["num_shards"] == 3
+    assert (report["figures"], report["failures"]) == (len(recorded), 1) == (len(ids) - 1, 1)
+    summaries = [json.loads((out / f"summary-0000{i}-of-00003.json").read_text()) for i in range(3)]
+    assert report["panels"] == sum(s["panels"] for s in summaries) >= report["figures"]
+    assert report["regions"] == sum(s["regions"] for s in summaries)
+    assert sum(report["failures_by_reason"].values()) == 1 and len(report["shards"]) == 3
+    assert report["ids_in_no_shard"] == report["ids_not_in_inputs"] == report["duplicate_ids"] == []
+
+
+def test_merge_names_the_lost_shard(annotated, tmp_path):
+    out, manifest, ids = annotated
+    copy = shutil.copytree(out, tmp_path / "out")
+    lost = [r["figure_id"] for r in records.iter_records(copy / "records-00001-of-00003.array_record")]
+    for kind in ("summary-00001-of-00003.json", "records-00001-of-00003.array_record", "failures-00001-of-00003.jsonl"):
+        (copy / kind).unlink()
+    result = run_cli("-m", "annotate", "merge", "--out", str(copy), "--input", str(manifest), check=False)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 1 and len(errors) == 1, result.stderr
+    assert errors[0].startswith("error: missing shards: 00001-of-00003 (rerun array task 1);")
+    assert "00000-of-00003" not in errors[0] and "00002-of-00003" not in errors[0]
+    report = json.loads((copy / "merged-summary.json").read_text())
+    assert not report["complete"] and report["missing_shards"] == ["00001-of-00003"]
+    assert report["ids_in_no_shard"] == [] and report["ids_in_shards_not_merged"] == len(lost) > 0
+
+
+@pytest.mark.parametrize("array, message", [
+    ({}, "SLURM_ARRAY_TASK_ID is not set"),
+    ({"SLURM_ARRAY_TASK_ID": "0"}, "SLURM_ARRAY_TASK_COUNT is not set"),
+    ({"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "1",
+      "SLURM_ARRAY_TASK_MAX": "9"}, "not one per index"),  # --array=1,5,9
+])
+def test_script_refuses_to_run_without_a_usable_array(tmp_path, array, message):
+    result = run_script(array | {"ANNOTATE_INPUT": str(tmp_path / "manifest.jsonl"),
+                                 "ANNOTATE_OUT": str(tmp_path / "out"), "ANNOTATE_BACKEND": "heuristic"})
+    assert result.returncode != 0 and result.stderr.startswith("error: ") and message in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,106 @@
+"""The launch scripts: shell syntax and shellcheck, the #SBATCH headers SLURM reads, and
+slurm_train.sbatch run as SLURM would run it (srun replaced by a stand-in that starts the tasks
+here with the variables a real step sets), so jax.distributed finds its peers through SLURM."""
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from annotate.synth import synthesize, write_truth_records
+from conftest import REPO
+
+LAUNCH = REPO / "launch"
+SCRIPTS = sorted([*LAUNCH.glob("*.sbatch"), *LAUNCH.glob("*.sh")])
+SHELLCHECK = shutil.which("shellcheck") or str(os.path.join(os.path.dirname(sys.executable), "shellcheck"))
+
+
+def test_there_are_scripts_to_check():
+    assert {path.name for path in SCRIPTS} >= {"slurm_train.sbatch", "slurm_annotate.sbatch"}
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda path: path.name)
+def test_scripts_parse_and_pass_shellcheck(script):
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    result = subprocess.run([SHELLCHECK, "--shell=bash", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+def sbatch_options(script) -> dict[str, str]:
+    """The #SBATCH options as sbatch reads them: only those before the first command line."""
+    options = {}
+    for line in script.read_text().splitlines()[1:]:
+        if not line.startswith("#"):
+            break
+        if line.startswith("#SBATCH"):
+            key, _, value = line.removeprefix("#SBATCH").strip().partition("=")
+            options[key] = value
+    after = [line for line in script.read_text().split("\nset -euo pipefail", 1)[1].splitlines()
+             if line.startswith("#SBATCH")]
+    assert not after, f"{script.name}: #SBATCH after the first command is ignored by sbatch: {after}"
+    return options
+
+
+def test_sbatch_headers():
+    train = sbatch_options(LAUNCH / "slurm_train.sbatch")
+    assert train["--ntasks-per-node"] == train["--gpus-per-node"]  # one JAX process per GPU
+    assert int(train["--nodes"]) >= 1 and train["--requeue"] == ""
+    assert re.fullmatch(r"TERM@\d+", train["--signal"])  # the trainer checkpoints on SIGTERM before the limit
+    assert train["--output"].startswith("logs/") and "%j" in train["--output"]
+    annotate = sbatch_options(LAUNCH / "slurm_annotate.sbatch")
+    assert re.fullmatch(r"0-\d+", annotate["--array"]) and annotate["--gres"] == "gpu:1"
+    assert annotate["--output"].startswith("logs/") and "%A_%a" in annotate["--output"]
+    for options in (train, annotate):
+        assert {"--job-name", "--time", "--cpus-per-task"} <= options.keys()
+
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# srun for tests: the step's tasks as local processes, with the variables a real step gives them.
+while [[ $1 == --* ]]; do shift; done
+pids=()
+for ((task = 0; task < SLURM_NTASKS; task++)); do
+    SLURM_STEP_NODELIST=localhost SLURM_PROCID=$task SLURM_LOCALID=$task "$@" > "$SRUN_LOGS/task-$task.log" 2>&1 &
+    pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit $status
+"""
+
+
+def test_slurm_train_runs_two_tasks_that_find_each_other_through_slurm(tmp_path):
+    records = write_truth_records(synthesize(tmp_path / "synth", num=24, seed=2))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN)
+    (bin_dir / "srun").chmod(0o755)
+    workdir = tmp_path / "run"
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("SLURM_", "ZOOMIN_"))} | {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable, "SRUN_LOGS": str(tmp_path),
+        "SLURM_JOB_ID": str(random.randrange(10_000, 1_000_000)), "SLURM_NTASKS": "2", "SLURM_JOB_NUM_NODES": "1",
+        "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "TRAIN_CONFIG": f"configs/demo_cpu.py:records={records},variant=figure_only",
+        "TRAIN_WORKDIR": str(workdir),
+        "TRAIN_ARGS": "--config.total_steps=2 --config.log_every=1 --config.data.workers=0"}
+    result = subprocess.run(["bash", str(LAUNCH / "slurm_train.sbatch")], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=600)
+    logs = "".join((tmp_path / f"task-{task}.log").read_text() for task in range(2) if
+                   (tmp_path / f"task-{task}.log").exists())
+    assert result.returncode == 0, result.stderr + logs[-4000:]
+    assert "train: 1 node(s)" in result.stdout
+    steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+    # Both tasks were one run: each saved its own data-iterator position into the shared checkpoint.
+    assert {"process_0-of-2.json", "process_1-of-2.json"} <= {
+        path.name for path in (workdir / "checkpoints" / "2" / "data_figure").iterdir()}
+
+
+def test_slurm_train_names_what_is_missing():
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("TRAIN_", "SLURM_"))}
+    result = subprocess.run(["bash", str(LAUNCH / "slurm_train.sbatch")], cwd=REPO, env=env, capture_output=True,
+                            text=True)
+    assert result.returncode == 1 and result.stderr.startswith("error: TRAIN_CONFIG is not set")
