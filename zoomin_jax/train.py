@@ -26,7 +26,7 @@ from zoomin_jax.data.device import to_global
 from zoomin_jax.data.source import RecordSource
 from zoomin_jax.encoder import CLIPEncoder
 from zoomin_jax.errors import UserError
-from zoomin_jax.models.clip import from_params, merge
+from zoomin_jax.models.clip import merge
 from zoomin_jax.models.config import CLIPConfig, get_preset
 from zoomin_jax.recipes import JOINT, LEVELS
 from zoomin_jax.tokenizer import tokenize
@@ -40,16 +40,10 @@ def build_text_cache(config, run: "Setup", directory: Path) -> str:
         source = RecordSource(config.data.records, strict=config.data.strict)
         texts = (text for n in range(len(source)) if (record := source[n]) is not None
                  for text in text_cache.record_texts(record))
-        params = merge(run.state["params"], run.frozen)
-        encode = jax.jit(lambda params, tokens: from_params(run.model_cfg, params).encode_text(tokens))
-        batch = 256
-
-        def embed(chunk: list[str]):
-            tokens = np.zeros((batch, 77), np.int32)  # one shape: one compilation
-            tokens[:len(chunk)] = tokenize(chunk)
-            return np.asarray(encode(params, tokens))[:len(chunk)]
-
-        cache = text_cache.build(directory, texts, embed, batch)
+        encoder = CLIPEncoder(run.model_cfg, merge(run.state["params"], run.frozen),
+                              run_dir.preprocess_cfg(config, run.model_cfg), run.mesh, batch_size=256)
+        cache = text_cache.build(directory, texts, lambda chunk: encoder.encode_text(tokenize(chunk)),
+                                 encoder.batch_size)
         print(f"text cache: {len(cache.keys)} distinct texts embedded once into {directory}", flush=True)
     return str(directory)
 
