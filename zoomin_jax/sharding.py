@@ -71,7 +71,7 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
                            process_id: int | None = None) -> None:
     """jax.distributed.initialize for multi-host runs. On TPU pods and SLURM it finds everything
     itself (ZOOMIN_CLUSTER=auto asks for that where no variable below shows it, as launch/tpu.py
-    does); elsewhere (GPU/CPU hosts, launch/local.py) pass the coordinator address, process count
+    does); elsewhere (GPU/CPU hosts, launch/gpu_local.py) pass the coordinator address, process count
     and id, or set ZOOMIN_COORDINATOR / ZOOMIN_NUM_PROCESSES / ZOOMIN_PROCESS_ID. A single process
     does nothing. ZOOMIN_HEARTBEAT_TIMEOUT_S bounds how long the others run on once a process
     died: then JAX's coordination service stops every process with an error (default 100 s)."""
