@@ -31,12 +31,15 @@ class QwenBackend:
     def __init__(self, model_path: str, cfg: AnnotateConfig = AnnotateConfig(), max_new_tokens: int = 256,
                  device: str | None = None):
         from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+        from transformers.image_utils import SizeDict
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
-        # The processor's resize bounds are the ones `parse_boxes` maps back from.
-        self.processor = AutoProcessor.from_pretrained(
-            model_path, size={"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels})
+        self.processor = AutoProcessor.from_pretrained(model_path)
+        # Official checkpoints save min/max_pixels (max 12845056: up to ~16k visual tokens an image), and
+        # saved keys beat a `size=` given to from_pretrained; `size` is all the image processor's resize
+        # reads, so set it on the loaded one.
+        self.processor.image_processor.size = SizeDict(shortest_edge=cfg.min_pixels, longest_edge=cfg.max_pixels)
         self.processor.tokenizer.padding_side = "left"  # batched generation continues each prompt's end
         self.cfg, self.max_new_tokens, self.model_id = cfg, max_new_tokens, str(model_path)
 
@@ -47,24 +50,28 @@ class QwenBackend:
             [{"role": "user", "content": [*image, {"type": "text", "text": q}]}],
             tokenize=False, add_generation_prompt=True) for q in questions]
 
-    def _generate(self, images: list[Image.Image] | None, questions: list[str]) -> list[str]:
-        """Greedy answers; `images` None asks text-only questions."""
+    def _generate(self, images: list[Image.Image] | None,
+                  questions: list[str]) -> tuple[list[str], list[tuple[int, int]]]:
+        """Greedy answers, and the (height, width) each image was resized to before the model saw it:
+        the frame of its box coordinates. `images` None asks text-only questions (no sizes)."""
         batch = self.processor(text=self._chat(questions, with_image=images is not None), images=images,
                                padding=True, return_tensors="pt").to(self.device)
         with torch.inference_mode():
             out = self.model.generate(**batch, max_new_tokens=self.max_new_tokens, do_sample=False)
-        return self.processor.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        answers = self.processor.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        # The image grid counts patch_size-pixel patches of the resized image, rows then columns.
+        patch = self.processor.image_processor.patch_size
+        seen = [(h * patch, w * patch) for _, h, w in batch["image_grid_thw"].tolist()] if images else []
+        return answers, seen
 
     def _ask(self, images: list[Image.Image], question: str, scale: float) -> list[Parsed]:
         """The question about each image shown at `scale`; boxes come back in original pixels."""
         shown = [image if scale == 1.0 else image.resize((max(28, round(image.width * scale)),
                                                          max(28, round(image.height * scale))), Image.BICUBIC)
                  for image in images]
-        parsed = []
-        for image, view, answer in zip(images, shown, self._generate(shown, [question] * len(images)), strict=True):
-            seen = resized_size(view.height, view.width, self.cfg.min_pixels, self.cfg.max_pixels)
-            parsed.append(parse_boxes(answer, (image.height, image.width), seen))
-        return parsed
+        answers, seen = self._generate(shown, [question] * len(images))
+        return [parse_boxes(answer, (image.height, image.width), frame)
+                for image, answer, frame in zip(images, answers, seen, strict=True)]
 
     def propose(self, images: list[Image.Image], captions: list[str]) -> list[Proposal]:
         if not images:
@@ -92,7 +99,7 @@ class QwenBackend:
                  for k, panel in enumerate(proposal.panels)]
         crops = [(n, k, crop) for n, k, crop in crops if min(crop.size) >= 28]
         if crops:
-            descriptions = self._generate([c for _, _, c in crops], [prompts.DESCRIBE] * len(crops))
+            descriptions, _ = self._generate([c for _, _, c in crops], [prompts.DESCRIBE] * len(crops))
             for (n, k, _), text in zip(crops, descriptions, strict=True):
                 proposals[n].panel_descriptions[k] = " ".join(text.split())[:300]
         self._ground_phrases(crops, captions, proposals)
@@ -104,7 +111,7 @@ class QwenBackend:
         Returns (panels, warnings) per caption."""
         if not captions:
             return []
-        answers = self._generate(None, [prompts.SPLIT_CAPTION.format(caption=c.replace('"', "'")) for c in captions])
+        answers, _ = self._generate(None, [prompts.SPLIT_CAPTION.format(caption=c.replace('"', "'")) for c in captions])
         results = []
         for caption, answer in zip(captions, answers, strict=True):
             texts, problems = parse_caption_split(answer)
@@ -124,11 +131,10 @@ class QwenBackend:
                 asks.append((n, k, crop, phrase))
         if not asks:
             return
-        answers = self._generate([crop for _, _, crop, _ in asks],
-                                 [prompts.GROUND.format(phrase=phrase.replace('"', "'")) for *_, phrase in asks])
-        for (n, k, crop, phrase), answer in zip(asks, answers, strict=True):
-            seen = resized_size(crop.height, crop.width, self.cfg.min_pixels, self.cfg.max_pixels)
-            parsed = parse_boxes(answer, (crop.height, crop.width), seen)
+        answers, seen = self._generate([crop for _, _, crop, _ in asks],
+                                       [prompts.GROUND.format(phrase=phrase.replace('"', "'")) for *_, phrase in asks])
+        for (n, k, crop, phrase), answer, frame in zip(asks, answers, seen, strict=True):
+            parsed = parse_boxes(answer, (crop.height, crop.width), frame)
             x0, y0 = proposals[n].panels[k]["box"][:2]
             for item in parsed.items[:1]:
                 box = [item["box"][0] + x0, item["box"][1] + y0, item["box"][2] + x0, item["box"][3] + y0]
@@ -150,16 +156,23 @@ class VllmBackend(QwenBackend):
                               "or use --backend qwen, which runs the same prompts with transformers") from err
         from transformers import AutoProcessor
         self.processor = AutoProcessor.from_pretrained(model_path)  # only its chat template is used
-        # vLLM resizes inside its own processor: give it the bounds `parse_boxes` maps back from.
+        # vLLM resizes inside its own processor, under these bounds rather than the checkpoint's saved
+        # ones; `_generate` maps answers back from them.
         self.llm = LLM(model=str(model_path), dtype="bfloat16", tensor_parallel_size=tensor_parallel_size,
                        limit_mm_per_prompt={"image": 1},
                        mm_processor_kwargs={"min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels})
         self.sampling = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
         self.cfg, self.max_new_tokens, self.model_id = cfg, max_new_tokens, str(model_path)
 
-    def _generate(self, images: list[Image.Image] | None, questions: list[str]) -> list[str]:
+    def _generate(self, images: list[Image.Image] | None,
+                  questions: list[str]) -> tuple[list[str], list[tuple[int, int]]]:
         chats = self._chat(questions, with_image=images is not None)
         requests = ([{"prompt": chat} for chat in chats] if images is None else
                     [{"prompt": chat, "multi_modal_data": {"image": image}}
                      for chat, image in zip(chats, images, strict=True)])
-        return [out.outputs[0].text for out in self.llm.generate(requests, self.sampling, use_tqdm=False)]
+        answers = [out.outputs[0].text for out in self.llm.generate(requests, self.sampling, use_tqdm=False)]
+        # vLLM's outputs carry no image grid (only the placeholder token count, rows times columns), so
+        # the sizes are smart_resize under the bounds its processor was given above.
+        seen = [resized_size(image.height, image.width, self.cfg.min_pixels, self.cfg.max_pixels)
+                for image in images or []]
+        return answers, seen
