@@ -11,6 +11,9 @@ class AnnotateConfig:
     max_pixels: int = 28 * 28 * 1280
     # Refuse decoding anything larger (decompression bombs).
     max_image_pixels: int = 64_000_000
+    # Longest side over shortest side beyond which a figure fails at decode: Qwen's smart_resize raises
+    # a ValueError above 200, and a strip that thin holds nothing to annotate for any backend.
+    max_aspect_ratio: float = 200.0
     # Panels: the LVLM is asked at each of these scales; proposals are pooled with NMS among boxes
     # that share an identifier.
     panel_scales: tuple[float, ...] = (1.0, 0.75)

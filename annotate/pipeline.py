@@ -7,8 +7,10 @@ record. The record keeps the original encoded bytes untouched; decoding is only 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import io
 import re
+import sys
 import time
 import warnings
 from typing import Protocol
@@ -65,7 +67,8 @@ class Backend(Protocol):
     model_id: str
 
     def propose(self, images: list[Image.Image], captions: list[str]) -> list[Proposal]:
-        """One proposal per image, in order; a backend never raises for one bad figure."""
+        """One proposal per image, in order. Raising is allowed (out of memory, one figure it cannot handle):
+        `propose_bisecting` retries the batch in halves."""
 
 
 def decode(data: bytes, cfg: AnnotateConfig) -> Image.Image:
@@ -80,6 +83,10 @@ def decode(data: bytes, cfg: AnnotateConfig) -> Image.Image:
             if width * height > cfg.max_image_pixels:
                 raise FigureError("decode", f"{width}x{height} exceeds max_image_pixels={cfg.max_image_pixels} "
                                             f"(decompression bomb guard)")
+            if max(width, height) > cfg.max_aspect_ratio * min(width, height):
+                ratio = max(width, height) / max(min(width, height), 1)
+                raise FigureError("decode", f"extreme aspect ratio ({width}x{height}, {ratio:.0f}:1) exceeds "
+                                            f"max_aspect_ratio={cfg.max_aspect_ratio:g}")
             image.load()
     except FigureError:
         raise
@@ -143,7 +150,7 @@ def annotate_batch(figures: list[Figure], backend: Backend, cfg: AnnotateConfig)
         except FigureError as err:
             decoded.append(err)
     good = [d for d in decoded if not isinstance(d, FigureError)]
-    proposals = iter(backend.propose([image for _, _, image in good], [f.caption for f, _, _ in good]))
+    proposals = iter(propose_bisecting(backend, [image for _, _, image in good], [f.caption for f, _, _ in good]))
     seconds = (time.perf_counter() - start) / max(len(figures), 1)
     results: list[dict | FigureError] = []
     for item in decoded:
@@ -151,8 +158,50 @@ def annotate_batch(figures: list[Figure], backend: Backend, cfg: AnnotateConfig)
             results.append(item)
             continue
         figure, data, image = item
+        proposal = next(proposals)
+        if isinstance(proposal, FigureError):
+            results.append(proposal)
+            continue
         try:
-            results.append(build_record(figure, data, image, next(proposals), backend, cfg, seconds))
+            results.append(build_record(figure, data, image, proposal, backend, cfg, seconds))
         except records.RecordError as err:
             results.append(FigureError("record", str(err)))
     return results
+
+
+# A failure line stays one readable line even when an exception carries a whole tensor dump.
+_MAX_REASON_CHARS = 300
+
+
+def propose_bisecting(backend: Backend, images: list[Image.Image], captions: list[str]) -> list[Proposal | FigureError]:
+    """The backend's proposals; when it raises on a batch, each half is retried on its own, so a batch too
+    big for GPU memory shrinks until it fits and only a figure that fails alone becomes a FigureError."""
+    if not images:
+        return []
+    try:
+        return list(backend.propose(images, captions))
+    except Exception as err:  # not BaseException: Ctrl-C and SystemExit still stop the run
+        reason = " ".join(f"backend raised {type(err).__name__}: {err}".split())[:_MAX_REASON_CHARS]
+        out_of_memory = _is_out_of_memory(err)
+    # Outside the except block, so the traceback's frames (and the tensors they hold) are gone by now.
+    if out_of_memory:
+        _free_accelerator_memory()
+    if len(images) == 1:
+        return [FigureError("propose", reason)]
+    half = len(images) // 2
+    return (propose_bisecting(backend, images[:half], captions[:half])
+            + propose_bisecting(backend, images[half:], captions[half:]))
+
+
+def _is_out_of_memory(err: Exception) -> bool:
+    # torch is only looked up, never imported: a backend on the GPU has imported it already.
+    torch = sys.modules.get("torch")
+    return "out of memory" in str(err).lower() or (torch is not None and isinstance(err, torch.OutOfMemoryError))
+
+
+def _free_accelerator_memory() -> None:
+    """Hand the failed batch's cached CUDA blocks back, so the halves get the whole card."""
+    torch = sys.modules.get("torch")
+    gc.collect()  # tensors caught in reference cycles hold their blocks until collected
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
