@@ -3,7 +3,8 @@
   run --input PATH... --out DIR --backend heuristic|qwen|vllm [--model DIR] [--num-shards N --shard-index I]
       figures (.jsonl manifests, WebDataset .tar shards, JATS .nxml) -> DIR/records-SSSSS-of-NNNNN
       .array_record, DIR/failures-….jsonl (id, stage, reason), DIR/summary-….json; resumable. The
-      shard comes from the flags, else SLURM_ARRAY_TASK_ID/COUNT, else RANK/WORLD_SIZE.
+      shard comes from the flags, else SLURM_ARRAY_TASK_ID/COUNT, else RANK/WORLD_SIZE. SIGTERM
+      closes the open part and exits with status 143; a rerun finishes the shard.
   merge --out DIR [--input PATH...] [--report FILE]
       after all shards ran: names missing shards and ids accounted for twice or (given the run's
       inputs) not at all; sums the summaries into FILE (default DIR/merged-summary.json). Exit 1
@@ -100,7 +101,7 @@ def cmd_run(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     summary = run_shard(args.input, args.out, backend, num_shards, shard_index,
-                        batch_size=args.batch_size, part_size=args.part_size)
+                        batch_size=args.batch_size, part_size=args.part_size, part_seconds=args.part_seconds)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -157,6 +158,9 @@ def main(argv=None) -> int:
     p.add_argument("--shard-index", type=int)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--part-size", type=int, default=256, help="records per part file (the unit of resume)")
+    p.add_argument("--part-seconds", type=float, default=300.0,
+                   help="close a part this long after its first record even if not full, so a kill -9 loses "
+                        "about this much work (SIGTERM closes it after the current batch and exits with status 143)")
     p = sub.add_parser("merge", help="check that the shards account for every input id once; sum their summaries")
     p.add_argument("--out", required=True, help="the folder the shards were written to")
     p.add_argument("--input", nargs="+",

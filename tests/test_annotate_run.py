@@ -1,6 +1,9 @@
-"""`annotate run`: bad input recorded with reasons, sharding, and kill -9 / resume exactly once."""
+"""`annotate run`: bad input recorded with reasons, sharding, kill -9 and SIGTERM / resume exactly
+once, parts closed on a timer, resume from the parts' id sidecars."""
 import io
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +15,7 @@ import pytest
 from PIL import Image
 
 from annotate.backends import HeuristicBackend
-from annotate.run import run_shard
+from annotate.run import ShardFiles, run_shard
 from annotate.synth import synthesize
 from conftest import REPO
 from zoomin_jax import records
@@ -96,14 +99,21 @@ def test_shards_partition_the_inputs(tmp_path, figures):
     assert all(r["text_sub"] for r in regions) and sum("arrow" in r["text_sub"] for r in regions) >= 0.8 * len(regions)
 
 
-def test_kill_9_mid_shard_then_resume_gives_each_id_once(tmp_path):
-    data = synthesize(tmp_path / "synth", num=120, seed=5)
+def shard_run(tmp_path, num: int, seed: int, missing: int):
+    """A manifest of `num` synth figures plus `missing` lines whose image does not exist (their ids,
+    the output folder, and the `annotate run` command over it in small batches and parts)."""
+    data = synthesize(tmp_path / "synth", num=num, seed=seed)
     lines = (data / "manifest.jsonl").read_text().splitlines()
-    lines += [json.dumps({"id": f"gone-{n}", "image": f"images/gone-{n}.png", "caption": ""}) for n in range(15)]
+    lines += [json.dumps({"id": f"gone-{n}", "image": f"images/gone-{n}.png", "caption": ""}) for n in range(missing)]
     (data / "manifest.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
     command = [sys.executable, "-m", "annotate", "run", "--input", str(data / "manifest.jsonl"), "--out", str(out),
                "--batch-size", "2", "--part-size", "10"]
+    return [json.loads(line)["id"] for line in lines], out, command
+
+
+def test_kill_9_mid_shard_then_resume_gives_each_id_once(tmp_path):
+    expected, out, command = shard_run(tmp_path, num=120, seed=5, missing=15)
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while len(list(out.glob("records-*.part-*.array_record"))) < 3 and time.time() < deadline:
@@ -113,10 +123,79 @@ def test_kill_9_mid_shard_then_resume_gives_each_id_once(tmp_path):
     assert not (out / "summary-00000-of-00001.json").exists(), "the run finished before it was killed"
     subprocess.run(command, cwd=REPO, check=True, capture_output=True)
     got = ids_in(out)
-    expected = [json.loads(line)["id"] for line in lines]
     assert len(got) == len(set(got)) == len(expected) and set(got) == set(expected)
     summary = json.loads((out / "summary-00000-of-00001.json").read_text())
     assert summary["resumed_with_done"] >= 30 and summary["figures"] == 120 and summary["failures"] == 15
+    assert not list(out.glob("*.part-*")) and not list(out.glob("*.partial"))
+
+
+def sidecar_ids(part):
+    return json.loads(ShardFiles.sidecar(part).read_text())["ids"]
+
+
+def test_sigterm_closes_the_part_exits_143_and_a_rerun_reads_only_sidecars(tmp_path):
+    expected, out, command = shard_run(tmp_path, num=80, seed=7, missing=10)
+    with open(tmp_path / "stderr", "w") as stderr:
+        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.time() + 120
+        while len(list(out.glob("records-*.part-*.ids.json"))) < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        sent = time.time()
+        assert process.wait(timeout=30) == 143, (tmp_path / "stderr").read_text()
+    assert time.time() - sent < 15 and "SIGTERM" in (tmp_path / "stderr").read_text()
+    assert not (out / "summary-00000-of-00001.json").exists() and not list(out.glob("*.partial"))
+    parts = sorted(out.glob("records-*.part-*.array_record"))
+    assert len(parts) >= 2 and all(ShardFiles.sidecar(part).exists() for part in parts)
+    recorded = [i for part in parts for i in sidecar_ids(part)]
+    assert recorded == [r["figure_id"] for r in records.iter_records(parts)]
+    failed = [json.loads(line)["id"] for line in (out / "failures-00000-of-00001.jsonl").read_text().splitlines()]
+
+    subprocess.run(command, cwd=REPO, check=True, capture_output=True)
+    got = ids_in(out)
+    assert len(got) == len(set(got)) == len(expected) and set(got) == set(expected)
+    summary = json.loads((out / "summary-00000-of-00001.json").read_text())
+    assert summary["resume_records_decoded"] == 0 and summary["resume_parts_from_sidecars"] == len(parts)
+    assert summary["resumed_with_done"] == len(recorded) + len(failed)
+    assert summary["figures_this_run"] == 80 - len(recorded) and summary["figures"] == 80
+    assert not list(out.glob("*.part-*")) and not list(out.glob("*.partial"))
+
+
+class SigtermDuring(HeuristicBackend):
+    """Sends its own process SIGTERM while proposing for the batch-th batch."""
+
+    def __init__(self, batch: int):
+        super().__init__()
+        self.batch = batch
+
+    def propose(self, images, captions):
+        self.batch -= 1
+        if self.batch == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().propose(images, captions)
+
+
+def test_the_timer_closes_parts_and_old_or_repeating_parts_still_resume(tmp_path, figures):
+    manifest = [str(figures / "manifest.jsonl")]
+    previous = signal.getsignal(signal.SIGTERM)
+    for part_seconds, sizes in ((300, [6]), (0, [2, 2, 2])):  # 3 batches of 2, then SIGTERM
+        out = tmp_path / f"out-{part_seconds}"
+        with pytest.raises(SystemExit) as stopped:
+            run_shard(manifest, out, SigtermDuring(3), batch_size=2, part_seconds=part_seconds)
+        assert stopped.value.code == 143 and signal.getsignal(signal.SIGTERM) is previous
+        assert [len(sidecar_ids(part)) for part in sorted(out.glob("records-*.part-*.array_record"))] == sizes
+
+    # Part 1 as a part from before sidecars, and part 0 again as part 3: its ids are in two parts.
+    ShardFiles.sidecar(out / "records-00000-of-00001.part-00001.array_record").unlink()
+    for suffix in (".array_record", ".ids.json"):
+        shutil.copy(out / f"records-00000-of-00001.part-00000{suffix}",
+                    out / f"records-00000-of-00001.part-00003{suffix}")
+    summary = run_shard(manifest, out, HeuristicBackend(), batch_size=2)
+    assert summary["resume_records_decoded"] == 2 and summary["resume_parts_from_sidecars"] == 3
+    got = ids_in(out)
+    expected = [json.loads(line)["id"] for line in (figures / "manifest.jsonl").read_text().splitlines()]
+    assert len(got) == len(set(got)) and sorted(got) == sorted(expected)
+    assert summary["figures"] + summary["failures"] == len(expected) and summary["figures_this_run"] == 40 - 6
     assert not list(out.glob("*.part-*")) and not list(out.glob("*.partial"))
 
 

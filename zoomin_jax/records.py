@@ -160,7 +160,11 @@ class RecordWriter:
         self.count = 0
 
     def write(self, record: dict) -> None:
-        self._writer.write(encode(record))
+        self.write_encoded(encode(record))
+
+    def write_encoded(self, data: bytes) -> None:
+        """A record as `encode` made it, e.g. copied from another shard without decoding it."""
+        self._writer.write(data)
         self.count += 1
 
     def close(self) -> None:
