@@ -14,6 +14,9 @@ class AnnotateConfig:
     # Longest side over shortest side beyond which a figure fails at decode: Qwen's smart_resize raises
     # a ValueError above 200, and a strip that thin holds nothing to annotate for any backend.
     max_aspect_ratio: float = 200.0
+    # An LVLM answer cut at the backend's token budget (max_new_tokens) is asked again once with a larger
+    # one, at most this many tokens (~115 boxes); cut even then, its complete boxes are kept with a warning.
+    max_retry_tokens: int = 4096
     # Panels: the LVLM is asked at each of these scales; proposals are pooled with NMS among boxes
     # that share an identifier.
     panel_scales: tuple[float, ...] = (1.0, 0.75)

@@ -3,9 +3,13 @@ markers (path A), boxes for each panel's caption clauses (path B) and short pane
 batched generation (bf16 on CUDA, float32 on CPU).
 
 Answers are untrusted text: `lvlm_output.parse_boxes` keeps what is usable and every problem becomes
-a warning in the record's annotation, never an exception. Prompts are versioned in `prompts.py`.
+a warning in the record's annotation, never an exception. An answer cut at the token budget is asked
+again once with a larger one; cut even then, it keeps its complete boxes and a warning says it was cut.
+Prompts are versioned in `prompts.py`.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 from PIL import Image
@@ -18,6 +22,16 @@ from annotate.pipeline import Proposal
 from annotate.regions import non_max_suppression
 
 _MARKER_KINDS = {"arrow", "arrowhead", "asterisk", "circle", "letter", "inset"}
+# A box costs ~35 tokens ('{"bbox_2d": [412, 30, 806, 388], "label": "B"},': Qwen's tokenizer splits digits
+# one by one), so 256 tokens held ~7 boxes; 1024 holds ~29, more panels than compound figures have.
+MAX_NEW_TOKENS = 1024
+# An answer cut at its budget is asked again once with this many times the budget (capped by
+# `AnnotateConfig.max_retry_tokens`); only cut answers pay for it.
+_RETRY_FACTOR = 4
+# A description keeps this many characters. English takes ~4 characters a token, so twice the tokens they
+# need covers them, and a longer or second try could only add text that is thrown away.
+_DESCRIPTION_CHARS = 300
+_DESCRIPTION_TOKENS = _DESCRIPTION_CHARS // 2
 
 
 def _inside(box, panel) -> bool:
@@ -25,10 +39,21 @@ def _inside(box, panel) -> bool:
     return panel[0] <= x <= panel[2] and panel[1] <= y <= panel[3]
 
 
+def _truncation(cut_at: int | None) -> list[str]:
+    """The warning for an answer still cut at its token budget: what it lists may be incomplete."""
+    return [f"answer cut at {cut_at} tokens"] if cut_at else []
+
+
+def _parsed(answer: str, cut_at: int | None, original_size: tuple[int, int], seen_size: tuple[int, int]) -> Parsed:
+    """`parse_boxes` plus the cut: a list cut between two boxes parses as a whole one."""
+    parsed = parse_boxes(answer, original_size, seen_size)
+    return Parsed(parsed.items, _truncation(cut_at) + parsed.problems)
+
+
 class QwenBackend:
     name = "qwen"
 
-    def __init__(self, model_path: str, cfg: AnnotateConfig = AnnotateConfig(), max_new_tokens: int = 256,
+    def __init__(self, model_path: str, cfg: AnnotateConfig = AnnotateConfig(), max_new_tokens: int = MAX_NEW_TOKENS,
                  device: str | None = None):
         from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
         from transformers.image_utils import SizeDict
@@ -51,27 +76,51 @@ class QwenBackend:
             tokenize=False, add_generation_prompt=True) for q in questions]
 
     def _generate(self, images: list[Image.Image] | None,
-                  questions: list[str]) -> tuple[list[str], list[tuple[int, int]]]:
-        """Greedy answers, and the (height, width) each image was resized to before the model saw it:
-        the frame of its box coordinates. `images` None asks text-only questions (no sizes)."""
+                  questions: list[str]) -> tuple[list[str], list[int | None], list[tuple[int, int]]]:
+        """Greedy answers; for each, the token budget it was still cut at (None when it ended on its own);
+        and the (height, width) each image was resized to before the model saw it: the frame of its box
+        coordinates. `images` None asks text-only questions (no sizes). The answers cut at the first
+        budget are asked again, by themselves, with a larger one: a box list cut short loses boxes."""
+        answers, truncated, seen = self._generate_once(images, questions, self.max_new_tokens)
+        budgets = [self.max_new_tokens] * len(questions)
+        retry_budget = min(_RETRY_FACTOR * self.max_new_tokens, self.cfg.max_retry_tokens)
+        again = [n for n, cut in enumerate(truncated) if cut]
+        if again and retry_budget > self.max_new_tokens:
+            retried, still_cut, _ = self._generate_once(None if images is None else [images[n] for n in again],
+                                                        [questions[n] for n in again], retry_budget)
+            for n, answer, cut in zip(again, retried, still_cut, strict=True):
+                answers[n], truncated[n], budgets[n] = answer, cut, retry_budget
+        return answers, [budget if cut else None for budget, cut in zip(budgets, truncated)], seen
+
+    def _generate_once(self, images: list[Image.Image] | None, questions: list[str],
+                       max_new_tokens: int) -> tuple[list[str], list[bool], list[tuple[int, int]]]:
+        """Greedy answers within `max_new_tokens`, whether each was cut at it, and the resized sizes."""
         batch = self.processor(text=self._chat(questions, with_image=images is not None), images=images,
                                padding=True, return_tensors="pt").to(self.device)
         with torch.inference_mode():
-            out = self.model.generate(**batch, max_new_tokens=self.max_new_tokens, do_sample=False)
-        answers = self.processor.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            out = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+        generated = out[:, batch["input_ids"].shape[1]:]  # prompts are left-padded: every answer starts here
+        answers = self.processor.batch_decode(generated, skip_special_tokens=True)
+        # Generate pads a row once it has ended (at an end-of-sequence token) while the others run on, so a
+        # row that reached the budget with no end-of-sequence or pad token in it was cut there.
+        config = self.model.generation_config
+        eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+        ends = torch.tensor([t for t in (*eos, config.pad_token_id) if t is not None], device=generated.device)
+        ended = torch.isin(generated, ends).any(dim=1)
+        truncated = [generated.shape[1] >= max_new_tokens and not row_ended for row_ended in ended.tolist()]
         # The image grid counts patch_size-pixel patches of the resized image, rows then columns.
         patch = self.processor.image_processor.patch_size
         seen = [(h * patch, w * patch) for _, h, w in batch["image_grid_thw"].tolist()] if images else []
-        return answers, seen
+        return answers, truncated, seen
 
     def _ask(self, images: list[Image.Image], question: str, scale: float) -> list[Parsed]:
         """The question about each image shown at `scale`; boxes come back in original pixels."""
         shown = [image if scale == 1.0 else image.resize((max(28, round(image.width * scale)),
                                                          max(28, round(image.height * scale))), Image.BICUBIC)
                  for image in images]
-        answers, seen = self._generate(shown, [question] * len(images))
-        return [parse_boxes(answer, (image.height, image.width), frame)
-                for image, answer, frame in zip(images, answers, seen, strict=True)]
+        answers, cut, seen = self._generate(shown, [question] * len(images))
+        return [_parsed(answer, cut_at, (image.height, image.width), frame)
+                for image, answer, cut_at, frame in zip(images, answers, cut, seen, strict=True)]
 
     def propose(self, images: list[Image.Image], captions: list[str]) -> list[Proposal]:
         if not images:
@@ -99,9 +148,10 @@ class QwenBackend:
                  for k, panel in enumerate(proposal.panels)]
         crops = [(n, k, crop) for n, k, crop in crops if min(crop.size) >= 28]
         if crops:
-            descriptions, _ = self._generate([c for _, _, c in crops], [prompts.DESCRIBE] * len(crops))
+            descriptions, _, _ = self._generate_once([c for _, _, c in crops], [prompts.DESCRIBE] * len(crops),
+                                                     _DESCRIPTION_TOKENS)
             for (n, k, _), text in zip(crops, descriptions, strict=True):
-                proposals[n].panel_descriptions[k] = " ".join(text.split())[:300]
+                proposals[n].panel_descriptions[k] = " ".join(text.split())[:_DESCRIPTION_CHARS]
         self._ground_phrases(crops, captions, proposals)
         return proposals
 
@@ -111,10 +161,12 @@ class QwenBackend:
         Returns (panels, warnings) per caption."""
         if not captions:
             return []
-        answers, _ = self._generate(None, [prompts.SPLIT_CAPTION.format(caption=c.replace('"', "'")) for c in captions])
+        answers, cut, _ = self._generate(None, [prompts.SPLIT_CAPTION.format(caption=c.replace('"', "'"))
+                                                for c in captions])
         results = []
-        for caption, answer in zip(captions, answers, strict=True):
+        for caption, answer, cut_at in zip(captions, answers, cut, strict=True):
             texts, problems = parse_caption_split(answer)
+            problems = _truncation(cut_at) + problems
             if texts:
                 results.append((with_context(shared_context(caption), texts), problems))
             else:
@@ -131,10 +183,11 @@ class QwenBackend:
                 asks.append((n, k, crop, phrase))
         if not asks:
             return
-        answers, seen = self._generate([crop for _, _, crop, _ in asks],
-                                       [prompts.GROUND.format(phrase=phrase.replace('"', "'")) for *_, phrase in asks])
-        for (n, k, crop, phrase), answer, frame in zip(asks, answers, seen, strict=True):
-            parsed = parse_boxes(answer, (crop.height, crop.width), frame)
+        answers, cut, seen = self._generate([crop for _, _, crop, _ in asks],
+                                            [prompts.GROUND.format(phrase=phrase.replace('"', "'"))
+                                             for *_, phrase in asks])
+        for (n, k, crop, phrase), answer, cut_at, frame in zip(asks, answers, cut, seen, strict=True):
+            parsed = _parsed(answer, cut_at, (crop.height, crop.width), frame)
             x0, y0 = proposals[n].panels[k]["box"][:2]
             for item in parsed.items[:1]:
                 box = [item["box"][0] + x0, item["box"][1] + y0, item["box"][2] + x0, item["box"][3] + y0]
@@ -147,7 +200,7 @@ class VllmBackend(QwenBackend):
     batching, paged attention): the throughput path for large annotation runs on GPU nodes."""
     name = "vllm"
 
-    def __init__(self, model_path: str, cfg: AnnotateConfig = AnnotateConfig(), max_new_tokens: int = 256,
+    def __init__(self, model_path: str, cfg: AnnotateConfig = AnnotateConfig(), max_new_tokens: int = MAX_NEW_TOKENS,
                  tensor_parallel_size: int = 1):
         try:
             from vllm import LLM, SamplingParams
@@ -161,18 +214,19 @@ class VllmBackend(QwenBackend):
         self.llm = LLM(model=str(model_path), dtype="bfloat16", tensor_parallel_size=tensor_parallel_size,
                        limit_mm_per_prompt={"image": 1},
                        mm_processor_kwargs={"min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels})
-        self.sampling = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+        self.sampling = functools.partial(SamplingParams, temperature=0.0)
         self.cfg, self.max_new_tokens, self.model_id = cfg, max_new_tokens, str(model_path)
 
-    def _generate(self, images: list[Image.Image] | None,
-                  questions: list[str]) -> tuple[list[str], list[tuple[int, int]]]:
+    def _generate_once(self, images: list[Image.Image] | None, questions: list[str],
+                       max_new_tokens: int) -> tuple[list[str], list[bool], list[tuple[int, int]]]:
         chats = self._chat(questions, with_image=images is not None)
         requests = ([{"prompt": chat} for chat in chats] if images is None else
                     [{"prompt": chat, "multi_modal_data": {"image": image}}
                      for chat, image in zip(chats, images, strict=True)])
-        answers = [out.outputs[0].text for out in self.llm.generate(requests, self.sampling, use_tqdm=False)]
+        outputs = [out.outputs[0] for out in self.llm.generate(requests, self.sampling(max_tokens=max_new_tokens),
+                                                               use_tqdm=False)]
         # vLLM's outputs carry no image grid (only the placeholder token count, rows times columns), so
         # the sizes are smart_resize under the bounds its processor was given above.
         seen = [resized_size(image.height, image.width, self.cfg.min_pixels, self.cfg.max_pixels)
                 for image in images or []]
-        return answers, seen
+        return [out.text for out in outputs], [out.finish_reason == "length" for out in outputs], seen
