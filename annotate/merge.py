@@ -37,14 +37,6 @@ def shard_indices_by_count(out: Path) -> dict[int, set[int]]:
     return found
 
 
-def read_failures(files: ShardFiles) -> list[dict]:
-    """A finished shard's failure lines, read without rewriting the file (ShardFiles.read_failures
-    repairs a running shard's file)."""
-    if not files.failures.exists():
-        return []
-    return [json.loads(line) for line in files.failures.read_text().splitlines()]
-
-
 def _named(ids: Sequence[str]) -> str:
     more = len(ids) - _NAMED_IDS
     return ", ".join(ids[:_NAMED_IDS]) + (f" and {more} more" if more > 0 else "")
@@ -74,7 +66,7 @@ def merge(out: str | Path, inputs: Sequence[str] | None = None) -> dict:
             continue
         try:
             summary = json.loads(files.summary.read_text())
-            failures = read_failures(files)
+            failures = files.read_failures(repair=False)  # a finished shard: read, never rewritten
             ids = [record["figure_id"] for record in records.iter_records(files.records)]
         except (ValueError, RuntimeError) as err:  # bad JSON, a bad record, a corrupt ArrayRecord file
             unreadable[index] = f"{files.stem} ({err})"

@@ -92,15 +92,15 @@ class ShardFiles:
             self.sidecar(part).unlink(missing_ok=True)
             part.unlink()
 
-    def read_failures(self) -> list[dict]:
-        """Failure lines so far; a line cut off by a crash is dropped (its figure is redone)."""
+    def read_failures(self, repair: bool = True) -> list[dict]:
+        """Failure lines so far; a line cut off by a crash is dropped (its figure is redone) and, with
+        `repair`, removed from the file before a running shard appends to it again."""
         if not self.failures.exists():
             return []
-        kept = []
-        for line in self.failures.read_text().splitlines(keepends=True):
-            if line.endswith("\n"):
-                kept.append(json.loads(line))
-        self.failures.write_text("".join(json.dumps(f) + "\n" for f in kept))
+        kept = [json.loads(line) for line in self.failures.read_text().splitlines(keepends=True)
+                if line.endswith("\n")]
+        if repair:
+            _replace_text(self.failures, "".join(json.dumps(f) + "\n" for f in kept))
         return kept
 
 
@@ -291,7 +291,7 @@ def _finish(files: ShardFiles, counts: collections.Counter, resumed: int, resume
     # A record wins over a failure line for its id, and one failure line per id is kept, save the
     # duplicate-id lines that stand for repeated inputs: each id is accounted for once.
     failures, failed = [], set()
-    for failure in files.read_failures():
+    for failure in files.read_failures(repair=False):  # rewritten once, deduplicated, below
         if failure["reason"] == DUPLICATE_ID_REASON or (failure["id"] not in recorded and failure["id"] not in failed):
             failures.append(failure)
             failed.add(failure["id"])

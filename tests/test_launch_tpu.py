@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 LAUNCHER = REPO / "launch" / "tpu.py"
 SLICE = ["--name", "zoomin-v5e", "--zone", "us-west4-a", "--project", "my-proj"]
 LOCATION = "--zone=us-west4-a --project=my-proj"
