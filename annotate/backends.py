@@ -1,6 +1,8 @@
 """Annotation backends behind one interface (`pipeline.Backend`): heuristic on CPU; qwen
-(transformers) and vllm, each imported only when chosen."""
+(transformers) and vllm, the Qwen2.5-VL request plan over either engine, each imported only when chosen."""
 from __future__ import annotations
+
+import dataclasses
 
 from PIL import Image
 
@@ -22,44 +24,80 @@ class HeuristicBackend:
                  marker_cfg: MarkerConfig = MarkerConfig()):
         self.split_cfg, self.label_cfg, self.marker_cfg = split_cfg, label_cfg, marker_cfg
 
+    def panel_boxes(self, image: Image.Image) -> list[list[float]]:
+        return split_panels(image, self.split_cfg)
+
+    def proposal(self, image: Image.Image, caption: str, boxes: list[list[float]]) -> Proposal:
+        """Labels and markers of the panels `panel_boxes` found."""
+        labels = read_labels(image, boxes, [p["label"] for p in split_caption(caption)], self.label_cfg)
+        markers = {k: found for k, box in enumerate(boxes) if (found := find_markers(image, box, self.marker_cfg))}
+        return Proposal([{"box": box, "label": label, "score": 1.0} for box, label in zip(boxes, labels)],
+                        markers=markers)
+
     def propose(self, images: list[Image.Image], captions: list[str]) -> list[Proposal]:
-        proposals = []
-        for image, caption in zip(images, captions, strict=True):
-            boxes = split_panels(image, self.split_cfg)
-            labels = read_labels(image, boxes, [p["label"] for p in split_caption(caption)], self.label_cfg)
-            markers = {k: found for k, box in enumerate(boxes) if (found := find_markers(image, box, self.marker_cfg))}
-            proposals.append(Proposal([{"box": box, "label": label, "score": 1.0}
-                                       for box, label in zip(boxes, labels)], markers=markers))
-        return proposals
+        return [self.proposal(image, caption, self.panel_boxes(image))
+                for image, caption in zip(images, captions, strict=True)]
 
 
 class PrefilteredBackend:
-    """The heuristic first: figures it finds to be one panel skip the (expensive) LVLM."""
+    """The heuristic's panel split first: figures it finds to be one panel skip the (expensive) LVLM and
+    keep the heuristic's proposal; the others go to the LVLM, with no label reading or marker finding
+    spent on them here."""
 
     def __init__(self, lvlm, heuristic: HeuristicBackend | None = None):
         self.lvlm, self.heuristic = lvlm, heuristic or HeuristicBackend()
         self.name, self.model_id = f"{lvlm.name}+prefilter", lvlm.model_id
 
+    @property
+    def counts(self):
+        return self.lvlm.counts
+
     def propose(self, images: list[Image.Image], captions: list[str]) -> list[Proposal]:
-        quick = self.heuristic.propose(images, captions)
-        multi = [n for n, proposal in enumerate(quick) if len(proposal.panels) != 1]
-        for n, proposal in enumerate(quick):
-            if n not in multi:
-                proposal.warnings.append("prefilter: one panel found, LVLM skipped")
-        for n, proposal in zip(multi, self.lvlm.propose([images[n] for n in multi], [captions[n] for n in multi]),
-                               strict=True):
-            quick[n] = proposal
-        return quick
+        boxes = [self.heuristic.panel_boxes(image) for image in images]
+        multi = [n for n, found in enumerate(boxes) if len(found) != 1]
+        proposals = dict(zip(multi, self.lvlm.propose([images[n] for n in multi], [captions[n] for n in multi]),
+                             strict=True))
+        for n, found in enumerate(boxes):
+            if n not in proposals:
+                proposals[n] = self.heuristic.proposal(images[n], captions[n], found)
+                proposals[n].warnings.append("prefilter: one panel found, LVLM skipped")
+        return [proposals[n] for n in range(len(images))]
+
+
+@dataclasses.dataclass(frozen=True)
+class LvlmOptions:
+    """How an LVLM backend runs on a node (`annotate run` flags)."""
+    # transformers: requests per generate call; a layer placement ("auto", "balanced") over the node's GPUs
+    # with an optional per-device memory cap ("0=70GiB,1=70GiB"); the attention kernel (sdpa, eager,
+    # flash_attention_2 where flash-attn is installed).
+    batch_size: int = 16
+    device_map: str | None = None
+    max_memory: str | None = None
+    attn_implementation: str | None = None
+    # vLLM: GPUs to shard the model over, share of each GPU's memory it may take, context length cap.
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = None
+
+
+def make_engine(name: str, model: str, cfg: AnnotateConfig, options: LvlmOptions):
+    from annotate.engines import TransformersEngine, VllmEngine, parse_max_memory
+    if name == "qwen":
+        return TransformersEngine(model, cfg, device_map=options.device_map,
+                                  max_memory=parse_max_memory(options.max_memory),
+                                  attn_implementation=options.attn_implementation, batch_size=options.batch_size)
+    return VllmEngine(model, cfg, tensor_parallel_size=options.tensor_parallel_size,
+                      gpu_memory_utilization=options.gpu_memory_utilization, max_model_len=options.max_model_len)
 
 
 def make_backend(name: str, model: str | None = None, cfg: AnnotateConfig = AnnotateConfig(),
-                 prefilter: bool = False):
+                 prefilter: bool = False, options: LvlmOptions = LvlmOptions()):
     if name == "heuristic":
         return HeuristicBackend()
     if name in ("qwen", "vllm"):
         if not model:
             raise ValueError(f"--backend {name} needs --model, a Qwen2.5-VL directory (save_pretrained layout)")
-        from annotate.qwen import QwenBackend, VllmBackend
-        backend = (QwenBackend if name == "qwen" else VllmBackend)(model, cfg)
+        from annotate.qwen import QwenBackend
+        backend = QwenBackend(make_engine(name, model, cfg, options), cfg)
         return PrefilteredBackend(backend) if prefilter else backend
     raise ValueError(f"unknown backend {name!r}; use heuristic, qwen or vllm")

@@ -127,7 +127,19 @@ def _plausible(markers: list[Marker]) -> bool:
     return alpha[0].lower() == "a" and len(set(alpha)) >= 2
 
 
-def _label_key(label: str):
+def clean_label(label: str) -> str:
+    """A panel label as read, without brackets, punctuation or a leading "Panel": "(A)" -> "A"."""
+    bare = re.sub(r"^\s*panels?\s+", "", label or "", flags=re.IGNORECASE)
+    return re.sub(r"[^0-9A-Za-z]", "", bare)
+
+
+def label_key(label: str) -> str:
+    """What a panel label identifies, however it is written: "(A)", "a.", "Panel A" and "a" are one
+    panel; so an LVLM's reading of a label meets the caption's spelling of it."""
+    return clean_label(label).casefold()
+
+
+def _label_order(label: str):
     return (label[0].isdigit(), int(label) if label.isdigit() else 0, label.lower(), label)
 
 
@@ -195,7 +207,7 @@ def split_caption(caption: str, shared_context: bool = True) -> list[dict]:
             texts.setdefault(label, []).append(_clean(span))
     context = _clean(caption[:context_end]) if shared_context else ""
     # Letters and numbers in label order; "top"/"bottom" as the caption reads.
-    order = list(texts) if any(label.lower() in _POSITIONAL for label in texts) else sorted(texts, key=_label_key)
+    order = list(texts) if any(label.lower() in _POSITIONAL for label in texts) else sorted(texts, key=_label_order)
     return with_context(context, {label: " ".join(texts[label]) for label in order})
 
 

@@ -14,11 +14,16 @@ class AnnotateConfig:
     # Longest side over shortest side beyond which a figure fails at decode: Qwen's smart_resize raises
     # a ValueError above 200, and a strip that thin holds nothing to annotate for any backend.
     max_aspect_ratio: float = 200.0
-    # An LVLM answer cut at the backend's token budget (max_new_tokens) is asked again once with a larger
-    # one, at most this many tokens (~115 boxes); cut even then, its complete boxes are kept with a warning.
+    # The LVLM's token budget per answer. A box costs ~35 tokens ('{"bbox_2d": [412, 30, 806, 388], "label":
+    # "B"},': Qwen's tokenizer splits digits one by one), so 256 held ~7 boxes; 1024 holds ~29, more panels
+    # and markers than figures have. Answers end at their end-of-sequence token well before it.
+    max_new_tokens: int = 1024
+    # An answer cut at its budget is asked again once with 4x the budget, at most this many tokens (~115
+    # boxes); cut even then, its complete boxes are kept with a warning.
     max_retry_tokens: int = 4096
-    # Panels: the LVLM is asked at each of these scales; proposals are pooled with NMS among boxes
-    # that share an identifier.
+    # Panels: the LVLM is asked at each of these scales where the scale shows it an image of another size
+    # (a figure above max_pixels is shown at the same size at every scale); proposals are pooled with NMS
+    # among boxes whose labels identify the same panel.
     panel_scales: tuple[float, ...] = (1.0, 0.75)
     panel_nms_iou: float = 0.5
     # Regions: a caption-phrase box is kept when its centre lies within `marker_gate_tau` of a

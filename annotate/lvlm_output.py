@@ -39,6 +39,11 @@ def _json_objects(text: str) -> tuple[list, bool]:
                 return value, False
         except json.JSONDecodeError:
             pass
+    return _complete_objects(body), True
+
+
+def _complete_objects(body: str) -> list:
+    """Every complete {...} in `body`, outermost first, left to right."""
     decoder, objects, position = json.JSONDecoder(), [], 0
     while (position := body.find("{", position)) >= 0:
         try:
@@ -47,7 +52,7 @@ def _json_objects(text: str) -> tuple[list, bool]:
             position = end
         except json.JSONDecodeError:
             position += 1
-    return objects, True
+    return objects
 
 
 def resized_size(height: int, width: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -57,13 +62,18 @@ def resized_size(height: int, width: int, min_pixels: int, max_pixels: int) -> t
 
 def parse_boxes(text: str, original_size: tuple[int, int], seen_size: tuple[int, int]) -> Parsed:
     """Boxes in original pixels from an answer about an image of `seen_size` (height, width)."""
-    height, width = original_size
-    seen_h, seen_w = seen_size
     objects, salvaged = _json_objects(text or "")
-    problems = ["truncated or malformed JSON; kept the complete objects"] if salvaged and objects else []
     if not objects:
         return Parsed([], [f"no JSON boxes in answer: {text[:80]!r}" if text else "empty answer"])
-    items = []
+    parsed = _boxes(objects, original_size, seen_size)
+    return Parsed(parsed.items, (["truncated or malformed JSON; kept the complete objects"] if salvaged else [])
+                  + parsed.problems)
+
+
+def _boxes(objects: list, original_size: tuple[int, int], seen_size: tuple[int, int]) -> Parsed:
+    height, width = original_size
+    seen_h, seen_w = seen_size
+    items, problems = [], []
     for obj in objects:
         if not isinstance(obj, dict):
             problems.append(f"not an object: {str(obj)[:40]}")
@@ -84,6 +94,44 @@ def parse_boxes(text: str, original_size: tuple[int, int], seen_size: tuple[int,
         label = next((obj[k] for k in _LABEL_KEYS if k in obj), "")
         items.append({"box": clipped, "label": str(label).strip()})
     return Parsed(items, problems)
+
+
+_DESCRIPTION = re.compile(r'"description"\s*:\s*"((?:[^"\\]|\\.)*)', re.DOTALL)
+
+
+def parse_panel_answer(text: str, original_size: tuple[int, int], seen_size: tuple[int, int]) -> tuple[str, Parsed]:
+    """(description, phrase boxes in original pixels) from an answer shaped like
+    {"description": "...", "boxes": [{"bbox_2d": [...], "label": "phrase"}]}. Cut off, it keeps the
+    description read so far and the complete boxes; with no JSON at all, the answer is the description."""
+    text = text or ""
+    body = (_FENCE.search(text) or re.match(r"(.*)", text, re.DOTALL)).group(1)
+    start = body.find("{")
+    whole = None
+    if start >= 0:
+        try:
+            whole, _ = json.JSONDecoder().raw_decode(body[start:])
+        except json.JSONDecodeError:
+            pass
+    if isinstance(whole, dict) and not any(k in whole for k in _BOX_KEYS):
+        description = whole.get("description")
+        boxes = whole.get("boxes", [])
+        parsed = _boxes(boxes if isinstance(boxes, list) else [boxes], original_size, seen_size)
+        if not isinstance(description, str):
+            parsed.problems.insert(0, "no description in answer")
+        return (description if isinstance(description, str) else ""), parsed
+    if start < 0:
+        return text, Parsed([], ["no JSON object in answer; kept it as the description"] if text else ["empty answer"])
+    # Cut off (or malformed): whatever description it began, and every complete box object.
+    found = _DESCRIPTION.search(body)
+    try:
+        description = json.loads(f'"{found.group(1)}"') if found else ""
+    except json.JSONDecodeError:  # cut inside an escape sequence
+        description = found.group(1).rsplit("\\", 1)[0]
+    objects = _complete_objects(body[start + 1:])
+    parsed = _boxes([o for o in objects if isinstance(o, dict) and any(k in o for k in _BOX_KEYS)],
+                    original_size, seen_size)
+    return description, Parsed(parsed.items, ["truncated or malformed JSON; kept the description and complete boxes"]
+                               + parsed.problems)
 
 
 def parse_caption_split(text: str) -> tuple[dict[str, str], list[str]]:

@@ -1,16 +1,24 @@
 """LVLM prompts, versioned together: a change here changes `pipeline.PROMPT_VERSION`'s meaning, so
-bump it with any edit."""
-VERSION = "panel2patch-3"
+bump it with any edit.
 
-PANELS = ("This is a compound figure from a biomedical article. Locate every panel and read its panel label "
-          "(a letter or number printed in the panel). Answer only with a JSON list such as "
-          '[{"bbox_2d": [x1, y1, x2, y2], "label": "A"}].')
-MARKERS = ("Locate every visual marker drawn on this figure: arrows, arrowheads, asterisks, circles, single "
-           'letters and insets. Answer only with a JSON list such as [{"bbox_2d": [x1, y1, x2, y2], '
-           '"label": "arrow"}]; answer [] if there are none.')
-DESCRIBE = "Describe what this panel shows in one short sentence."
-GROUND = ('Locate "{phrase}" in this image. Answer only with a JSON list such as '
-          '[{{"bbox_2d": [x1, y1, x2, y2], "label": "{phrase}"}}]; answer [] if it is not visible.')
+Two questions make the request plan (qwen.py): FIGURE once per figure (panels with their labels and the
+markers drawn on them, one JSON list in Qwen2.5-VL's grounding format) and PANEL once per panel crop (its
+description and the boxes of its caption clauses, one JSON object).
+"""
+VERSION = "panel2patch-4"
+
+FIGURE = ("This is a figure from a biomedical article. Locate every panel and read its panel label (the letter "
+          "or number printed in it; \"\" if it has none), and locate every visual marker drawn on the figure: "
+          "arrows, arrowheads, asterisks, circles, single letters and insets. Answer only with one JSON list such "
+          'as [{"bbox_2d": [x1, y1, x2, y2], "label": "A"}, {"bbox_2d": [x1, y1, x2, y2], "label": "arrow"}]: a '
+          "panel labelled with its panel label, a marker with its kind.")
+PANEL = ("This is one panel of a figure from a biomedical article. Describe what it shows in one short sentence."
+         ' Answer only with a JSON object such as {"description": "..."}.')
+PANEL_WITH_PHRASES = (
+    "This is one panel of a figure from a biomedical article. Describe what it shows in one short sentence, "
+    "and locate each of these phrases in it: {phrases}. Answer only with a JSON object such as "
+    '{{"description": "...", "boxes": [{{"bbox_2d": [x1, y1, x2, y2], "label": "<the phrase>"}}]}}, '
+    "leaving out a phrase that is not visible.")
 SPLIT_CAPTION = ("This is the caption of a compound figure from a biomedical article:\n\"{caption}\"\n"
                  "Split it into the text that describes each panel. Use the panel labels the caption uses "
                  "(A, B, ... or a, b, ...). Answer only with a JSON list such as "

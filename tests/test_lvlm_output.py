@@ -1,7 +1,8 @@
 """Parsing realistic Qwen2.5-VL grounding answers into boxes in original pixels."""
 import pytest
 
-from annotate.lvlm_output import parse_boxes, parse_caption_split, resized_size
+from annotate.captions import clean_label, label_key
+from annotate.lvlm_output import parse_boxes, parse_caption_split, parse_panel_answer, resized_size
 
 
 @pytest.mark.parametrize("original,seen", [
@@ -69,3 +70,37 @@ def test_caption_split_answers():
     assert parse_caption_split("The caption has two panels.") == (
         {}, ["no JSON panel texts in answer: 'The caption has two panels.'"])
     assert parse_caption_split("") == ({}, ["empty answer"])
+
+
+def test_panel_answers_give_a_description_and_phrase_boxes():
+    whole = ('```json\n{"description": "An H&E section with \\"crescents\\".", "boxes": [{"bbox_2d": [56, 14, 112, 42], '
+             '"label": "arrows mark crescents"}]}\n```')
+    description, parsed = parse_panel_answer(whole, (100, 200), (56, 112))
+    assert description == 'An H&E section with "crescents".' and parsed.problems == []
+    assert parsed.items == [{"box": [100.0, 25.0, 200.0, 75.0], "label": "arrows mark crescents"}]
+    # Cut at the budget after one box: the description and that box are kept.
+    cut = ('{"description": "A chest CT.", "boxes": [{"bbox_2d": [0, 0, 28, 28], "label": "nodule"}, '
+           '{"bbox_2d": [1, 2, 3')
+    description, parsed = parse_panel_answer(cut, (56, 56), (56, 56))
+    assert description == "A chest CT." and [i["label"] for i in parsed.items] == ["nodule"]
+    assert parsed.problems == ["truncated or malformed JSON; kept the description and complete boxes"]
+    # Cut inside the description itself; and a description with brackets that look like a list.
+    assert parse_panel_answer('{"description": "A chest CT of the', (56, 56), (56, 56))[0] == "A chest CT of the"
+    description, parsed = parse_panel_answer('{"description": "Lesion [1] marked", "boxes": []}', (56, 56), (56, 56))
+    assert (description, parsed.items, parsed.problems) == ("Lesion [1] marked", [], [])
+
+
+@pytest.mark.parametrize("answer,description,problem", [
+    ("A stained section of kidney.", "A stained section of kidney.", "no JSON object in answer; kept it as the description"),
+    ("", "", "empty answer"),
+    ('{"boxes": []}', "", "no description in answer"),
+])
+def test_panel_answers_without_the_object(answer, description, problem):
+    got, parsed = parse_panel_answer(answer, (56, 56), (56, 56))
+    assert got == description and parsed.items == [] and parsed.problems == [problem]
+
+
+@pytest.mark.parametrize("said,key,clean", [("A", "a", "A"), ("(a)", "a", "a"), ("Panel B", "b", "B"),
+                                             ("b.", "b", "b"), ("A1", "a1", "A1"), ("(3)", "3", "3"), ("", "", "")])
+def test_label_spellings_meet(said, key, clean):
+    assert (label_key(said), clean_label(said)) == (key, clean)

@@ -1,28 +1,41 @@
 """The real qwen backend, end to end on CPU, with a tiny random Qwen2.5-VL loaded by path."""
+import collections
+import copy
 import dataclasses
-import functools
 import json
 import shutil
+import sys
+import types
 
 import pytest
-import torch
 from PIL import Image
 from transformers.image_utils import SizeDict
 
-from annotate import prompts, qwen
-from annotate.__main__ import main
-from annotate.backends import PrefilteredBackend
+from annotate import backends, prompts
+from annotate.__main__ import add_lvlm_flags, lvlm_settings, main
+from annotate.backends import LvlmOptions, PrefilteredBackend, make_backend
 from annotate.captions import split_caption
 from annotate.config import AnnotateConfig
+from annotate.engines import Answer, Request, TransformersEngine
 from annotate.lvlm_output import resized_size
 from annotate.qwen import QwenBackend
 from annotate.run import run_shard
 from annotate.synth import synthesize
 from conftest import roco_captions
-from tiny_qwen import build_tiny_qwen
+from tiny_qwen import Scripted, build_tiny_qwen, side_by_side
 from zoomin_jax import records
 
 CFG = AnnotateConfig(max_pixels=28 * 28 * 64)
+
+
+def qwen_backend(model, cfg=CFG, **engine_options):
+    return QwenBackend(TransformersEngine(str(model), cfg, **engine_options), cfg)
+
+
+def scripted_backend(model, cfg=CFG, figure=side_by_side(2)):
+    backend = qwen_backend(model, cfg)
+    backend.engine.model.generate = scripted = Scripted(backend.engine, figure)
+    return backend, scripted
 
 
 @pytest.fixture(scope="module")
@@ -53,16 +66,16 @@ def official_layout_model(tiny_model, tmp_path_factory):
 
 @pytest.mark.parametrize("model", ["tiny_model", "official_layout_model"])
 def test_processor_sees_the_smart_resize_size(model, request):
-    backend = QwenBackend(str(request.getfixturevalue(model)), CFG, max_new_tokens=4)
+    engine = TransformersEngine(str(request.getfixturevalue(model)), CFG)
     for size in ((634, 468), (1500, 300), (28, 28), (2000, 1500)):
         image = Image.new("RGB", size, "white")
-        grid = backend.processor.image_processor(images=[image], return_tensors="pt")["image_grid_thw"][0]
+        grid = engine.processor.image_processor(images=[image], return_tensors="pt")["image_grid_thw"][0]
         assert (int(grid[1]) * 14, int(grid[2]) * 14) == resized_size(size[1], size[0], CFG.min_pixels, CFG.max_pixels)
 
 
 def test_garbage_answers_become_warnings_not_crashes(tmp_path, tiny_model):
     data = synthesize(tmp_path / "synth", num=6, seed=7)
-    backend = QwenBackend(str(tiny_model), dataclasses.replace(CFG, max_retry_tokens=32), max_new_tokens=24)
+    backend = qwen_backend(tiny_model, dataclasses.replace(CFG, max_new_tokens=24, max_retry_tokens=32))
     summary = run_shard([str(data / "manifest.jsonl")], tmp_path / "out", backend, batch_size=3)
     got = list(records.iter_records(tmp_path / "out" / "records-00000-of-00001.array_record"))
     failures = (tmp_path / "out" / "failures-00000-of-00001.jsonl").read_text().splitlines()
@@ -71,54 +84,18 @@ def test_garbage_answers_become_warnings_not_crashes(tmp_path, tiny_model):
         annotation = record["annotation"]
         assert annotation["backend"] == "qwen" and annotation["model"] == str(tiny_model)
         # A random model answers noise: no boxes parse, each problem is kept as a warning, and the
-        # figure stays one panel carrying the whole caption.
-        assert any(w.startswith("panels@1.0: ") for w in annotation["warnings"])
-        assert any(w.startswith("panels@0.75: ") for w in annotation["warnings"])
-        assert len(record["panels"]) >= 1
+        # figure stays one panel carrying the whole caption (its noise is the panel's description).
+        assert any(w.startswith("figure@1.0: ") for w in annotation["warnings"])
+        assert "no panels in the answer; the whole figure is one panel" in annotation["warnings"]
+        assert len(record["panels"]) == 1 and record["panels"][0]["text"] == " ".join(record["caption"].split())
     # It seldom ends an answer either: asked again at the retry budget, one is still cut there, and says so.
-    assert any("panels@1.0: answer cut at 32 tokens" in record["annotation"]["warnings"] for record in got)
+    assert any("figure@1.0: answer cut at 32 tokens" in record["annotation"]["warnings"] for record in got)
 
 
-class Scripted:
-    """Stands in for the network's `generate` only, answering as a good Qwen2.5-VL would: in pixels of
-    the resized input it saw, read off its image grid, with `panels(height, width)` panels side by side.
-    Like generate, it ends each answer with the end-of-sequence token unless `max_new_tokens` cuts it
-    first, and pads the rows that ended. `calls` holds each call's questions and budget. Everything around
-    it — processor, prompts, parsing, mapping, pooling, fusion — is real."""
-
-    def __init__(self, backend, panels=lambda height, width: 2):
-        self.tokenizer, self.panels, self.calls = backend.processor.tokenizer, panels, []
-        self.patch = backend.model.config.vision_config.patch_size
-
-    def __call__(self, input_ids, image_grid_thw, max_new_tokens, **_):
-        questions, answers = [], []
-        prompts_and_grids = zip(self.tokenizer.batch_decode(input_ids), image_grid_thw.tolist(), strict=True)
-        for prompt, (_, rows, columns) in prompts_and_grids:
-            question = next((q for q in (prompts.PANELS, prompts.MARKERS, prompts.DESCRIBE) if q in prompt), prompt)
-            questions.append(question)
-            h, w = rows * self.patch, columns * self.patch
-            if question == prompts.PANELS:
-                n = self.panels(h, w)
-                answers.append("```json\n[" + ", ".join(
-                    f'{{"bbox_2d": [{w * i // n}, 0, {w * (i + 1) // n}, {h}], "label": "{chr(ord("A") + i)}"}}'
-                    for i in range(n)) + "]\n```")
-            elif question == prompts.MARKERS:
-                answers.append(f'[{{"bbox_2d": [{w // 8}, {h // 4}, {w // 8 + 6}, {h // 4 + 6}], "label": "arrow"}}]')
-            elif question == prompts.DESCRIBE:
-                answers.append("A stained tissue section.")
-            else:  # grounding in a panel crop
-                answers.append(f'[{{"bbox_2d": [{w // 5}, {h // 5}, {w // 2}, {h // 2}], "label": "x"}}]')
-        self.calls.append((questions, max_new_tokens))
-        ids = [(row + [self.tokenizer.eos_token_id])[:max_new_tokens]
-               for row in self.tokenizer(answers, add_special_tokens=False)["input_ids"]]
-        longest = max(map(len, ids))
-        answer_ids = torch.tensor([row + [self.tokenizer.pad_token_id] * (longest - len(row)) for row in ids])
-        return torch.cat([input_ids, answer_ids], dim=1)
-
-
-def test_scripted_answers_become_panels_markers_and_fused_regions(tmp_path, tiny_model):
-    backend = QwenBackend(str(tiny_model), CFG)
-    backend.model.generate = scripted = Scripted(backend)
+def test_one_figure_request_and_one_request_per_panel(tiny_model):
+    """400x200 is above max_pixels at both scales, so the model would see one size twice: asked once.
+    Then one request per panel crop, for its description and its clauses' boxes: 3 requests, 2 calls."""
+    backend, scripted = scripted_backend(tiny_model)
     image = Image.new("RGB", (400, 200), "white")
     caption = "Kidney. (A) PAS stain; arrows mark crescents. (B) Electron micrograph."
     (proposal,) = backend.propose([image], [caption])
@@ -130,60 +107,74 @@ def test_scripted_answers_become_panels_markers_and_fused_regions(tmp_path, tiny
     assert [p["text"] for p in proposal.phrases[1]] == ["Electron micrograph"]
     phrase_box = proposal.phrases[1][0]["box"]
     assert 200 <= phrase_box[0] < phrase_box[2] <= 400  # crop coordinates mapped back into panel B
-    # Answers that end within the budget are asked once: one call per panel scale, markers, descriptions
-    # and phrases, none of them again.
-    assert [questions[0] for questions, _ in scripted.calls][:4] == [prompts.PANELS, prompts.PANELS, prompts.MARKERS,
-                                                                     prompts.DESCRIBE]
-    assert len(scripted.calls) == 5 and proposal.warnings == []
+    assert scripted.calls == [(["figure"], CFG.max_new_tokens), (["panel", "panel"], CFG.max_new_tokens)]
+    assert backend.counts == {"requests": 3, "generate_calls": 2} and proposal.warnings == []
+
+
+def test_a_second_scale_is_asked_only_where_the_model_would_see_another_size(tiny_model):
+    """200x100 is under max_pixels: at 0.75 the model sees 140x84 instead of 196x112, so both are asked;
+    the two answers spell the labels differently ("A" and "(a)") and still pool into one panel each,
+    spelt as the caption spells them."""
+    def figure(height, width):
+        spell = (lambda c: c) if width > 150 else (lambda c: f"({c.lower()})")
+        return [{"bbox_2d": [0, 0, width // 2, height], "label": spell("A")},
+                {"bbox_2d": [width // 2, 0, width, height], "label": spell("B")}]
+    backend, scripted = scripted_backend(tiny_model, figure=figure)
+    small, large = Image.new("RGB", (200, 100), "white"), Image.new("RGB", (400, 200), "white")
+    proposals = backend.propose([small, large], ["Two stains: (a) PAS. (b) HE.", "(A) PAS. (B) HE."])
+    assert scripted.calls[0] == (["figure"] * 3, CFG.max_new_tokens)  # small twice, large once
+    assert [p["label"] for p in proposals[0].panels] == ["a", "b"]
+    assert [p["label"] for p in proposals[1].panels] == ["A", "B"]
+    assert backend.counts["requests"] == 3 + 4
 
 
 def test_real_generate_tells_a_cut_answer_from_one_that_ended(tiny_model):
     """The random model ends neither answer within 12 tokens. Made to end one (a token it says becomes an
     end-of-sequence token), generate pads that row while the other runs on to the budget: only the other
     is cut, and it alone is asked again."""
-    backend = QwenBackend(str(tiny_model), dataclasses.replace(CFG, max_retry_tokens=16), max_new_tokens=12)
+    backend = qwen_backend(tiny_model, dataclasses.replace(CFG, max_new_tokens=12, max_retry_tokens=16))
+    engine = backend.engine
     images = [Image.new("RGB", (200, 100), "white"), Image.new("RGB", (120, 300), (30, 90, 200))]
-    questions = [prompts.PANELS, prompts.MARKERS]
-    assert backend._generate_once(images, questions, 12)[1] == [True, True]
-    batch = backend.processor(text=backend._chat(questions), images=images, padding=True, return_tensors="pt")
-    out = backend.model.generate(**batch, max_new_tokens=12, do_sample=False)
+    questions = [prompts.FIGURE, prompts.PANEL]
+    requests = [Request(q, image, 12) for q, image in zip(questions, images)]
+    assert [a.cut_at for a in engine.generate(requests)] == [12, 12]
+    batch = engine.processor(text=[engine.chat(q, True) for q in questions], images=images, padding=True,
+                             return_tensors="pt")
+    out = engine.model.generate(**batch, max_new_tokens=12, do_sample=False)
     first, other = out[:, batch["input_ids"].shape[1]:].tolist()
-    config = backend.model.generation_config
+    config = engine.model.generation_config
     config.eos_token_id = [config.eos_token_id, next(t for t in first[2:] if t not in other)]
-    generate, calls = backend.model.generate, []
-    backend.model.generate = lambda **kw: calls.append((len(kw["input_ids"]), kw["max_new_tokens"])) or generate(**kw)
-    _, cut, _ = backend._generate(images, questions)
-    assert cut == [None, 16] and calls == [(2, 12), (1, 16)]
+    generate, calls = engine.model.generate, []
+    engine.model.generate = lambda **kw: calls.append((len(kw["input_ids"]), kw["max_new_tokens"])) or generate(**kw)
+    assert [a.cut_at for a in backend._ask(requests)] == [None, 16] and calls == [(2, 12), (1, 16)]
 
 
 def test_an_answer_cut_at_the_budget_is_asked_again_alone_with_a_larger_one(tiny_model):
-    """Ten panels take ~330 tokens: cut at 128, the wide figure's panel answer is asked again at 4 x 128,
+    """Ten panels take ~370 tokens: cut at 128, the wide figure's answer is asked again at 4 x 128,
     without the other figure, and all ten panels come back."""
-    backend = QwenBackend(str(tiny_model), CFG, max_new_tokens=128)
-    backend.model.generate = scripted = Scripted(backend, panels=lambda height, width: 10 if width > 3 * height else 2)
+    backend, scripted = scripted_backend(tiny_model, dataclasses.replace(CFG, max_new_tokens=128),
+                                         figure=lambda h, w: side_by_side(10 if w > 3 * h else 2)(h, w))
     wide, pair = Image.new("RGB", (1000, 200), "white"), Image.new("RGB", (400, 200), "white")
     proposals = backend.propose([wide, pair], ["Ten stains.", "Two stains."])
     assert [p["label"] for p in proposals[0].panels] == list("ABCDEFGHIJ")
     for k, panel in enumerate(proposals[0].panels):
         assert panel["box"] == pytest.approx([100 * k, 0, 100 * k + 100, 200], abs=3)
     assert [p["label"] for p in proposals[1].panels] == ["A", "B"]
-    panel_calls = [(questions, budget) for questions, budget in scripted.calls if prompts.PANELS in questions]
-    assert panel_calls == [([prompts.PANELS] * 2, 128), ([prompts.PANELS], 512)] * len(CFG.panel_scales)
-    assert all(budget == 128 for questions, budget in scripted.calls if prompts.MARKERS in questions)
+    assert [call for call in scripted.calls if "figure" in call[0]] == [(["figure"] * 2, 128), (["figure"], 512)]
+    assert all(budget == 128 for kinds, budget in scripted.calls if "panel" in kinds)
     assert proposals[0].warnings == proposals[1].warnings == []
 
 
 def test_an_answer_cut_even_at_the_retry_budget_keeps_its_boxes_and_says_so(tiny_model):
     """The retry budget is capped by the config: at 256 tokens ten panels are cut again, after ~7."""
-    backend = QwenBackend(str(tiny_model), dataclasses.replace(CFG, max_retry_tokens=256), max_new_tokens=128)
-    backend.model.generate = scripted = Scripted(backend, panels=lambda height, width: 10)
+    backend, scripted = scripted_backend(tiny_model, dataclasses.replace(CFG, max_new_tokens=128, max_retry_tokens=256),
+                                         figure=side_by_side(10))
     (proposal,) = backend.propose([Image.new("RGB", (1000, 200), "white")], ["Ten stains."])
     labels = [p["label"] for p in proposal.panels]
     assert 5 <= len(labels) < 10 and labels == list("ABCDEFGHIJ")[:len(labels)]
-    assert [budget for questions, budget in scripted.calls if prompts.PANELS in questions] == [128, 256] * 2
-    assert proposal.warnings[:2] == ["panels@1.0: answer cut at 256 tokens",
-                                     "panels@1.0: truncated or malformed JSON; kept the complete objects"]
-    assert "panels@0.75: answer cut at 256 tokens" in proposal.warnings
+    assert [budget for kinds, budget in scripted.calls if "figure" in kinds] == [128, 256]
+    assert proposal.warnings[:2] == ["figure@1.0: answer cut at 256 tokens",
+                                     "figure@1.0: truncated or malformed JSON; kept the complete objects"]
 
 
 @pytest.mark.parametrize("bounds", [None, (28 * 28 * 4, 28 * 28 * 400)])
@@ -191,10 +182,9 @@ def test_boxes_map_back_from_the_resolution_the_model_saw(official_layout_model,
     """A large figure from a checkpoint whose saved bounds differ from the config's: answers come in
     pixels of whatever the processor fed the model (with the config's bounds, or others set on it
     later) and map back to the figure's pixels."""
-    backend = QwenBackend(str(official_layout_model), CFG)
+    backend, _ = scripted_backend(official_layout_model)
     if bounds:
-        backend.processor.image_processor.size = SizeDict(shortest_edge=bounds[0], longest_edge=bounds[1])
-    backend.model.generate = Scripted(backend)
+        backend.engine.processor.image_processor.size = SizeDict(shortest_edge=bounds[0], longest_edge=bounds[1])
     figure = Image.new("RGB", (2000, 1500), "white")
     (proposal,) = backend.propose([figure], ["(A) PAS stain. (B) Electron micrograph."])
     assert [(p["label"], [round(v) for v in p["box"]]) for p in proposal.panels] == [
@@ -204,9 +194,12 @@ def test_boxes_map_back_from_the_resolution_the_model_saw(official_layout_model,
     assert proposal.phrases[1][0]["box"] == pytest.approx([1200, 300, 1500, 750], abs=10)
 
 
-def test_prefilter_sends_single_panel_figures_past_the_lvlm(tiny_model):
-    backend = QwenBackend(str(tiny_model), CFG)
-    backend.model.generate = scripted = Scripted(backend)
+def test_prefilter_sends_single_panel_figures_past_the_lvlm_and_reads_nothing_else(tiny_model, monkeypatch):
+    backend, scripted = scripted_backend(tiny_model)
+    read = collections.Counter()
+    for name in ("read_labels", "find_markers"):
+        real = getattr(backends, name)
+        monkeypatch.setattr(backends, name, lambda *a, _real=real, _name=name, **k: read.update([_name]) or _real(*a, **k))
     single = Image.new("RGB", (300, 200), "white")
     single.paste(Image.new("RGB", (280, 180), (90, 60, 120)), (10, 10))
     double = Image.new("RGB", (420, 200), "white")
@@ -215,29 +208,32 @@ def test_prefilter_sends_single_panel_figures_past_the_lvlm(tiny_model):
     proposals = PrefilteredBackend(backend).propose([single, double], ["A cell.", "(A) x. (B) y."])
     assert proposals[0].warnings == ["prefilter: one panel found, LVLM skipped"]
     assert len(proposals[1].panels) == 2
-    assert [questions for questions, _ in scripted.calls if prompts.PANELS in questions] == [[prompts.PANELS]] * 2
+    assert [kinds for kinds, _ in scripted.calls if "figure" in kinds] == [["figure"]]
+    # Labels and markers only for the figure the LVLM does not see (one find_markers call per panel).
+    assert read == {"read_labels": 1, "find_markers": 1}
 
 
-def test_captions_cli_with_the_tiny_model_falls_back_to_rules(tmp_path, tiny_model, monkeypatch):
+def test_captions_cli_with_the_tiny_model_falls_back_to_rules(tmp_path, tiny_model):
     # A random model seldom ends an answer: at the default budgets (1024 tokens, then 4096) this takes minutes.
-    monkeypatch.setattr(qwen, "QwenBackend", functools.partial(QwenBackend, max_new_tokens=24))
     source = tmp_path / "captions.jsonl"
     captions = {"f1": "Kidney biopsy. (A) PAS stain. (B) Electron micrograph.", "f2": "Chest radiograph."}
     source.write_text("".join(json.dumps({"id": k, "caption": v}) + "\n" for k, v in captions.items()))
     assert main(["captions", "--input", str(source), "--out", str(tmp_path / "out.jsonl"), "--backend", "qwen",
-                 "--model", str(tiny_model), "--batch-size", "2"]) == 0
+                 "--model", str(tiny_model), "--batch-size", "2", "--max-new-tokens", "24",
+                 "--max-retry-tokens", "24"]) == 0
     lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [line["id"] for line in lines] == ["f1", "f2"]
     for line in lines:  # a random model's answers are unusable: each caption says so and uses the rules
         assert line["panels"] == split_caption(captions[line["id"]])
-        assert line["warnings"][-1] == "used the rule-based split"
+        assert line["warnings"] == ["answer cut at 24 tokens", line["warnings"][1], "used the rule-based split"]
 
 
 def test_lvlm_caption_split_keeps_the_shared_context(tiny_model):
-    backend = QwenBackend(str(tiny_model), CFG, max_new_tokens=4)
-    backend._generate = lambda images, questions: ([
-        '```json\n[{"label": "A", "text": "PAS stain"}, {"label": "B", "text": "electron micrograph"}]\n```',
-        '[{"label": "A", "text": "PAS stain"}, {"label": "B", "te'], [None, 4096], [])
+    backend = qwen_backend(tiny_model)
+    backend._ask = lambda requests: [
+        Answer('```json\n[{"label": "A", "text": "PAS stain"}, {"label": "B", "text": "electron micrograph"}]\n```',
+               None, None),
+        Answer('[{"label": "A", "text": "PAS stain"}, {"label": "B", "te', 4096, None)]
     (panels, warnings), (cut_panels, cut_warnings) = backend.split_captions(
         ["Kidney biopsy. A PAS stain, B electron micrograph."] * 2)
     assert panels == [{"label": "A", "text": "Kidney biopsy. PAS stain"},
@@ -245,6 +241,71 @@ def test_lvlm_caption_split_keeps_the_shared_context(tiny_model):
     # An answer cut even at the retry budget keeps what it holds, and says it was cut.
     assert cut_panels == panels[:1]
     assert cut_warnings == ["answer cut at 4096 tokens", "truncated or malformed JSON; kept the complete objects"]
+
+
+def run_flags(*flags: str):
+    parser = __import__("argparse").ArgumentParser()
+    add_lvlm_flags(parser)
+    return lvlm_settings(parser.parse_args(list(flags)))
+
+
+def test_node_flags_reach_the_transformers_model(tiny_model, monkeypatch):
+    """What the 72B model on an 8-GPU node needs, on CPU: accelerate's placement with a memory cap
+    (everything fits the CPU here), the attention kernel, requests per generate call, token budgets."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    loaded, load = {}, Qwen2_5_VLForConditionalGeneration.from_pretrained
+    monkeypatch.setattr(Qwen2_5_VLForConditionalGeneration, "from_pretrained",
+                        lambda *a, **k: loaded.update(copy.deepcopy(k)) or load(*a, **k))
+    cfg, options = run_flags("--device-map", "auto", "--max-memory", "cpu=4GiB", "--attn-implementation", "eager",
+                             "--lvlm-batch-size", "3", "--max-new-tokens", "400", "--max-retry-tokens", "800")
+    assert (cfg.max_new_tokens, cfg.max_retry_tokens) == (400, 800)
+    backend = make_backend("qwen", str(tiny_model), dataclasses.replace(cfg, max_pixels=CFG.max_pixels, panel_scales=(1.0,)),
+                           options=options)
+    assert {k: loaded[k] for k in ("device_map", "max_memory", "attn_implementation")} == {
+        "device_map": "auto", "max_memory": {"cpu": "4GiB"}, "attn_implementation": "eager"}
+    model = backend.engine.model
+    assert model.config._attn_implementation == "eager" and model.device.type == "cpu"
+    model.generate = scripted = Scripted(backend.engine, side_by_side(4))
+    backend.propose([Image.new("RGB", (400, 100), "white")], ["(A) a. (B) b. (C) c. (D) d."])
+    assert scripted.calls == [(["figure"], 400), (["panel"] * 3, 400), (["panel"], 400)]
+
+
+def test_node_flags_reach_the_vllm_engine(tiny_model, monkeypatch):
+    """vLLM needs CUDA, so a stand-in `vllm.LLM` records what the engine gives it and answers like
+    vLLM's outputs (text, finish_reason); the engine's mapping of those answers is real."""
+    made = {}
+
+    class Params:
+        max_tokens = None
+
+        def clone(self):
+            return Params()
+
+    class LLM:
+        def __init__(self, **kwargs):
+            made.update(kwargs)
+
+        def get_default_sampling_params(self):
+            return Params()
+
+        def generate(self, prompts, params, use_tqdm):
+            made["budgets"] = [p.max_tokens for p in params]
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text="[]", finish_reason=reason)])
+                    for reason in ("stop", "length")]
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM))
+    cfg, options = run_flags("--tensor-parallel-size", "8", "--gpu-memory-utilization", "0.8",
+                             "--max-model-len", "16384")
+    backend = make_backend("vllm", str(tiny_model), CFG, options=options)
+    assert {k: made[k] for k in ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len",
+                                 "enable_prefix_caching", "mm_processor_kwargs")} == {
+        "tensor_parallel_size": 8, "gpu_memory_utilization": 0.8, "max_model_len": 16384,
+        "enable_prefix_caching": True, "mm_processor_kwargs": {"min_pixels": CFG.min_pixels, "max_pixels": CFG.max_pixels}}
+    answers = backend.engine.generate([Request(prompts.FIGURE, Image.new("RGB", (2000, 1500)), 7),
+                                       Request(prompts.PANEL, Image.new("RGB", (60, 60)), 9)])
+    assert made["budgets"] == [7, 9] and [a.cut_at for a in answers] == [None, 9]
+    assert answers[0].seen == resized_size(1500, 2000, CFG.min_pixels, CFG.max_pixels)
+    assert options == LvlmOptions(tensor_parallel_size=8, gpu_memory_utilization=0.8, max_model_len=16384)
 
 
 def test_vllm_backend_is_imported_only_when_chosen(tmp_path, tiny_model, capsys):

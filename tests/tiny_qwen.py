@@ -47,3 +47,54 @@ def build_tiny_qwen(path: Path, corpus: list[str], seed: int = 0) -> Path:
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+def side_by_side(count: int):
+    """A figure answer of `count` panels A, B, … side by side and an arrow in the first one."""
+    def answer(height: int, width: int) -> list[dict]:
+        return [{"bbox_2d": [width * i // count, 0, width * (i + 1) // count, height], "label": chr(ord("A") + i)}
+                for i in range(count)] + [{"bbox_2d": [width // 8, height // 4, width // 8 + 6, height // 4 + 6],
+                                           "label": "arrow"}]
+    return answer
+
+
+class Scripted:
+    """Stands in for the network's `generate` only, answering as a good Qwen2.5-VL would: in pixels of
+    the resized input it saw, read off its image grid. A figure question gets `figure(height, width)`
+    (a list of {"bbox_2d", "label"}; default two panels side by side and an arrow), a panel question a
+    description and a box (a fifth to a half of the crop's sides) for each phrase it asks about. Like
+    generate, it ends each answer with the end-of-sequence token unless `max_new_tokens` cuts it first,
+    and pads the rows that ended. `calls` holds each call's question kinds and budget. Everything around
+    it (processor, prompts, parsing, mapping, pooling, fusion) is real."""
+
+    def __init__(self, engine, figure=side_by_side(2)):
+        self.tokenizer, self.figure, self.calls = engine.processor.tokenizer, figure, []
+        self.patch = engine.model.config.vision_config.patch_size
+
+    def answer(self, prompt: str, height: int, width: int) -> tuple[str, str]:
+        import json
+        import re
+
+        from annotate import prompts
+        if prompts.FIGURE in prompt:
+            return "figure", "```json\n" + json.dumps(self.figure(height, width)) + "\n```"
+        listed = re.search(r"phrases in it: (.*?)\. Answer only", prompt, re.DOTALL)
+        phrases = re.findall(r'"([^"]*)"', listed.group(1)) if listed else []
+        box = [width // 5, height // 5, width // 2, height // 2]
+        return "panel", json.dumps({"description": "A stained tissue section.",
+                                    "boxes": [{"bbox_2d": box, "label": phrase} for phrase in phrases]})
+
+    def __call__(self, input_ids, max_new_tokens, image_grid_thw=None, **_):
+        import torch
+        kinds, answers = [], []
+        for prompt, (_, rows, columns) in zip(self.tokenizer.batch_decode(input_ids), image_grid_thw.tolist(),
+                                              strict=True):
+            kind, answer = self.answer(prompt, rows * self.patch, columns * self.patch)
+            kinds.append(kind)
+            answers.append(answer)
+        self.calls.append((kinds, max_new_tokens))
+        ids = [(row + [self.tokenizer.eos_token_id])[:max_new_tokens]
+               for row in self.tokenizer(answers, add_special_tokens=False)["input_ids"]]
+        longest = max(map(len, ids))
+        answer_ids = torch.tensor([row + [self.tokenizer.pad_token_id] * (longest - len(row)) for row in ids])
+        return torch.cat([input_ids, answer_ids], dim=1)
