@@ -1,6 +1,6 @@
 """One figure in, one validated figure record out (or a FigureError saying which stage failed and why).
 
-Stages: read the bytes, decode the image (size-capped), propose panels (backend), split the caption
+Stages: read the bytes and decode the image (decode.py, size-capped), propose panels (backend), split the caption
 per panel label, classify panels, mine regions (backend markers + caption phrases, fused), build the
 record. The record keeps the original encoded bytes untouched; decoding is only for analysis.
 """
@@ -8,24 +8,21 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import io
 import re
 import sys
 import time
-import warnings
 from typing import Protocol
 
-import numpy as np
 from PIL import Image
 
 from annotate.captions import split_caption
 from annotate.config import AnnotateConfig
+from annotate.decode import Decoded, FigureError, read_and_decode
 from annotate.heuristic import panel_kind
 from annotate.inputs import Figure
 from annotate.prompts import VERSION as PROMPT_VERSION
 from annotate.regions import fuse_regions
 from zoomin_jax import records
-
 
 
 # Words a caption uses for each marker kind, the kind's own word first.
@@ -46,12 +43,6 @@ def marker_clause(panel_text: str, kind: str) -> str:
     return panel_text.strip()
 
 
-class FigureError(Exception):
-    def __init__(self, stage: str, reason: str):
-        super().__init__(f"{stage}: {reason}")
-        self.stage, self.reason = stage, reason
-
-
 @dataclasses.dataclass
 class Proposal:
     """What a backend sees in one figure. Boxes in original pixels."""
@@ -69,40 +60,6 @@ class Backend(Protocol):
     def propose(self, images: list[Image.Image], captions: list[str]) -> list[Proposal]:
         """One proposal per image, in order. Raising is allowed (out of memory, one figure it cannot handle):
         `propose_bisecting` retries the batch in halves."""
-
-
-def decode(data: bytes, cfg: AnnotateConfig) -> Image.Image:
-    """An RGB image for analysis; FigureError for empty, corrupt, truncated or oversized files."""
-    if not data:
-        raise FigureError("decode", "empty file (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > cfg.max_image_pixels:
-                raise FigureError("decode", f"{width}x{height} exceeds max_image_pixels={cfg.max_image_pixels} "
-                                            f"(decompression bomb guard)")
-            if max(width, height) > cfg.max_aspect_ratio * min(width, height):
-                ratio = max(width, height) / max(min(width, height), 1)
-                raise FigureError("decode", f"extreme aspect ratio ({width}x{height}, {ratio:.0f}:1) exceeds "
-                                            f"max_aspect_ratio={cfg.max_aspect_ratio:g}")
-            image.load()
-    except FigureError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise FigureError("decode", f"decompression bomb refused: {err}") from None
-    except (OSError, ValueError, SyntaxError) as err:
-        raise FigureError("decode", f"unreadable or truncated image: {err}") from None
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16-bit and float images: stretch to 8 bits rather than clip to white.
-        pixels = np.asarray(image, dtype=np.float64)
-        low, high = float(pixels.min()), float(pixels.max())
-        image = Image.fromarray(((pixels - low) / max(high - low, 1e-9) * 255).astype(np.uint8))
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, image.convert("RGBA"))
-    return image.convert("RGB")
 
 
 def build_record(figure: Figure, data: bytes, image: Image.Image, proposal: Proposal, backend: Backend,
@@ -135,29 +92,22 @@ def build_record(figure: Figure, data: bytes, image: Image.Image, proposal: Prop
                                      "warnings": proposal.warnings})
 
 
-def annotate_batch(figures: list[Figure], backend: Backend, cfg: AnnotateConfig) -> list[dict | FigureError]:
-    """Records (or the error of each figure that failed), in input order."""
+def annotate_batch(figures: list[Figure], backend: Backend, cfg: AnnotateConfig,
+                   decoded: list[Decoded] | None = None) -> list[dict | FigureError]:
+    """Records (or the error of each figure that failed), in input order; `decoded` is what
+    `decode.decoded_batches` made of `figures` (decoded here when not given)."""
     start = time.perf_counter()
-    decoded: list[tuple[Figure, bytes, Image.Image] | FigureError] = []
-    for figure in figures:
-        try:
-            data = figure.read_image_bytes()
-        except OSError as err:
-            decoded.append(FigureError("read", f"image unreadable: {err}"))
-            continue
-        try:
-            decoded.append((figure, data, decode(data, cfg)))
-        except FigureError as err:
-            decoded.append(err)
-    good = [d for d in decoded if not isinstance(d, FigureError)]
-    proposals = iter(propose_bisecting(backend, [image for _, _, image in good], [f.caption for f, _, _ in good]))
+    if decoded is None:
+        decoded = [read_and_decode(figure, cfg) for figure in figures]
+    good = [(figure, item) for figure, item in zip(figures, decoded, strict=True) if not isinstance(item, FigureError)]
+    proposals = iter(propose_bisecting(backend, [image for _, (_, image) in good], [f.caption for f, _ in good]))
     seconds = (time.perf_counter() - start) / max(len(figures), 1)
     results: list[dict | FigureError] = []
-    for item in decoded:
+    for figure, item in zip(figures, decoded, strict=True):
         if isinstance(item, FigureError):
             results.append(item)
             continue
-        figure, data, image = item
+        data, image = item
         proposal = next(proposals)
         if isinstance(proposal, FigureError):
             results.append(proposal)

@@ -7,7 +7,7 @@ import types
 import pytest
 from PIL import Image
 
-import annotate.pipeline
+import annotate.decode
 from annotate.config import AnnotateConfig
 from annotate.inputs import Figure
 from annotate.pipeline import Proposal, annotate_batch
@@ -64,8 +64,8 @@ def test_a_raising_backend_is_bisected_down_to_the_figure_that_fails_alone(tmp_p
                                                                   empty_cache=lambda: emptied.append(True)))
     monkeypatch.setitem(sys.modules, "torch", fake_torch)
     decodes = []
-    real_decode = annotate.pipeline.decode
-    monkeypatch.setattr(annotate.pipeline, "decode", lambda data, cfg: decodes.append(1) or real_decode(data, cfg))
+    real_decode = annotate.decode.decode
+    monkeypatch.setattr(annotate.decode, "decode", lambda data, cfg: decodes.append(1) or real_decode(data, cfg))
     manifest, lines = medicat_manifest(tmp_path)
     assert len(lines) == 10
     backend = ScriptedBackend(max_batch=2, poison=lines[2]["caption"])
