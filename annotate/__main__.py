@@ -1,14 +1,18 @@
 """python -m annotate {run,merge,captions,synth,eval,show}: the Panel2Patch annotation stage's command line.
 
-  run --input PATH... --out DIR --backend heuristic|qwen|vllm [--model DIR] [--num-shards N --shard-index I]
+  run --input PATH|DIR|@LIST... --out DIR --backend heuristic|qwen|vllm [--model DIR] [--num-shards N
+      [--shard-index I]] [--shard-by auto|file|figure] [--max-failure-rate R --min-figures-for-rate M]
       figures (.jsonl manifests, WebDataset .tar shards, JATS .nxml) -> DIR/records-SSSSS-of-NNNNN
       .array_record, DIR/failures-….jsonl (id, stage, reason), DIR/summary-….json; resumable. The
-      shard comes from the flags, else SLURM_ARRAY_TASK_ID/COUNT, else RANK/WORLD_SIZE. SIGTERM
-      closes the open part and exits with status 143; a rerun finishes the shard.
-  merge --out DIR [--input PATH...] [--report FILE]
+      shard comes from the flags (the index, if not given, from SLURM_ARRAY_TASK_ID or RANK), else
+      SLURM_ARRAY_TASK_ID/COUNT, else RANK/WORLD_SIZE. Exit status 143 after SIGTERM (the open part
+      closed; a rerun finishes the shard), 3 when more than R of the figures failed, 1 on errors,
+      including another process running the same shard.
+  merge --out DIR [--input PATH|DIR|@LIST...] [--report FILE]
       after all shards ran: names missing shards and ids accounted for twice or (given the run's
-      inputs) not at all; sums the summaries into FILE (default DIR/merged-summary.json). Exit 1
-      unless every shard is there and every input id is one record or one failure.
+      inputs) not at all, keeps one of an id that files of two shards hold; adds up the shards into
+      FILE (default DIR/merged-summary.json). Exit 1 unless every shard is there and every input id
+      is one record or one failure.
 
   captions --input captions.jsonl --out out.jsonl
       lines {"id", "caption"} -> lines {"id", "panels": [{"label", "text"}]}; a line that cannot be
@@ -43,6 +47,41 @@ def _caption_of(line: str) -> tuple[str, str]:
     return str(item["id"]), caption
 
 
+def add_lvlm_flags(parser: argparse.ArgumentParser) -> None:
+    """How a qwen/vllm backend runs on a node: 7B on one GPU takes the defaults; 72B shards over 8 GPUs
+    (--device-map auto, or --backend vllm --tensor-parallel-size 8)."""
+    from annotate.backends import LvlmOptions
+    from annotate.config import AnnotateConfig
+    lvlm, defaults = parser.add_argument_group("LVLM (qwen, vllm)"), LvlmOptions()
+    lvlm.add_argument("--max-new-tokens", type=int, default=AnnotateConfig.max_new_tokens,
+                      help="token budget per answer; a cut answer is asked again with 4x, up to --max-retry-tokens")
+    lvlm.add_argument("--max-retry-tokens", type=int, default=AnnotateConfig.max_retry_tokens)
+    lvlm.add_argument("--lvlm-batch-size", type=int, default=defaults.batch_size,
+                      help="qwen: requests per generate call (vllm schedules its own batches)")
+    lvlm.add_argument("--device-map", help='qwen: transformers layer placement over the GPUs, e.g. "auto" for 72B')
+    lvlm.add_argument("--max-memory", help="qwen: memory cap per device with --device-map, e.g. 0=70GiB,1=70GiB")
+    lvlm.add_argument("--attn-implementation", help="qwen: sdpa, eager or flash_attention_2 (needs flash-attn)")
+    lvlm.add_argument("--tensor-parallel-size", type=int, default=defaults.tensor_parallel_size,
+                      help="vllm: GPUs to shard the model over")
+    lvlm.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization,
+                      help="vllm: share of each GPU's memory for weights and KV cache")
+    lvlm.add_argument("--max-model-len", type=int, help="vllm: context length cap (smaller frees KV cache)")
+
+
+def lvlm_settings(args):
+    """(AnnotateConfig, LvlmOptions) from the flags `add_lvlm_flags` defined."""
+    import dataclasses
+
+    from annotate.backends import LvlmOptions
+    from annotate.config import AnnotateConfig
+    cfg = dataclasses.replace(AnnotateConfig(), max_new_tokens=args.max_new_tokens,
+                              max_retry_tokens=args.max_retry_tokens)
+    return cfg, LvlmOptions(batch_size=args.lvlm_batch_size, device_map=args.device_map, max_memory=args.max_memory,
+                            attn_implementation=args.attn_implementation,
+                            tensor_parallel_size=args.tensor_parallel_size,
+                            gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len)
+
+
 def cmd_captions(args) -> int:
     if args.backend == "rules":
         def split(captions):
@@ -50,7 +89,8 @@ def cmd_captions(args) -> int:
     else:
         from annotate.backends import make_backend
         try:
-            split = make_backend(args.backend, args.model).split_captions
+            cfg, options = lvlm_settings(args)
+            split = make_backend(args.backend, args.model, cfg, options=options).split_captions
         except (ValueError, ImportError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
@@ -91,17 +131,20 @@ def cmd_captions(args) -> int:
 def cmd_run(args) -> int:
     from annotate.backends import make_backend
     from annotate.run import run_shard, shard_from_env
-    num_shards, shard_index = shard_from_env(args.num_shards, args.shard_index)
-    if not 0 <= shard_index < num_shards:
-        print(f"error: shard index {shard_index} is outside 0..{num_shards - 1}", file=sys.stderr)
-        return 1
     try:
-        backend = make_backend(args.backend, args.model, prefilter=args.prefilter)
+        num_shards, shard_index = shard_from_env(args.num_shards, args.shard_index)
+        if not 0 <= shard_index < num_shards:
+            raise ValueError(f"shard index {shard_index} is outside 0..{num_shards - 1}")
+        cfg, options = lvlm_settings(args)
+        backend = make_backend(args.backend, args.model, cfg, args.prefilter, options)
+        # ValueError from here on: an input list or directory that names nothing.
+        summary = run_shard(args.input, args.out, backend, num_shards, shard_index, cfg=cfg,
+                            batch_size=args.batch_size, part_size=args.part_size, part_seconds=args.part_seconds,
+                            shard_by=args.shard_by, max_failure_rate=args.max_failure_rate,
+                            min_figures_for_rate=args.min_figures_for_rate, decode_workers=args.decode_workers)
     except (ValueError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    summary = run_shard(args.input, args.out, backend, num_shards, shard_index,
-                        batch_size=args.batch_size, part_size=args.part_size, part_seconds=args.part_seconds)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -148,15 +191,30 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="annotate figures into ArrayRecord shards")
-    p.add_argument("--input", nargs="+", required=True)
+    p.add_argument("--input", nargs="+", required=True,
+                   help="files, directories (their .jsonl/.tar/.nxml/.xml files), or @FILE listing paths one per line")
     p.add_argument("--out", required=True)
     p.add_argument("--backend", default="heuristic", choices=["heuristic", "qwen", "vllm"])
     p.add_argument("--model", help="model directory for LVLM backends")
+    add_lvlm_flags(p)
     p.add_argument("--prefilter", action="store_true",
                    help="send figures the heuristic finds to be one panel past the LVLM")
     p.add_argument("--num-shards", type=int)
-    p.add_argument("--shard-index", type=int)
+    p.add_argument("--shard-index", type=int,
+                   help="default with --num-shards: SLURM_ARRAY_TASK_ID, else RANK")
+    p.add_argument("--shard-by", default="auto", choices=["auto", "file", "figure"],
+                   help="file: each shard reads only its input files (file n of the sorted inputs -> shard n %% N); "
+                        "figure: every shard reads every input, keeping crc32(id) %% N; auto (default): by file when "
+                        "there are at least as many files as shards")
+    p.add_argument("--max-failure-rate", type=float, default=0.5,
+                   help="stop the shard with exit status 3 when more than this fraction of its figures failed this "
+                        "run (1 never stops); this run's failures are then dropped, so a rerun retries them")
+    p.add_argument("--min-figures-for-rate", type=int, default=100,
+                   help="figures this run before --max-failure-rate applies")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--decode-workers", type=int, default=max(0, min(8, len(os.sched_getaffinity(0)) - 1)),
+                   help="processes that read and decode the next batches while the backend works (default: the "
+                        "cores this process may use, less one, at most 8; 0 decodes in the main process)")
     p.add_argument("--part-size", type=int, default=256, help="records per part file (the unit of resume)")
     p.add_argument("--part-seconds", type=float, default=300.0,
                    help="close a part this long after its first record even if not full, so a kill -9 loses "
@@ -164,7 +222,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("merge", help="check that the shards account for every input id once; sum their summaries")
     p.add_argument("--out", required=True, help="the folder the shards were written to")
     p.add_argument("--input", nargs="+",
-                   help="the inputs annotate run got, to find ids no shard has (reads them again, images undecoded)")
+                   help="the inputs annotate run got (files, directories, @FILE), to find ids no shard has (reads them "
+                        "again, images undecoded)")
     p.add_argument("--report", help="merged report JSON (default OUT/merged-summary.json)")
     p = sub.add_parser("captions", help="split compound-figure captions per panel")
     p.add_argument("--input", required=True, help="JSONL with id and caption per line")
@@ -172,6 +231,7 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="rules", choices=["rules", "qwen", "vllm"],
                    help="rules, or an LVLM that assigns clauses to panels (falls back to the rules per caption)")
     p.add_argument("--model", help="model directory for LVLM backends")
+    add_lvlm_flags(p)
     p.add_argument("--batch-size", type=int, default=16)
     p = sub.add_parser("synth", help="synthetic compound figures with ground truth")
     p.add_argument("--out", required=True)

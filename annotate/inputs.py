@@ -1,7 +1,11 @@
 """Figures to annotate, from a JSONL manifest, WebDataset tar shards (BIOMEDICA) or PMC JATS XML.
 
 Every source yields `Figure`s and, for whatever cannot be read, `InputFailure`s with a reason:
-nothing is dropped silently. Images are not decoded here, only located or read as bytes.
+nothing is dropped silently. Images are not decoded here, only located or read as bytes. A failure
+of a whole input file (missing, unreadable, cut off) has stage FILE_STAGE and the file's path as its
+id: it stands for the figures the file would have held, which no one can name.
+
+`expand_inputs` turns what a user gives (files, directories, @lists of paths) into the files to read.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Iterator, Sequence
 
+FILE_STAGE = "file"
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".gif", ".bmp", ".webp")
 _XLINK_HREF = "{http://www.w3.org/1999/xlink}href"
 
@@ -131,7 +136,9 @@ def read_tar(path: Path, fields: TarFields = TarFields()) -> Iterator[Figure | I
                 sample_key = key
                 members[ext.lower()] = tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError) as err:
-        yield InputFailure(str(path), str(path), "read", f"tar unreadable after {sample_key!r}: {err}")
+        # The sample being read is lost with the rest, even if its members were complete.
+        where = f" from sample {sample_key!r} on" if sample_key is not None else ""
+        yield InputFailure(str(path), str(path), FILE_STAGE, f"tar unreadable{where}: {err}")
         return
     if sample_key is not None:
         yield finish()
@@ -147,7 +154,7 @@ def read_jats(path: Path) -> Iterator[Figure | InputFailure]:
     try:
         root = ET.parse(path).getroot()
     except (ET.ParseError, OSError) as err:
-        yield InputFailure(str(path), str(path), "read", f"JATS XML unreadable: {err}")
+        yield InputFailure(str(path), str(path), FILE_STAGE, f"JATS XML unreadable: {err}")
         return
     article_id = _text(root.find(".//article-id[@pub-id-type='pmc']")) or path.stem
     license_ = _text(root.find(".//license"))[:200]
@@ -171,18 +178,55 @@ def read_jats(path: Path) -> Iterator[Figure | InputFailure]:
                      image_path=image_path)
 
 
+def _reader(path: Path, fields: TarFields = TarFields()):
+    """The reader for the path's suffix, or None."""
+    suffixes = "".join(path.suffixes).lower()
+    if suffixes.endswith((".jsonl", ".json")):
+        return read_manifest
+    if suffixes.endswith((".tar", ".tar.gz", ".tgz")):
+        return lambda tar: read_tar(tar, fields)
+    if suffixes.endswith((".nxml", ".xml")):
+        return read_jats
+    return None
+
+
 def iter_inputs(paths: Sequence[str | Path], fields: TarFields = TarFields()) -> Iterator[Figure | InputFailure]:
     """Figures from every input file, in order; the reader is chosen by suffix."""
     for path in map(Path, paths):
-        suffixes = "".join(path.suffixes).lower()
+        reader = _reader(path, fields)
         if not path.exists():
-            yield InputFailure(str(path), str(path), "read", "input file does not exist")
-        elif suffixes.endswith((".jsonl", ".json")):
-            yield from read_manifest(path)
-        elif suffixes.endswith((".tar", ".tar.gz", ".tgz")):
-            yield from read_tar(path, fields)
-        elif suffixes.endswith((".nxml", ".xml")):
-            yield from read_jats(path)
-        else:
-            yield InputFailure(str(path), str(path), "read",
+            yield InputFailure(str(path), str(path), FILE_STAGE, "input file does not exist")
+        elif reader is None:
+            yield InputFailure(str(path), str(path), FILE_STAGE,
                                "unknown input type; use .jsonl manifests, .tar shards or .nxml/.xml articles")
+        else:
+            yield from reader(path)
+
+
+def expand_inputs(paths: Sequence[str | Path]) -> list[str]:
+    """The input files, each once, in the order given: `@FILE` stands for the paths FILE lists one
+    per line (100k articles do not fit on a command line), taken as written, like arguments typed
+    there (argparse's and gcc's @file do the same); a directory for the files under it that a
+    reader recognises, sorted. Any other path is kept as given, so a missing one becomes a failure.
+    ValueError for a list or directory that names nothing: shards would finish empty."""
+    files: list[str] = []
+    for given in map(str, paths):
+        entries = [given]
+        if given.startswith("@"):
+            listing = Path(given[1:])
+            if not listing.is_file():
+                raise ValueError(f"input list {listing} does not exist; give @FILE with one input path per line")
+            entries = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+            if not entries:
+                raise ValueError(f"input list {listing} names no paths; write one input path per line")
+        for entry in map(Path, entries):
+            # Only a path no reader takes is looked at: 100k listed articles cost each task no stat.
+            if _reader(entry) is None and entry.is_dir():
+                found = sorted(str(p) for p in entry.rglob("*") if p.is_file() and _reader(p) is not None)
+                if not found:
+                    raise ValueError(f"input directory {entry} holds no .jsonl, .tar or .nxml/.xml files; "
+                                     f"give the folder the inputs are in")
+                files += found
+            else:
+                files.append(str(entry))
+    return list(dict.fromkeys(files))

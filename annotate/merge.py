@@ -1,12 +1,16 @@
 """`annotate merge`: after all shards of `annotate run` are done, check that every input id was
-accounted for exactly once and add up the shards' summaries.
+accounted for exactly once and add up the shards' records and failures.
 
 A shard is finished when its records and summary files exist (what `annotate run` writes last);
 any other shard of the count is missing, whatever it left behind. Each id must be one record or
 one failure line across all shards; an id may repeat only as the run's duplicate-id failure for
-an input that repeats it. Given the inputs, ids they hold but no finished shard has, and ids the
-shards have but the inputs do not, are listed as well (not the ids of missing shards: rerunning
-those shards is the fix).
+an input that repeats it, or, when the run sharded by file, in shards whose files both hold it:
+then one is kept (a record before a failure, then the lowest shard) and the others are listed as
+resolved duplicates, left out of the totals. A failure of a whole input file (inputs.FILE_STAGE,
+its path as id) is one failed file however many shards recorded it (all of them, sharding by
+figure). Given the inputs, ids they hold but no finished shard has, and ids the shards have but
+the inputs do not, are listed as well (not the ids of missing shards: rerunning those shards is the
+fix).
 """
 from __future__ import annotations
 
@@ -16,8 +20,8 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from annotate.inputs import iter_inputs
-from annotate.run import DUPLICATE_ID_REASON, ShardFiles, shard_of
+from annotate.inputs import FILE_STAGE, InputFailure, expand_inputs, iter_inputs
+from annotate.run import DUPLICATE_ID_REASON, ShardFiles, failure_key, file_shards, shard_of, warning_key
 from zoomin_jax import records
 
 _SHARD_STEM = re.compile(r"-(\d{5,})-of-(\d{5,})\.")
@@ -56,9 +60,10 @@ def merge(out: str | Path, inputs: Sequence[str] | None = None) -> dict:
         problems.append(f"shard files in {out} disagree on the shard count ({seen}); only the {num_shards:05d} "
                         f"ones were merged: move the other run's files out of {out}")
 
-    totals, by_reason, per_shard = collections.Counter(), collections.Counter(), []
-    entries, repeats_explained = collections.Counter(), collections.Counter()
-    missing, unreadable = [], {}
+    # id -> shard -> {"record": (panels, regions, warnings)} or {"failure": its line}
+    entries: dict[str, dict[int, dict]] = collections.defaultdict(dict)
+    repeated_in_shard, repeat_lines, failed_files = set(), [], {}
+    per_shard, shard_by, missing, unreadable = [], {}, [], {}
     for index in range(num_shards):
         files = ShardFiles(out, index, num_shards)
         if not (files.records.exists() and files.summary.exists()):
@@ -67,14 +72,24 @@ def merge(out: str | Path, inputs: Sequence[str] | None = None) -> dict:
         try:
             summary = json.loads(files.summary.read_text())
             failures = files.read_failures(repair=False)  # a finished shard: read, never rewritten
-            ids = [record["figure_id"] for record in records.iter_records(files.records)]
+            found = [(record["figure_id"], {"record": (len(record["panels"]), len(record["regions"]),
+                                                       record["annotation"].get("warnings", []))})
+                     for record in records.iter_records(files.records)]
         except (ValueError, RuntimeError) as err:  # bad JSON, a bad record, a corrupt ArrayRecord file
             unreadable[index] = f"{files.stem} ({err})"
             continue
-        entries.update(ids + [failure["id"] for failure in failures])
-        repeats_explained.update(f["id"] for f in failures if f["reason"] == DUPLICATE_ID_REASON)
-        totals.update({key: summary[key] for key in ("figures", "panels", "regions", "failures")})
-        by_reason.update(summary["failures_by_reason"])
+        for failure in failures:
+            if failure["stage"] == FILE_STAGE:
+                failed_files.setdefault(failure["id"], failure)
+            elif failure["reason"] == DUPLICATE_ID_REASON:
+                repeat_lines.append(failure)
+            else:
+                found.append((failure["id"], {"failure": failure}))
+        for figure_id, entry in found:
+            if index in entries[figure_id]:
+                repeated_in_shard.add(figure_id)
+            entries[figure_id][index] = entry
+        shard_by[index] = summary.get("shard_by", "figure")  # summaries from before file sharding lack it
         per_shard.append({"shard": files.stem, "figures": summary["figures"], "failures": summary["failures"],
                           "figures_per_hour": summary["figures_per_hour_this_run"]})
     if missing:
@@ -85,23 +100,34 @@ def merge(out: str | Path, inputs: Sequence[str] | None = None) -> dict:
     if unreadable:
         problems.append(f"unreadable shards: {'; '.join(unreadable.values())}; delete their records, summary "
                         f"and failures files in {out} and rerun them")
-    duplicates = sorted(i for i, n in entries.items() if n - repeats_explained[i] > 1)
+    modes = sorted(set(shard_by.values()))
+    if len(modes) > 1:
+        problems.append(f"the shards in {out} were sharded differently ({' and '.join(modes)}: see shard_by in their "
+                        f"summaries), so they do not partition the inputs: rerun them all with one --shard-by")
+    by_file = modes == ["file"]
+
+    totals, by_reason, warnings, resolved, repeated = _count_once(entries, by_file, out, num_shards)
+    for failure in repeat_lines + list(failed_files.values()):
+        by_reason[failure_key(failure["stage"], failure["reason"])] += 1
+    duplicates = sorted(repeated_in_shard | repeated)
     if duplicates:
         problems.append(f"ids accounted for more than once in the shards ({len(duplicates)}): {_named(duplicates)}; "
                         f"were files of another run copied into {out}?")
 
-    report = {"out": str(out), "num_shards": num_shards,
-              **{key: totals[key] for key in ("figures", "panels", "regions", "failures")},
-              "failures_by_reason": dict(sorted(by_reason.items())), "shards": per_shard,
-              "missing_shards": [ShardFiles(out, i, num_shards).stem for i in missing],
+    report = {"out": str(out), "num_shards": num_shards, "shard_by": modes,
+              "figures": totals["figures"], "panels": totals["panels"], "regions": totals["regions"],
+              "failures": sum(by_reason.values()), "failures_by_reason": dict(sorted(by_reason.items())),
+              "warnings_by_reason": dict(sorted(warnings.items())), "failed_files": sorted(failed_files),
+              "shards": per_shard, "missing_shards": [ShardFiles(out, i, num_shards).stem for i in missing],
               "unreadable_shards": list(unreadable.values()), "duplicate_ids": duplicates,
-              "inputs": list(inputs) if inputs else None}
+              "duplicates_resolved": resolved, "inputs": list(inputs) if inputs else None}
     if inputs:
-        input_ids = {item.figure_id for item in iter_inputs(inputs)}
-        unseen = input_ids - entries.keys()
+        owners = _owners(expand_inputs(inputs), num_shards, by_file)
+        merged = entries.keys() | failed_files.keys()
+        unseen = owners.keys() - merged
         not_merged = set(missing) | unreadable.keys()
-        awaited = {i for i in unseen if shard_of(i, num_shards) in not_merged}
-        in_no_shard, not_in_inputs = sorted(unseen - awaited), sorted(entries.keys() - input_ids)
+        awaited = {i for i in unseen if owners[i] & not_merged}
+        in_no_shard, not_in_inputs = sorted(unseen - awaited), sorted(merged - owners.keys())
         if in_no_shard:
             problems.append(f"input ids in none of the finished shards ({len(in_no_shard)}): {_named(in_no_shard)}; "
                             f"were inputs added after annotate run? annotate them in a new run")
@@ -111,3 +137,41 @@ def merge(out: str | Path, inputs: Sequence[str] | None = None) -> dict:
         report |= {"ids_in_shards_not_merged": len(awaited), "ids_in_no_shard": in_no_shard,
                    "ids_not_in_inputs": not_in_inputs}
     return report | {"complete": not problems, "problems": problems}
+
+
+def _count_once(entries: dict[str, dict[int, dict]], by_file: bool, out: Path, num_shards: int):
+    """Totals, failures and warnings by reason over one entry per id: a record before a failure, then
+    the lowest shard. An id in several shards is a resolved duplicate when sharding by file, else
+    (an id belongs to one shard) a repeated one."""
+    totals, by_reason, warnings, resolved, repeated = (collections.Counter(), collections.Counter(),
+                                                       collections.Counter(), [], set())
+    for figure_id in sorted(entries):
+        shards = entries[figure_id]
+        kept = min(shards, key=lambda i: ("record" not in shards[i], i))
+        if len(shards) > 1 and by_file:
+            resolved.append({"id": figure_id, "kept": ShardFiles(out, kept, num_shards).stem,
+                             "also_in": [ShardFiles(out, i, num_shards).stem for i in sorted(shards) if i != kept]})
+        elif len(shards) > 1:
+            repeated.add(figure_id)
+        if "record" in shards[kept]:
+            panels, regions, figure_warnings = shards[kept]["record"]
+            totals.update(figures=1, panels=panels, regions=regions)
+            warnings.update(map(warning_key, figure_warnings))
+        else:
+            by_reason[failure_key(shards[kept]["failure"]["stage"], shards[kept]["failure"]["reason"])] += 1
+    return totals, by_reason, warnings, resolved, repeated
+
+
+def _owners(paths: list[str], num_shards: int, by_file: bool) -> dict[str, set[int]]:
+    """Each input id (a failed file's path for a whole-file failure) -> the shards that should hold it."""
+    shard_of_file = file_shards(paths, num_shards)
+    owners: dict[str, set[int]] = collections.defaultdict(set)
+    for path in paths:
+        for item in iter_inputs([path]):
+            if by_file:
+                owners[item.figure_id].add(shard_of_file[path])
+            elif isinstance(item, InputFailure) and item.stage == FILE_STAGE:
+                owners[item.figure_id].update(range(num_shards))
+            else:
+                owners[item.figure_id].add(shard_of(item.figure_id, num_shards))
+    return owners

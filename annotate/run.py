@@ -1,11 +1,25 @@
 """`annotate run`: one shard of the inputs -> records, failures and a summary; resumable, atomic.
 
-Figures go to shard crc32(id) % num_shards, so every process reads all inputs and keeps its own
-(and duplicate ids meet in one shard). Records are written in parts that become visible only when
-closed: when they hold part_size records, when part_seconds have passed since their first record,
-and on SIGTERM. Next to each closed part a sidecar (…part-PPPPP.ids.json) lists its figure ids and
-their panel and region counts, so a rerun and the final concatenation read no records to learn
-what the parts hold. Failures are appended line by line. After a crash a rerun treats the ids in
+Sharding (--shard-by, default auto: by file when there are at least as many input files as shards,
+else by figure). By file: the expanded input files, sorted, are dealt round robin, file n to shard
+n % num_shards, so each task opens only its own files and gets as many as any other, give or take
+one (crc32 of the path would leave some tasks twice the files of others at a few files per task,
+and an array runs as long as its slowest task); the rule depends only on the inputs, so every task
+and any resubmission agree when given the same --input. An id held by files of two shards is then
+annotated in both, and annotate merge keeps one. By figure (few large inputs, e.g. one manifest):
+figure id -> shard crc32(id) % num_shards; every task reads every input and keeps its own, so
+duplicate ids meet in one shard; a failure of a whole file (inputs.FILE_STAGE) is recorded by every
+shard, since each of them lost that file's figures.
+
+A lock (OUT/lock-SSSSS-of-NNNNN, flock) keeps a second process off a running shard: a requeued task
+whose old copy still runs exits 1 instead of interleaving parts with it. The kernel drops the lock
+with the process, kill -9 included, so a rerun is never blocked by a dead one.
+
+Records are written in parts that become visible only when closed: when they hold part_size
+records, when part_seconds have passed since their first record, and on SIGTERM. Next to each
+closed part a sidecar (…part-PPPPP.ids.json) lists its figure ids and their panel and region counts
+and warning reasons, so a rerun and the final concatenation read no records to learn what the parts
+hold. Failures are appended line by line. After a crash a rerun treats the ids in
 closed parts and in the failures file as done, drops the unfinished part, and redoes the rest, so
 each input id ends up exactly once across records and failures.
 
@@ -13,28 +27,38 @@ SIGTERM (SLURM's notice before it kills a preempted or timed-out task) stops the
 current batch: its part is closed with its sidecar and the process exits with status 143 (128 +
 SIGTERM, what SIGTERM's default action would give), leaving the shard for a rerun to finish.
 
+When more than max_failure_rate of the figures this run failed, over at least min_figures_for_rate
+of them (a wrong model, a broken GPU: failing through a whole shard would cost its hours for
+nothing), the shard stops after the batch with status 3 (FAILURE_RATE_EXIT_STATUS), its parts kept
+and this run's failure lines dropped, so a rerun after the fix retries those figures.
+
 When the shard is complete its parts' serialized records are copied, never decoded, into
 DIR/records-SSSSS-of-NNNNN.array_record (one file per shard is what annotate merge, eval, show and
 the tests read by name), keeping the first record of an id that two parts hold, and
-DIR/summary-SSSSS-of-NNNNN.json is written.
+DIR/summary-SSSSS-of-NNNNN.json is written: totals, failures and warnings by reason, and the input
+files this shard read (inputs_read), which shows what each task opened.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
+import fcntl
 import json
 import os
+import re
 import signal
 import sys
 import threading
 import time
 import zlib
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from tqdm import tqdm
 
 from annotate.config import AnnotateConfig
-from annotate.inputs import InputFailure, iter_inputs
+from annotate.inputs import FILE_STAGE, InputFailure, expand_inputs, iter_inputs
+from annotate.decode import decoded_batches
 from annotate.pipeline import Backend, FigureError, annotate_batch
 from zoomin_jax import records
 
@@ -42,24 +66,76 @@ from zoomin_jax import records
 # accounted for more than once (annotate merge relies on it).
 DUPLICATE_ID_REASON = "duplicate id; an earlier figure has it"
 SIGTERM_EXIT_STATUS = 128 + signal.SIGTERM
+FAILURE_RATE_EXIT_STATUS = 3
+SHARD_BY = ("auto", "file", "figure")
 _COPY_CHUNK = 64  # records per read when concatenating: bounded memory with images inside
+# What varies from figure to figure in a message: quoted names and phrases, boxes, JSON, parentheses.
+_VARYING = re.compile(r"'[^']*'|\"[^\"]*\"|\[[^\]]*\]|\{[^}]*\}|\([^)]*\)")
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
 
 def shard_of(figure_id: str, num_shards: int) -> int:
     return zlib.crc32(figure_id.encode("utf-8")) % num_shards
 
 
+def resolve_shard_by(shard_by: str, files: Sequence[str], num_shards: int) -> str:
+    """"file" or "figure" for --shard-by, from the expanded input files (see the module docstring)."""
+    if shard_by not in SHARD_BY:
+        raise ValueError(f"--shard-by {shard_by!r} is not one of {', '.join(SHARD_BY)}")
+    if shard_by == "auto":
+        return "file" if len(files) >= num_shards else "figure"
+    return shard_by
+
+
+def file_shards(files: Sequence[str], num_shards: int) -> dict[str, int]:
+    """Input file -> its shard when sharding by file: round robin over the sorted files."""
+    return {path: n % num_shards for n, path in enumerate(sorted(files))}
+
+
+def reason_of(message: str, fields: int = 1) -> str:
+    """A failure reason or warning as a count key: its first `fields` ':'-separated parts (a failure's
+    first part says what failed, an exception's own text follows), with what varies from figure to
+    figure written as * (quoted, bracketed, parenthesised) and N (numbers)."""
+    plain = _NUMBER.sub("N", _VARYING.sub("*", message))
+    return " ".join(":".join(plain.split(":")[:fields]).split())
+
+
+def failure_key(stage: str, reason: str) -> str:
+    return f"{stage}: {reason_of(reason)}"
+
+
+def warning_key(warning: str) -> str:
+    # A warning reads "where: what" (panels@1.0: box ... clipped), so both parts are kept.
+    return reason_of(warning, fields=2)
+
+
 def shard_from_env(num_shards: int | None, shard_index: int | None) -> tuple[int, int]:
-    """Flags first, then SLURM array variables, then torchrun's RANK/WORLD_SIZE, else one shard."""
-    if num_shards is not None:
-        return num_shards, shard_index or 0
+    """Flags first, then SLURM array variables, then torchrun's RANK/WORLD_SIZE, else one shard.
+    --num-shards alone takes the index from SLURM_ARRAY_TASK_ID or RANK as it is: with the count
+    given, the array index is the shard index (as with the sbatch script's ANNOTATE_NUM_SHARDS), so
+    --array=5,17 reruns shards 5 and 17. ValueError when the index cannot be known."""
     env = os.environ
-    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        offset = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-        return int(env["SLURM_ARRAY_TASK_COUNT"]), int(env["SLURM_ARRAY_TASK_ID"]) - offset
-    if "WORLD_SIZE" in env and "RANK" in env:
-        return int(env["WORLD_SIZE"]), int(env["RANK"])
-    return 1, 0
+    if num_shards is None:
+        if shard_index is not None:
+            raise ValueError(f"--shard-index {shard_index} needs --num-shards: give the shard count as well")
+        if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+            offset = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+            return int(env["SLURM_ARRAY_TASK_COUNT"]), int(env["SLURM_ARRAY_TASK_ID"]) - offset
+        if "WORLD_SIZE" in env and "RANK" in env:
+            return int(env["WORLD_SIZE"]), int(env["RANK"])
+        return 1, 0
+    if shard_index is None:
+        index = env.get("SLURM_ARRAY_TASK_ID", env.get("RANK"))
+        if index is None:
+            raise ValueError(f"--num-shards {num_shards} without --shard-index, and neither SLURM_ARRAY_TASK_ID "
+                             f"nor RANK is set: give --shard-index I (0..{num_shards - 1})")
+        shard_index = int(index)
+    return num_shards, shard_index
+
+
+def _stop(message: str, status: int):
+    print(f"annotate: {message}", file=sys.stderr)
+    raise SystemExit(status)
 
 
 def _replace_text(path: Path, text: str) -> None:
@@ -75,6 +151,7 @@ class ShardFiles:
         self.records = out / f"records-{stem}.array_record"
         self.failures = out / f"failures-{stem}.jsonl"
         self.summary = out / f"summary-{stem}.json"
+        self.lock = out / f"lock-{stem}"
         self.part_glob = f"records-{stem}.part-*.array_record"
 
     def part(self, number: int) -> Path:
@@ -104,18 +181,30 @@ class ShardFiles:
         return kept
 
 
+def _new_index() -> dict:
+    return {"ids": [], "panels": [], "regions": [], "warnings": []}
+
+
+def _add_to_index(index: dict, record: dict) -> None:
+    index["ids"].append(record["figure_id"])
+    index["panels"].append(len(record["panels"]))
+    index["regions"].append(len(record["regions"]))
+    index["warnings"].append([warning_key(w) for w in record["annotation"].get("warnings", [])])
+
+
 def _part_index(part: Path) -> tuple[dict, int]:
-    """The part's sidecar {"ids", "panels", "regions"} (lists in record order) and how many
-    records were decoded for it: none, unless the part has no sidecar (a crash between closing the
-    part and writing it, or a part from before sidecars), which is then written."""
+    """The part's sidecar {"ids", "panels", "regions", "warnings"} (lists in record order) and how
+    many records were decoded for it: none, unless the part has no sidecar (a crash between closing
+    the part and writing it, or a part from before sidecars or before their warnings), which is then
+    written."""
     sidecar = ShardFiles.sidecar(part)
     if sidecar.exists():
-        return json.loads(sidecar.read_text()), 0
-    index = {"ids": [], "panels": [], "regions": []}
+        index = json.loads(sidecar.read_text())
+        if "warnings" in index:
+            return index, 0
+    index = _new_index()
     for record in records.iter_records(part):
-        index["ids"].append(record["figure_id"])
-        index["panels"].append(len(record["panels"]))
-        index["regions"].append(len(record["regions"]))
+        _add_to_index(index, record)
     _replace_text(sidecar, json.dumps(index))
     return index, len(index["ids"])
 
@@ -126,19 +215,18 @@ class _Progress:
     def __init__(self, files: ShardFiles, part_size: int, part_seconds: float):
         self.files, self.part_size, self.part_seconds = files, part_size, part_seconds
         self.failures = open(files.failures, "a")
+        self.failures_before = self.failures.tell()  # the lines of earlier runs end here
         self.writer, self.next_part = None, len(files.parts())
         self.index, self.opened = {}, 0.0
-        self.counts = collections.Counter()
+        self.counts, self.reasons = collections.Counter(), collections.Counter()
 
     def record(self, record: dict) -> None:
         if self.writer is None:
             self.writer = records.RecordWriter(self.files.part(self.next_part))
             self.next_part += 1
-            self.index, self.opened = {"ids": [], "panels": [], "regions": []}, time.monotonic()
+            self.index, self.opened = _new_index(), time.monotonic()
         self.writer.write(record)
-        self.index["ids"].append(record["figure_id"])
-        self.index["panels"].append(len(record["panels"]))
-        self.index["regions"].append(len(record["regions"]))
+        _add_to_index(self.index, record)
         self.counts["figures"] += 1
         self.counts["panels"] += len(record["panels"])
         self.counts["regions"] += len(record["regions"])
@@ -149,6 +237,21 @@ class _Progress:
         self.failures.write(json.dumps({"id": figure_id, "source": source, "stage": stage, "reason": reason}) + "\n")
         self.failures.flush()
         self.counts["failures"] += 1
+        self.reasons[failure_key(stage, reason)] += 1
+
+    def failure_rate(self) -> tuple[float, int]:
+        """This run's share of failed figures, and of how many."""
+        tried = self.counts["figures"] + self.counts["failures"]
+        return self.counts["failures"] / max(tried, 1), tried
+
+    def exit_failing(self, max_rate: float) -> None:
+        """Once closed: stops the shard past max_rate (see the module docstring), dropping this run's failures."""
+        os.truncate(self.files.failures, self.failures_before)
+        rate, tried = self.failure_rate()
+        top = "; ".join(f"{reason} ({count})" for reason, count in self.reasons.most_common(3))
+        _stop(f"shard {self.files.stem} stopped: {self.counts['failures']} of {tried} figures failed this run "
+              f"({rate:.0%}, more than --max-failure-rate {max_rate:g}); top reasons: {top}. Its records are "
+              f"kept and these failures are not: fix the cause and rerun to retry them", FAILURE_RATE_EXIT_STATUS)
 
     def close_part_if_due(self) -> None:
         if self.writer is not None and time.monotonic() - self.opened >= self.part_seconds:
@@ -188,9 +291,20 @@ class _StopOnSigterm:
 
     def exit_if_requested(self, files: ShardFiles, counts: collections.Counter) -> None:
         if self.requested:
-            print(f"annotate: SIGTERM: shard {files.stem} stopped after {counts['figures']} figures and "
-                  f"{counts['failures']} failures this run, its parts closed; rerun to finish it", file=sys.stderr)
-            raise SystemExit(SIGTERM_EXIT_STATUS)
+            _stop(f"SIGTERM: shard {files.stem} stopped after {counts['figures']} figures and {counts['failures']} "
+                  f"failures this run, its parts closed; rerun to finish it", SIGTERM_EXIT_STATUS)
+
+
+@contextlib.contextmanager
+def _shard_lock(files: ShardFiles):
+    """Held while the shard runs (see the module docstring); the lock file stays, only its lock goes."""
+    with open(files.lock, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _stop(f"shard {files.stem} is being run by another process, which holds {files.lock}; let it finish "
+                  f"or stop it, then rerun", 1)
+        yield
 
 
 def _batches(items: Iterable, size: int):
@@ -204,69 +318,101 @@ def _batches(items: Iterable, size: int):
         yield batch
 
 
-def run_shard(inputs: list[str], out: str | Path, backend: Backend, num_shards: int = 1, shard_index: int = 0,
+def run_shard(inputs: Sequence[str], out: str | Path, backend: Backend, num_shards: int = 1, shard_index: int = 0,
               cfg: AnnotateConfig = AnnotateConfig(), batch_size: int = 8, part_size: int = 256,
-              part_seconds: float = 300.0) -> dict:
-    """Annotate this shard's figures; returns the summary (also written to the summary file).
-    On SIGTERM it raises SystemExit(143) once what was done is durable (see the module docstring)."""
+              part_seconds: float = 300.0, shard_by: str = "auto", max_failure_rate: float = 0.5,
+              min_figures_for_rate: int = 100, decode_workers: int = 0) -> dict:
+    """Annotate this shard's figures; returns the summary (also written to the summary file). `inputs`
+    as inputs.expand_inputs takes them; figures are decoded in `decode_workers` processes ahead of the
+    backend (0: in this process). Raises SystemExit(143) on SIGTERM once what was done is
+    durable, SystemExit(3) past max_failure_rate, SystemExit(1) while another process runs the shard."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = ShardFiles(out, shard_index, num_shards)
-    if files.records.exists() and files.summary.exists():
-        files.remove_parts()  # left by a crash between the summary and the clean-up
-        return json.loads(files.summary.read_text())
-    for partial in out.glob(f"records-{files.stem}.part-*.partial"):
-        partial.unlink()  # records of an interrupted part are redone; a sidecar is rebuilt from its part
-    done = {f["id"] for f in files.read_failures()}
-    resume = collections.Counter()
-    for part in files.parts():
-        index, decoded = _part_index(part)
-        done.update(index["ids"])
-        resume["parts_from_sidecars"] += decoded == 0
-        resume["records_decoded"] += decoded
-    resumed = len(done)
-    start = time.perf_counter()
-    with _StopOnSigterm() as stop:
-        progress = _Progress(files, part_size, part_seconds)
-        seen: set[str] = set(done)
+    paths = expand_inputs(inputs)
+    shard_by = resolve_shard_by(shard_by, paths, num_shards)
+    if shard_by == "file":
+        owner = file_shards(paths, num_shards)
+        paths = [path for path in paths if owner[path] == shard_index]
+    with _shard_lock(files):
+        if files.records.exists() and files.summary.exists():
+            files.remove_parts()  # left by a crash between the summary and the clean-up
+            return json.loads(files.summary.read_text())
+        for partial in out.glob(f"records-{files.stem}.part-*.partial"):
+            partial.unlink()  # records of an interrupted part are redone; a sidecar is rebuilt from its part
+        done = {f["id"] for f in files.read_failures()}
+        resume = collections.Counter()
+        for part in files.parts():
+            index, decoded = _part_index(part)
+            done.update(index["ids"])
+            resume["parts_from_sidecars"] += decoded == 0
+            resume["records_decoded"] += decoded
+        resumed = len(done)
+        inputs_read: list[str] = []
+        lvlm_before = collections.Counter(getattr(backend, "counts", {}))
+        start = time.perf_counter()
+        with _StopOnSigterm() as stop:
+            progress = _Progress(files, part_size, part_seconds)
+            seen: set[str] = set(done)
 
-        def mine():
-            for item in iter_inputs(inputs):
-                if stop.requested:
-                    return
-                if shard_of(item.figure_id, num_shards) != shard_index or item.figure_id in done:
-                    continue
-                if isinstance(item, InputFailure):
-                    progress.fail(item.figure_id, item.source, item.stage, item.reason)
-                    seen.add(item.figure_id)
-                elif item.figure_id in seen:
-                    progress.fail(item.figure_id, item.source, "read", DUPLICATE_ID_REASON)
-                else:
-                    seen.add(item.figure_id)
-                    yield item
-
-        try:
-            with tqdm(desc=f"annotate shard {shard_index}/{num_shards}", unit="figure") as bar:
-                for batch in _batches(mine(), batch_size):
-                    if stop.requested:
-                        break
-                    for figure, result in zip(batch, annotate_batch(batch, backend, cfg), strict=True):
-                        if isinstance(result, FigureError):
-                            progress.fail(figure.figure_id, figure.source, result.stage, result.reason)
+            def mine():
+                for path in paths:
+                    inputs_read.append(path)
+                    for item in iter_inputs([path]):
+                        if stop.requested:
+                            return
+                        whole_file = isinstance(item, InputFailure) and item.stage == FILE_STAGE
+                        if item.figure_id in done or (shard_by == "figure" and not whole_file
+                                                      and shard_of(item.figure_id, num_shards) != shard_index):
+                            continue
+                        if isinstance(item, InputFailure):
+                            progress.fail(item.figure_id, item.source, item.stage, item.reason)
+                            seen.add(item.figure_id)
+                        elif item.figure_id in seen:
+                            progress.fail(item.figure_id, item.source, "read", DUPLICATE_ID_REASON)
                         else:
-                            progress.record(result)
-                    progress.close_part_if_due()
-                    bar.update(len(batch))
-        finally:
-            progress.close()
-        stop.exit_if_requested(files, progress.counts)
-        return _finish(files, progress.counts, resumed, resume, time.perf_counter() - start, backend, stop)
+                            seen.add(item.figure_id)
+                            yield item
+
+            failing = False
+            try:
+                with tqdm(desc=f"annotate shard {shard_index}/{num_shards}", unit="figure") as bar:
+                    for batch, decoded in decoded_batches(_batches(mine(), batch_size), cfg, decode_workers):
+                        if stop.requested:
+                            break
+                        for figure, result in zip(batch, annotate_batch(batch, backend, cfg, decoded), strict=True):
+                            if isinstance(result, FigureError):
+                                progress.fail(figure.figure_id, figure.source, result.stage, result.reason)
+                            else:
+                                progress.record(result)
+                        progress.close_part_if_due()
+                        bar.update(len(batch))
+                        rate, tried = progress.failure_rate()
+                        if failing := tried >= min_figures_for_rate and rate > max_failure_rate:
+                            break
+            finally:
+                progress.close()
+            # After the bar's last line, so the reason is the log's last line.
+            if failing:
+                progress.exit_failing(max_failure_rate)
+            stop.exit_if_requested(files, progress.counts)
+            seconds = time.perf_counter() - start
+            about = {"shard_by": shard_by, "inputs_read": inputs_read, "resumed_with_done": resumed,
+                     "resume_parts_from_sidecars": resume["parts_from_sidecars"],
+                     "resume_records_decoded": resume["records_decoded"], "backend": backend.name,
+                     "figures_this_run": progress.counts["figures"],
+                     "figures_per_hour_this_run": round(progress.counts["figures"] / max(seconds, 1e-9) * 3600, 1)}
+            if hasattr(backend, "counts"):  # an LVLM's requests and blocking generate calls this run
+                lvlm = collections.Counter(backend.counts) - lvlm_before
+                about |= {"lvlm_requests": lvlm["requests"], "lvlm_generate_calls": lvlm["generate_calls"],
+                          "lvlm_requests_per_figure": round(lvlm["requests"] / max(progress.counts["figures"], 1), 2)}
+            return _finish(files, about, stop, progress.counts)
 
 
-def _finish(files: ShardFiles, counts: collections.Counter, resumed: int, resume: collections.Counter,
-            seconds: float, backend: Backend, stop: _StopOnSigterm) -> dict:
+def _finish(files: ShardFiles, about: dict, stop: _StopOnSigterm, counts: collections.Counter) -> dict:
+    """Concatenates the parts into the shard's records file and writes its summary (`about` and the totals)."""
     from array_record.python.array_record_module import ArrayRecordReader
-    totals, recorded = collections.Counter(), set()
+    totals, warnings, recorded = collections.Counter(), collections.Counter(), set()
     with records.RecordWriter(files.records) as writer:
         for part in files.parts():
             stop.exit_if_requested(files, counts)  # the unfinished .partial is removed on the way out
@@ -278,6 +424,7 @@ def _finish(files: ShardFiles, counts: collections.Counter, resumed: int, resume
                     keep.append(n)
                     totals["panels"] += index["panels"][n]
                     totals["regions"] += index["regions"][n]
+                    warnings.update(index["warnings"][n])
             reader = ArrayRecordReader(str(part))
             try:
                 if reader.num_records() != len(index["ids"]):
@@ -296,13 +443,10 @@ def _finish(files: ShardFiles, counts: collections.Counter, resumed: int, resume
             failures.append(failure)
             failed.add(failure["id"])
     _replace_text(files.failures, "".join(json.dumps(f) + "\n" for f in failures))
-    by_reason = collections.Counter(f"{f['stage']}: {f['reason'].split(':')[0].split(' (')[0]}" for f in failures)
+    by_reason = collections.Counter(failure_key(f["stage"], f["reason"]) for f in failures)
     summary = {"records": files.records.name, "figures": len(recorded), "panels": totals["panels"],
                "regions": totals["regions"], "failures": len(failures), "failures_by_reason": dict(by_reason),
-               "resumed_with_done": resumed, "resume_parts_from_sidecars": resume["parts_from_sidecars"],
-               "resume_records_decoded": resume["records_decoded"], "backend": backend.name,
-               "figures_this_run": counts["figures"],
-               "figures_per_hour_this_run": round(counts["figures"] / max(seconds, 1e-9) * 3600, 1)}
+               "warnings_by_reason": dict(warnings), **about}
     _replace_text(files.summary, json.dumps(summary, indent=2) + "\n")
     files.remove_parts()
     return summary

@@ -39,7 +39,8 @@ def figures(tmp_path_factory):
     return synthesize(tmp_path_factory.mktemp("synth"), num=40, seed=3)
 
 
-def test_bad_inputs_are_recorded_and_the_shard_finishes(tmp_path, figures):
+@pytest.mark.parametrize("decode_workers", [0, 2])  # decoded here, or in worker processes ahead of the backend
+def test_bad_inputs_are_recorded_and_the_shard_finishes(tmp_path, figures, decode_workers):
     d = tmp_path / "img"
     d.mkdir()
     rgb = Image.open(figures / "images" / "synth-3-00000.png").convert("RGB")
@@ -69,7 +70,7 @@ def test_bad_inputs_are_recorded_and_the_shard_finishes(tmp_path, figures):
 
     out = tmp_path / "out"
     summary = run_shard([str(tmp_path / "manifest.jsonl"), str(tmp_path / "evil.tar"), str(tmp_path / "broken.tar")],
-                        out, HeuristicBackend())
+                        out, HeuristicBackend(), decode_workers=decode_workers)
     got = {r["figure_id"]: r for r in records.iter_records(out / "records-00000-of-00001.array_record")}
     assert sorted(got) == ["alpha", "cmyk", "nocaption", "ok", "palette", "sixteen"]
     assert got["cmyk"]["image_bytes"] == (d / "cmyk.jpg").read_bytes()  # original bytes, untouched

@@ -3,10 +3,12 @@ import io
 import json
 import shutil
 import tarfile
+from pathlib import Path
 
+import pytest
 from PIL import Image
 
-from annotate.inputs import Figure, InputFailure, iter_inputs
+from annotate.inputs import FILE_STAGE, Figure, InputFailure, expand_inputs, iter_inputs
 from conftest import DATA
 
 
@@ -82,5 +84,26 @@ def test_unreadable_tar_keeps_what_was_read(tmp_path):
     path.write_bytes(data[:len(data) // 2])
     items = list(iter_inputs([path, tmp_path / "nope.tar", tmp_path / "notes.txt"]))
     assert isinstance(items[0], Figure) and items[0].figure_id == "k1"
-    assert isinstance(items[1], InputFailure) and "tar unreadable" in items[1].reason
+    assert isinstance(items[1], InputFailure) and "tar unreadable from sample 'k2' on" in items[1].reason
     assert "does not exist" in items[2].reason and "does not exist" in items[3].reason
+    # Whole-file failures, named by the file: they stand for figures no one can name.
+    assert [(i.figure_id, i.stage) for i in items[1:]] == [(str(p), FILE_STAGE) for p in
+                                                          (path, tmp_path / "nope.tar", tmp_path / "notes.txt")]
+
+
+def test_lists_and_directories_expand_to_files_each_once(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("tars/b/2.tar", "tars/a/1.tar", "tars/a/notes.txt", "tars/c.jsonl", "arts/x.nxml", "arts/y.xml.bak"):
+        Path(name).parent.mkdir(parents=True, exist_ok=True)
+        Path(name).write_text("")
+    Path("list.txt").write_text("arts/x.nxml\n\n  gone.nxml  \ntars/c.jsonl\narts\n")
+    assert expand_inputs(["tars", "@list.txt", "tars/a/1.tar"]) == [
+        "tars/a/1.tar", "tars/b/2.tar", "tars/c.jsonl", "arts/x.nxml", "gone.nxml"]
+    with pytest.raises(ValueError, match="input list absent.txt does not exist"):
+        expand_inputs(["@absent.txt"])
+    Path("empty.txt").write_text("\n")
+    with pytest.raises(ValueError, match="input list empty.txt names no paths"):
+        expand_inputs(["@empty.txt"])
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(ValueError, match="input directory bare holds no"):
+        expand_inputs(["bare"])

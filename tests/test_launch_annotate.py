@@ -1,10 +1,14 @@
-"""launch/slurm_annotate.sbatch run by hand as a 3-task array on the real MedICaT figures, then
-`annotate merge`: every input id accounted for once, and a lost shard named."""
+"""launch/slurm_annotate.sbatch run by hand as a 3-task array on the real MedICaT figures (in a
+manifest, and in WebDataset tars one of which is cut off), then `annotate merge`: every input id
+accounted for once, each task reading only its own tars, and a lost shard named."""
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -23,11 +27,8 @@ def run_script(env: dict) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, cwd=REPO)
 
 
-@pytest.fixture(scope="module")
-def annotated(tmp_path_factory):
-    """The 10 real figures (referenced where they lie) and one whose image does not exist,
-    annotated by array tasks 0, 1 and 2 of 3 with the heuristic backend."""
-    tmp = tmp_path_factory.mktemp("fanout")
+def medicat_figures() -> list[dict]:
+    """The 10 real figures as manifest lines (images referenced where they lie)."""
     medicat = DATA / "figures" / "medicat"
     lines = []
     for line in (medicat / "sample.jsonl").read_text().splitlines():
@@ -35,15 +36,28 @@ def annotated(tmp_path_factory):
         image = medicat / f"{sample['pdf_hash']}_{sample['fig_uri']}"
         lines.append({"id": image.stem, "image": str(image), "caption": sample["s2_caption"],
                       "context": sample["s2orc_references"] or []})
+    return lines
+
+
+def run_array(inputs: str, out) -> None:
+    """Array tasks 0, 1 and 2 of 3 with the heuristic backend."""
+    for task in range(3):
+        result = run_script({"SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_COUNT": "3",
+                             "SLURM_ARRAY_TASK_MIN": "0", "ANNOTATE_INPUT": inputs,
+                             "ANNOTATE_OUT": str(out), "ANNOTATE_BACKEND": "heuristic"})
+        assert result.returncode == 0, f"array task {task}:\n{result.stdout}\n{result.stderr}"
+
+
+@pytest.fixture(scope="module")
+def annotated(tmp_path_factory):
+    """The 10 real figures and one whose image does not exist, in one manifest, annotated by a 3-task array."""
+    tmp = tmp_path_factory.mktemp("fanout")
+    lines = medicat_figures()
     lines.append({"id": MISSING_IMAGE_ID, "image": str(tmp / "absent.png"), "caption": "(A) CT. (B) MRI."})
     manifest = tmp / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
     out = tmp / "out"
-    for task in range(3):
-        result = run_script({"SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_COUNT": "3",
-                             "SLURM_ARRAY_TASK_MIN": "0", "ANNOTATE_INPUT": str(manifest),
-                             "ANNOTATE_OUT": str(out), "ANNOTATE_BACKEND": "heuristic"})
-        assert result.returncode == 0, f"array task {task}:\n{result.stdout}\n{result.stderr}"
+    run_array(str(manifest), out)
     return out, manifest, [line["id"] for line in lines]
 
 
@@ -99,3 +113,49 @@ def test_script_refuses_to_run_without_a_usable_array(tmp_path, array, message):
                                  "ANNOTATE_OUT": str(tmp_path / "out"), "ANNOTATE_BACKEND": "heuristic"})
     assert result.returncode != 0 and result.stderr.startswith("error: ") and message in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def write_tar(path, figures: list[dict]) -> None:
+    """A WebDataset shard as BIOMEDICA's: KEY.png and KEY.json with the caption, per figure."""
+    with tarfile.open(path, "w") as tar:
+        for figure in figures:
+            for name, data in ((f"{figure['id']}.png", Path(figure["image"]).read_bytes()),
+                               (f"{figure['id']}.json", json.dumps({"caption": figure["caption"]}).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_array_over_tars_each_task_reads_its_own_and_merge_accounts_for_every_id(tmp_path):
+    figures = medicat_figures()
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    paths = [tars / f"shard-{n:05d}.tar" for n in range(5)]
+    for n, path in enumerate(paths):
+        write_tar(path, figures[2 * n:2 * n + 2])
+    cut = paths[3]  # shard 0's (files are dealt round robin in sorted order), cut inside its second image
+    with tarfile.open(cut) as tar:
+        second = tar.getmember(f"{figures[7]['id']}.png")
+    cut.write_bytes(cut.read_bytes()[:second.offset_data + second.size // 2])
+    out = tmp_path / "out"
+    run_array(f"{tars}/*.tar", out)
+
+    owned = [[str(paths[0]), str(paths[3])], [str(paths[1]), str(paths[4])], [str(paths[2])]]
+    for task in range(3):
+        summary = json.loads((out / f"summary-0000{task}-of-00003.json").read_text())
+        assert summary["shard_by"] == "file" and summary["inputs_read"] == owned[task]
+        sources = {r["source"].rsplit(":", 1)[0]
+                   for r in records.iter_records(out / f"records-0000{task}-of-00003.array_record")}
+        assert sources == set(owned[task]), "a task's records came from another task's tars"
+        failed = [json.loads(line) for line in (out / f"failures-0000{task}-of-00003.jsonl").read_text().splitlines()]
+        assert [(f["id"], f["stage"]) for f in failed] == ([(str(cut), "file")] if task == 0 else [])
+        assert all(f["reason"].startswith(f"tar unreadable from sample {figures[7]['id']!r} on:") for f in failed)
+
+    result = run_cli("-m", "annotate", "merge", "--out", str(out), "--input", str(tars))
+    assert "error:" not in result.stderr
+    recorded, failed = shard_ids(out)
+    readable = [f["id"] for n, f in enumerate(figures) if n != 7]  # what the cut tar lost, no one can name
+    assert sorted(recorded) == sorted(readable) and [f["id"] for f in failed] == [str(cut)]
+    report = json.loads((out / "merged-summary.json").read_text())
+    assert report["complete"] and (report["figures"], report["failures"], report["failed_files"]) == (9, 1, [str(cut)])
+    assert report["ids_in_no_shard"] == report["ids_not_in_inputs"] == report["duplicates_resolved"] == []

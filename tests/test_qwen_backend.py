@@ -80,6 +80,9 @@ def test_garbage_answers_become_warnings_not_crashes(tmp_path, tiny_model):
     got = list(records.iter_records(tmp_path / "out" / "records-00000-of-00001.array_record"))
     failures = (tmp_path / "out" / "failures-00000-of-00001.jsonl").read_text().splitlines()
     assert len(got) + len(failures) == 6 and summary["backend"] == "qwen"
+    # The summary counts what the run asked: at least a figure and a panel request per figure.
+    assert summary["lvlm_requests"] == backend.counts["requests"] >= 2 * len(got)
+    assert summary["lvlm_generate_calls"] == backend.counts["generate_calls"]
     for record in got:
         annotation = record["annotation"]
         assert annotation["backend"] == "qwen" and annotation["model"] == str(tiny_model)
