@@ -1,13 +1,15 @@
 """LVLM requests per figure and tiny-model CPU throughput of `annotate run --backend qwen` (issue 13).
 
-    python tests/bench/annotate_requests.py [--figures 24] [--runs 3]
+    python tests/bench/annotate_requests.py [--figures 24] [--runs 3] [--decode-workers 0]
 
 Over the demo's synthetic figures (annotate synth on real layouts and MedMNIST pictures, seed 100, as
 `make demo` makes them), two runs of the real backend and engine:
-- requests: the network's generate answers as a good Qwen2.5-VL would (tests/tiny_qwen.Scripted), with
-  each figure's true panels, labels and markers from the ground truth: counted, not timed;
-- throughput: the tiny random Qwen2.5-VL itself, every answer cut at 32 new tokens (no retry), so time
-  follows the number of requests and their images: median seconds of --runs runs, figures/s.
+- requests: answers as a good Qwen2.5-VL would give them (tests/tiny_qwen.Scripted), with each figure's
+  true panels, labels and markers from the ground truth, after the tiny random Qwen2.5-VL has run every
+  request for 32 new tokens: the plan's requests counted, and their cost on the tiny model timed;
+- the tiny random model alone, every answer cut at 32 new tokens (no retry): it reads no panels, so each
+  figure is one panel; timed.
+Times are medians of --runs runs, as figures/s.
 A benchmark, not a test: nothing here asserts a time.
 """
 from __future__ import annotations
@@ -55,10 +57,23 @@ def truth_answers(gt: list[dict], cfg: AnnotateConfig):
     return answer
 
 
+class Paid:
+    """`scripted`'s answers, given after the real network has run the same inputs for `tokens` new tokens:
+    what the requests cost on the tiny model, with the answers (and so the follow-up requests) of a good one."""
+
+    def __init__(self, scripted: Scripted, generate, tokens: int = 32):
+        self.scripted, self.generate, self.tokens = scripted, generate, tokens
+
+    def __call__(self, **inputs):
+        self.generate(**(inputs | {"max_new_tokens": self.tokens, "do_sample": False}))
+        return self.scripted(**inputs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--figures", type=int, default=24)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--decode-workers", type=int, default=0, help="as annotate run's (0: decode in process)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-annotate-"))
     try:
@@ -70,28 +85,29 @@ def main() -> None:
         model = build_tiny_qwen(tmp / "tiny-qwen", corpus)
         manifest = [str(data / "manifest.jsonl")]
 
+        def timed(backend, name: str) -> tuple[dict, float]:
+            seconds = []
+            for _ in range(args.runs):
+                backend.engine.counts.clear()
+                shutil.rmtree(tmp / name, ignore_errors=True)
+                start = time.perf_counter()
+                summary = run_shard(manifest, tmp / name, backend, batch_size=8, decode_workers=args.decode_workers)
+                seconds.append(time.perf_counter() - start)
+            counts, median = backend.counts, statistics.median(seconds)
+            print(f"{name}: {counts['requests']} requests in {counts['generate_calls']} generate calls for "
+                  f"{summary['figures']} figures with {summary['panels']} panels: "
+                  f"{counts['requests'] / summary['figures']:.2f} requests per figure, "
+                  f"{counts['generate_calls'] / -(-summary['figures'] // 8):.1f} calls per batch of 8; seconds per "
+                  f"run {[round(s, 1) for s in seconds]}, median {median:.1f} s = {summary['figures'] / median:.2f} "
+                  f"figures/s")
+            return summary, median
+
         cfg = AnnotateConfig()
         backend = QwenBackend(TransformersEngine(str(model), cfg), cfg)
-        backend.engine.model.generate = Scripted(backend.engine, truth_answers(gt, cfg))
-        summary = run_shard(manifest, tmp / "scripted", backend, batch_size=8)
-        counts, figures = backend.counts, summary["figures"]
-        print(f"scripted good answers: {counts['requests']} requests in {counts['generate_calls']} generate calls for "
-              f"{figures} figures with {summary['panels']} panels: {counts['requests'] / figures:.2f} requests per "
-              f"figure, {counts['generate_calls'] / -(-figures // 8):.1f} calls per batch of 8")
-
+        backend.engine.model.generate = Paid(Scripted(backend.engine, truth_answers(gt, cfg)), backend.engine.model.generate)
+        timed(backend, "good answers")
         cfg = dataclasses.replace(AnnotateConfig(), max_new_tokens=32, max_retry_tokens=32)
-        backend = QwenBackend(TransformersEngine(str(model), cfg), cfg)
-        seconds = []
-        for run in range(args.runs):
-            backend.engine.counts.clear()
-            shutil.rmtree(tmp / "random", ignore_errors=True)
-            start = time.perf_counter()
-            summary = run_shard(manifest, tmp / "random", backend, batch_size=8)
-            seconds.append(time.perf_counter() - start)
-        counts, median = backend.counts, statistics.median(seconds)
-        print(f"tiny random model, 32 new tokens: {counts['requests']} requests in {counts['generate_calls']} calls for "
-              f"{summary['figures']} figures ({counts['requests'] / summary['figures']:.2f} per figure); seconds per "
-              f"run {[round(s, 1) for s in seconds]}, median {median:.1f} s = {summary['figures'] / median:.2f} figures/s")
+        timed(QwenBackend(TransformersEngine(str(model), cfg), cfg), "random answers")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
