@@ -11,12 +11,17 @@ its path as id) is one failed file however many shards recorded it (all of them,
 figure). Given the inputs, ids they hold but no finished shard has, and ids the shards have but
 the inputs do not, are listed as well (not the ids of missing shards: rerunning those shards is the
 fix).
+
+A shard's ids, panel and region counts and warnings come from its index (records-….index.msgpack),
+so merge reads no record; a shard without a usable index (from before indexes, or stale) is decoded
+instead and named in the report's decoded_shards with why and how to write its index.
 """
 from __future__ import annotations
 
 import collections
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -46,6 +51,17 @@ def _named(ids: Sequence[str]) -> str:
     return ", ".join(ids[:_NAMED_IDS]) + (f" and {more} more" if more > 0 else "")
 
 
+def _shard_index(files: ShardFiles, decoded: list[str]) -> dict:
+    """The finished shard's index columns, from its index file, else by decoding its records (why
+    appended to `decoded`, and said on stderr)."""
+    try:
+        return records.load_index(files.records)
+    except records.RecordError as err:
+        print(f"merge: {err}; decoding its records instead", file=sys.stderr, flush=True)
+        decoded.append(str(err))
+    return records.index_of(records.iter_records(files.records))
+
+
 def merge(out: str | Path, inputs: Sequence[str] | None = None) -> dict:
     """The merged report of the shards in OUT; its "problems" are empty when they are complete."""
     out = Path(out)
@@ -63,7 +79,7 @@ def merge(out: str | Path, inputs: Sequence[str] | None = None) -> dict:
     # id -> shard -> {"record": (panels, regions, warnings)} or {"failure": its line}
     entries: dict[str, dict[int, dict]] = collections.defaultdict(dict)
     repeated_in_shard, repeat_lines, failed_files = set(), [], {}
-    per_shard, shard_by, missing, unreadable = [], {}, [], {}
+    per_shard, shard_by, missing, unreadable, decoded = [], {}, [], {}, []
     for index in range(num_shards):
         files = ShardFiles(out, index, num_shards)
         if not (files.records.exists() and files.summary.exists()):
@@ -72,9 +88,9 @@ def merge(out: str | Path, inputs: Sequence[str] | None = None) -> dict:
         try:
             summary = json.loads(files.summary.read_text())
             failures = files.read_failures(repair=False)  # a finished shard: read, never rewritten
-            found = [(record["figure_id"], {"record": (len(record["panels"]), len(record["regions"]),
-                                                       record["annotation"].get("warnings", []))})
-                     for record in records.iter_records(files.records)]
+            held = _shard_index(files, decoded)
+            found = [(figure_id, {"record": (len(kinds), len(regions), warnings)}) for figure_id, kinds, regions, warnings
+                     in zip(held["ids"], held["panel_kinds"], held["region_panels"], held["warnings"], strict=True)]
         except (ValueError, RuntimeError) as err:  # bad JSON, a bad record, a corrupt ArrayRecord file
             unreadable[index] = f"{files.stem} ({err})"
             continue
@@ -119,7 +135,7 @@ def merge(out: str | Path, inputs: Sequence[str] | None = None) -> dict:
               "failures": sum(by_reason.values()), "failures_by_reason": dict(sorted(by_reason.items())),
               "warnings_by_reason": dict(sorted(warnings.items())), "failed_files": sorted(failed_files),
               "shards": per_shard, "missing_shards": [ShardFiles(out, i, num_shards).stem for i in missing],
-              "unreadable_shards": list(unreadable.values()), "duplicate_ids": duplicates,
+              "unreadable_shards": list(unreadable.values()), "decoded_shards": decoded, "duplicate_ids": duplicates,
               "duplicates_resolved": resolved, "inputs": list(inputs) if inputs else None}
     if inputs:
         owners = _owners(expand_inputs(inputs), num_shards, by_file)

@@ -16,15 +16,16 @@ whose old copy still runs exits 1 instead of interleaving parts with it. The ker
 with the process, kill -9 included, so a rerun is never blocked by a dead one.
 
 Records are written in parts that become visible only when closed: when they hold part_size
-records, when part_seconds have passed since their first record, and on SIGTERM. Next to each
-closed part a sidecar (…part-PPPPP.ids.json) lists its figure ids and their panel and region counts
-and warning reasons, so a rerun and the final concatenation read no records to learn what the parts
-hold. Failures are appended line by line. After a crash a rerun treats the ids in
-closed parts and in the failures file as done, drops the unfinished part, and redoes the rest, so
-each input id ends up exactly once across records and failures.
+records, when part_seconds have passed since their first record, and on SIGTERM. Each closed part
+has its shard index next to it (…part-PPPPP.index.msgpack, records.RecordWriter writes it: figure
+ids, panel kinds and sides, region panels and sides, warnings), so a rerun and the final
+concatenation read no records to learn what the parts hold. Failures are appended line by line.
+After a crash a rerun treats the ids in closed parts and in the failures file as done, drops the
+unfinished part, and redoes the rest, so each input id ends up exactly once across records and
+failures.
 
 SIGTERM (SLURM's notice before it kills a preempted or timed-out task) stops the shard after the
-current batch: its part is closed with its sidecar and the process exits with status 143 (128 +
+current batch: its part is closed with its index and the process exits with status 143 (128 +
 SIGTERM, what SIGTERM's default action would give), leaving the shard for a rerun to finish.
 
 When more than max_failure_rate of the figures this run failed, over at least min_figures_for_rate
@@ -34,7 +35,9 @@ and this run's failure lines dropped, so a rerun after the fix retries those fig
 
 When the shard is complete its parts' serialized records are copied, never decoded, into
 DIR/records-SSSSS-of-NNNNN.array_record (one file per shard is what annotate merge, eval, show and
-the tests read by name), keeping the first record of an id that two parts hold, and
+the tests read by name), keeping the first record of an id that two parts hold, with their entries
+of the parts' indexes as the shard's index (DIR/records-SSSSS-of-NNNNN.index.msgpack: what training
+builds its level indexes from and annotate merge counts from), and
 DIR/summary-SSSSS-of-NNNNN.json is written: totals, failures and warnings by reason, and the input
 files this shard read (inputs_read), which shows what each task opened.
 """
@@ -152,6 +155,7 @@ class ShardFiles:
         self.failures = out / f"failures-{stem}.jsonl"
         self.summary = out / f"summary-{stem}.json"
         self.lock = out / f"lock-{stem}"
+        self.index = Path(records.index_path(self.records))
         self.part_glob = f"records-{stem}.part-*.array_record"
 
     def part(self, number: int) -> Path:
@@ -160,13 +164,9 @@ class ShardFiles:
     def parts(self) -> list[Path]:
         return sorted(self.out.glob(self.part_glob))
 
-    @staticmethod
-    def sidecar(part: Path) -> Path:
-        return part.with_name(part.name.removesuffix(".array_record") + ".ids.json")
-
     def remove_parts(self) -> None:
         for part in self.parts():
-            self.sidecar(part).unlink(missing_ok=True)
+            Path(records.index_path(part)).unlink(missing_ok=True)
             part.unlink()
 
     def read_failures(self, repair: bool = True) -> list[dict]:
@@ -181,32 +181,16 @@ class ShardFiles:
         return kept
 
 
-def _new_index() -> dict:
-    return {"ids": [], "panels": [], "regions": [], "warnings": []}
-
-
-def _add_to_index(index: dict, record: dict) -> None:
-    index["ids"].append(record["figure_id"])
-    index["panels"].append(len(record["panels"]))
-    index["regions"].append(len(record["regions"]))
-    index["warnings"].append([warning_key(w) for w in record["annotation"].get("warnings", [])])
-
-
 def _part_index(part: Path) -> tuple[dict, int]:
-    """The part's sidecar {"ids", "panels", "regions", "warnings"} (lists in record order) and how
-    many records were decoded for it: none, unless the part has no sidecar (a crash between closing
-    the part and writing it, or a part from before sidecars or before their warnings), which is then
-    written."""
-    sidecar = ShardFiles.sidecar(part)
-    if sidecar.exists():
-        index = json.loads(sidecar.read_text())
-        if "warnings" in index:
-            return index, 0
-    index = _new_index()
-    for record in records.iter_records(part):
-        _add_to_index(index, record)
-    _replace_text(sidecar, json.dumps(index))
-    return index, len(index["ids"])
+    """The part's index (records.INDEX_COLUMNS) and how many records were decoded for it: none,
+    unless the part has no usable index (a crash between closing the part and writing its index, a
+    part from before indexes), which is then written."""
+    try:
+        return records.load_index(part), 0
+    except records.RecordError:
+        index = records.index_of(records.iter_records(part))
+        records.write_index(part, index)
+        return index, len(index["ids"])
 
 
 class _Progress:
@@ -216,17 +200,15 @@ class _Progress:
         self.files, self.part_size, self.part_seconds = files, part_size, part_seconds
         self.failures = open(files.failures, "a")
         self.failures_before = self.failures.tell()  # the lines of earlier runs end here
-        self.writer, self.next_part = None, len(files.parts())
-        self.index, self.opened = {}, 0.0
+        self.writer, self.next_part, self.opened = None, len(files.parts()), 0.0
         self.counts, self.reasons = collections.Counter(), collections.Counter()
 
     def record(self, record: dict) -> None:
         if self.writer is None:
             self.writer = records.RecordWriter(self.files.part(self.next_part))
             self.next_part += 1
-            self.index, self.opened = _new_index(), time.monotonic()
+            self.opened = time.monotonic()
         self.writer.write(record)
-        _add_to_index(self.index, record)
         self.counts["figures"] += 1
         self.counts["panels"] += len(record["panels"])
         self.counts["regions"] += len(record["regions"])
@@ -260,7 +242,6 @@ class _Progress:
     def close_part(self) -> None:
         if self.writer is not None:
             self.writer.close()
-            _replace_text(ShardFiles.sidecar(self.writer.path), json.dumps(self.index))
             self.writer = None
 
     def close(self) -> None:
@@ -339,13 +320,13 @@ def run_shard(inputs: Sequence[str], out: str | Path, backend: Backend, num_shar
             files.remove_parts()  # left by a crash between the summary and the clean-up
             return json.loads(files.summary.read_text())
         for partial in out.glob(f"records-{files.stem}.part-*.partial"):
-            partial.unlink()  # records of an interrupted part are redone; a sidecar is rebuilt from its part
+            partial.unlink()  # records of an interrupted part are redone; an index is rebuilt from its part
         done = {f["id"] for f in files.read_failures()}
         resume = collections.Counter()
         for part in files.parts():
             index, decoded = _part_index(part)
             done.update(index["ids"])
-            resume["parts_from_sidecars"] += decoded == 0
+            resume["parts_from_indexes"] += decoded == 0
             resume["records_decoded"] += decoded
         resumed = len(done)
         inputs_read: list[str] = []
@@ -398,7 +379,7 @@ def run_shard(inputs: Sequence[str], out: str | Path, backend: Backend, num_shar
             stop.exit_if_requested(files, progress.counts)
             seconds = time.perf_counter() - start
             about = {"shard_by": shard_by, "inputs_read": inputs_read, "resumed_with_done": resumed,
-                     "resume_parts_from_sidecars": resume["parts_from_sidecars"],
+                     "resume_parts_from_indexes": resume["parts_from_indexes"],
                      "resume_records_decoded": resume["records_decoded"], "backend": backend.name,
                      "figures_this_run": progress.counts["figures"],
                      "figures_per_hour_this_run": round(progress.counts["figures"] / max(seconds, 1e-9) * 3600, 1)}
@@ -410,9 +391,10 @@ def run_shard(inputs: Sequence[str], out: str | Path, backend: Backend, num_shar
 
 
 def _finish(files: ShardFiles, about: dict, stop: _StopOnSigterm, counts: collections.Counter) -> dict:
-    """Concatenates the parts into the shard's records file and writes its summary (`about` and the totals)."""
+    """Concatenates the parts into the shard's records file (and index) and writes its summary
+    (`about` and the totals)."""
     from array_record.python.array_record_module import ArrayRecordReader
-    totals, warnings, recorded = collections.Counter(), collections.Counter(), set()
+    recorded = set()
     with records.RecordWriter(files.records) as writer:
         for part in files.parts():
             stop.exit_if_requested(files, counts)  # the unfinished .partial is removed on the way out
@@ -422,19 +404,16 @@ def _finish(files: ShardFiles, about: dict, stop: _StopOnSigterm, counts: collec
                 if figure_id not in recorded:  # a part that repeats an id: the first record is kept
                     recorded.add(figure_id)
                     keep.append(n)
-                    totals["panels"] += index["panels"][n]
-                    totals["regions"] += index["regions"][n]
-                    warnings.update(index["warnings"][n])
             reader = ArrayRecordReader(str(part))
             try:
-                if reader.num_records() != len(index["ids"]):
-                    raise RuntimeError(f"{ShardFiles.sidecar(part)} lists {len(index['ids'])} ids but {part} holds "
-                                       f"{reader.num_records()} records; delete the sidecar and rerun to rebuild it")
                 for start in range(0, len(keep), _COPY_CHUNK):
-                    for data in reader.read(keep[start:start + _COPY_CHUNK]):
-                        writer.write_encoded(data)
+                    chunk = keep[start:start + _COPY_CHUNK]
+                    for n, data in zip(chunk, reader.read(chunk), strict=True):
+                        writer.write_encoded(data, records.entry_at(index, n))
             finally:
                 reader.close()
+    kept = writer.index
+    warnings = collections.Counter(warning_key(w) for figure in kept["warnings"] for w in figure)
     # A record wins over a failure line for its id, and one failure line per id is kept, save the
     # duplicate-id lines that stand for repeated inputs: each id is accounted for once.
     failures, failed = [], set()
@@ -444,8 +423,8 @@ def _finish(files: ShardFiles, about: dict, stop: _StopOnSigterm, counts: collec
             failed.add(failure["id"])
     _replace_text(files.failures, "".join(json.dumps(f) + "\n" for f in failures))
     by_reason = collections.Counter(failure_key(f["stage"], f["reason"]) for f in failures)
-    summary = {"records": files.records.name, "figures": len(recorded), "panels": totals["panels"],
-               "regions": totals["regions"], "failures": len(failures), "failures_by_reason": dict(by_reason),
+    summary = {"records": files.records.name, "figures": len(recorded),
+               "panels": sum(map(len, kept["panel_kinds"])), "regions": sum(map(len, kept["region_panels"])), "failures": len(failures), "failures_by_reason": dict(by_reason),
                "warnings_by_reason": dict(warnings), **about}
     _replace_text(files.summary, json.dumps(summary, indent=2) + "\n")
     files.remove_parts()

@@ -1,5 +1,5 @@
 """`annotate run`: bad input recorded with reasons, sharding, kill -9 and SIGTERM / resume exactly
-once, parts closed on a timer, resume from the parts' id sidecars."""
+once, parts closed on a timer, resume from the parts' indexes."""
 import io
 import json
 import os
@@ -9,13 +9,14 @@ import subprocess
 import sys
 import tarfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from annotate.backends import HeuristicBackend
-from annotate.run import ShardFiles, run_shard
+from annotate.run import run_shard
 from annotate.synth import synthesize
 from conftest import REPO
 from zoomin_jax import records
@@ -130,16 +131,16 @@ def test_kill_9_mid_shard_then_resume_gives_each_id_once(tmp_path):
     assert not list(out.glob("*.part-*")) and not list(out.glob("*.partial"))
 
 
-def sidecar_ids(part):
-    return json.loads(ShardFiles.sidecar(part).read_text())["ids"]
+def part_ids(part):
+    return records.load_index(part)["ids"]
 
 
-def test_sigterm_closes_the_part_exits_143_and_a_rerun_reads_only_sidecars(tmp_path):
+def test_sigterm_closes_the_part_exits_143_and_a_rerun_reads_only_part_indexes(tmp_path):
     expected, out, command = shard_run(tmp_path, num=80, seed=7, missing=10)
     with open(tmp_path / "stderr", "w") as stderr:
         process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
         deadline = time.time() + 120
-        while len(list(out.glob("records-*.part-*.ids.json"))) < 2 and time.time() < deadline:
+        while len(list(out.glob("records-*.part-*.index.msgpack"))) < 2 and time.time() < deadline:
             time.sleep(0.05)
         process.send_signal(signal.SIGTERM)
         sent = time.time()
@@ -147,8 +148,8 @@ def test_sigterm_closes_the_part_exits_143_and_a_rerun_reads_only_sidecars(tmp_p
     assert time.time() - sent < 15 and "SIGTERM" in (tmp_path / "stderr").read_text()
     assert not (out / "summary-00000-of-00001.json").exists() and not list(out.glob("*.partial"))
     parts = sorted(out.glob("records-*.part-*.array_record"))
-    assert len(parts) >= 2 and all(ShardFiles.sidecar(part).exists() for part in parts)
-    recorded = [i for part in parts for i in sidecar_ids(part)]
+    assert len(parts) >= 2
+    recorded = [i for part in parts for i in part_ids(part)]
     assert recorded == [r["figure_id"] for r in records.iter_records(parts)]
     failed = [json.loads(line)["id"] for line in (out / "failures-00000-of-00001.jsonl").read_text().splitlines()]
 
@@ -156,7 +157,7 @@ def test_sigterm_closes_the_part_exits_143_and_a_rerun_reads_only_sidecars(tmp_p
     got = ids_in(out)
     assert len(got) == len(set(got)) == len(expected) and set(got) == set(expected)
     summary = json.loads((out / "summary-00000-of-00001.json").read_text())
-    assert summary["resume_records_decoded"] == 0 and summary["resume_parts_from_sidecars"] == len(parts)
+    assert summary["resume_records_decoded"] == 0 and summary["resume_parts_from_indexes"] == len(parts)
     assert summary["resumed_with_done"] == len(recorded) + len(failed)
     assert summary["figures_this_run"] == 80 - len(recorded) and summary["figures"] == 80
     assert not list(out.glob("*.part-*")) and not list(out.glob("*.partial"))
@@ -184,15 +185,15 @@ def test_the_timer_closes_parts_and_old_or_repeating_parts_still_resume(tmp_path
         with pytest.raises(SystemExit) as stopped:
             run_shard(manifest, out, SigtermDuring(3), batch_size=2, part_seconds=part_seconds)
         assert stopped.value.code == 143 and signal.getsignal(signal.SIGTERM) is previous
-        assert [len(sidecar_ids(part)) for part in sorted(out.glob("records-*.part-*.array_record"))] == sizes
+        assert [len(part_ids(part)) for part in sorted(out.glob("records-*.part-*.array_record"))] == sizes
 
-    # Part 1 as a part from before sidecars, and part 0 again as part 3: its ids are in two parts.
-    ShardFiles.sidecar(out / "records-00000-of-00001.part-00001.array_record").unlink()
-    for suffix in (".array_record", ".ids.json"):
+    # Part 1 as a part from before indexes, and part 0 again as part 3: its ids are in two parts.
+    Path(records.index_path(out / "records-00000-of-00001.part-00001.array_record")).unlink()
+    for suffix in (".array_record", ".index.msgpack"):
         shutil.copy(out / f"records-00000-of-00001.part-00000{suffix}",
                     out / f"records-00000-of-00001.part-00003{suffix}")
     summary = run_shard(manifest, out, HeuristicBackend(), batch_size=2)
-    assert summary["resume_records_decoded"] == 2 and summary["resume_parts_from_sidecars"] == 3
+    assert summary["resume_records_decoded"] == 2 and summary["resume_parts_from_indexes"] == 3
     got = ids_in(out)
     expected = [json.loads(line)["id"] for line in (figures / "manifest.jsonl").read_text().splitlines()]
     assert len(got) == len(set(got)) and sorted(got) == sorted(expected)

@@ -167,7 +167,7 @@ def test_most_figures_failing_stops_the_shard_and_a_rerun_retries_them(tmp_path,
         "fix the cause and rerun to retry them")
     files = ShardFiles(out, 0, 1)
     assert not files.summary.exists() and not files.records.exists() and files.failures.read_text() == ""
-    assert [json.loads(ShardFiles.sidecar(part).read_text())["ids"] for part in files.parts()] == [
+    assert [records.load_index(part)["ids"] for part in files.parts()] == [
         ["medicat-0", "medicat-1"]]
 
     summary = run_shard([manifest], out, ScriptedBackend(max_batch=8), batch_size=2, min_figures_for_rate=6)

@@ -29,7 +29,8 @@ def test_shard_round_trip_keeps_every_field(tmp_path):
     with records.RecordWriter(tmp_path / "records-00000-of-00001.array_record") as writer:
         for record in written:
             writer.write(record)
-    assert list(tmp_path.iterdir()) == [tmp_path / "records-00000-of-00001.array_record"]
+    assert sorted(tmp_path.iterdir()) == [tmp_path / "records-00000-of-00001.array_record",
+                                          tmp_path / "records-00000-of-00001.index.msgpack"]
     read = list(records.iter_records(tmp_path / "records-00000-of-00001.array_record"))
     assert read == written
     assert read[0]["image_bytes"][:8] == b"\x89PNG\r\n\x1a\n"

@@ -3,6 +3,19 @@
 One ArrayRecord record = one figure with its panels and regions, msgpack-encoded (never pickle),
 versioned by `schema_version`. Pure Python: annotate imports this module without jax or torch.
 Boxes are [x0, y0, x1, y1] in original image pixels with x0 < x1, y0 < y1, inside the image.
+
+Next to every shard RecordWriter writes its shard index (records-….index.msgpack): per record the
+figure id, each panel's kind and shorter box side, each region's panel (its position among the
+record's panels) and shorter box side, and the annotation warnings. That is all the training
+level indexes, their filters (drop_panel_kinds, min_box_side) and annotate merge read, so a start
+reads a few hundred bytes per figure instead of the figure (DESIGN.md §7). msgpack, as the records:
+floats stay exact float64 (a level index from the index file is the one from the records, also at a
+box side right on min_box_side), it is about half the size of JSON and parses faster, and it needs
+nothing beyond this module; columns of per-record lists, so a writer copying records keeps their
+entries without decoding either. The file names the index and record schema versions and the
+records file's count and size when it was written: an index of another version, or of another
+records file (rewritten, copied over, re-annotated with the same count), is refused with a
+sentence saying how to rebuild it, and readers then decode that shard instead.
 """
 from __future__ import annotations
 
@@ -13,6 +26,10 @@ from typing import Any, Iterable, Iterator
 import msgpack
 
 SCHEMA_VERSION = 1
+INDEX_VERSION = 1
+# Shard index columns: one list per record, in record order (see the module docstring).
+INDEX_COLUMNS = ("ids", "panel_kinds", "panel_sides", "region_panels", "region_sides", "warnings")
+INDEX_COMMAND = "python -m zoomin_jax.data.shard_index build"
 PANEL_KINDS = ("photo", "chart", "other")
 MARKER_KINDS = ("arrow", "arrowhead", "asterisk", "circle", "letter", "inset", "none")
 REGION_SOURCES = ("marker", "caption", "fused")
@@ -148,8 +165,106 @@ def decode(data: bytes, where: str = "record") -> dict:
     return record
 
 
+def box_side(box) -> float:
+    """A box's shorter side: what training's min_box_side compares."""
+    return min(box[2] - box[0], box[3] - box[1])
+
+
+def index_path(records_path: str | os.PathLike) -> str:
+    """The shard index next to a records file: records-….array_record -> records-….index.msgpack."""
+    return os.fspath(records_path).removesuffix(".array_record") + ".index.msgpack"
+
+
+def new_index() -> dict[str, list]:
+    return {column: [] for column in INDEX_COLUMNS}
+
+
+def index_entry(record: dict) -> dict:
+    """A record's row of the shard index: {column: value}."""
+    position = {panel["panel_id"]: n for n, panel in enumerate(record["panels"])}
+    return {"ids": record["figure_id"],
+            "panel_kinds": [PANEL_KINDS.index(panel["kind"]) for panel in record["panels"]],
+            "panel_sides": [box_side(panel["box"]) for panel in record["panels"]],
+            "region_panels": [position[region["panel_id"]] for region in record["regions"]],
+            "region_sides": [box_side(region["box"]) for region in record["regions"]],
+            "warnings": list(record["annotation"].get("warnings", []))}
+
+
+def entry_at(index: dict, n: int) -> dict:
+    return {column: values[n] for column, values in index.items()}
+
+
+def add_entry(index: dict, entry: dict) -> None:
+    for column, values in index.items():
+        values.append(entry[column])
+
+
+def index_of(figures: Iterable[dict]) -> dict[str, list]:
+    """The shard index of decoded records (a shard from before indexes)."""
+    index = new_index()
+    for record in figures:
+        add_entry(index, index_entry(record))
+    return index
+
+
+def encode_index(index: dict, records_bytes: int) -> bytes:
+    """The index file of a records file of `records_bytes` bytes holding the index's records."""
+    return msgpack.packb({"index_version": INDEX_VERSION, "schema_version": SCHEMA_VERSION,
+                          "records": len(index["ids"]), "records_bytes": records_bytes, **index}, use_bin_type=True)
+
+
+def read_index(data: bytes | None, records_path: str | os.PathLike, num_records: int, records_bytes: int) -> dict:
+    """The columns of the index file `data` (None: there is none) of a records file holding
+    num_records records in records_bytes bytes; RecordError, one sentence naming the file and the
+    command that rebuilds it, for a missing, unreadable, other-version or stale index."""
+    where, rebuild = index_path(records_path), f"{INDEX_COMMAND} {os.fspath(records_path)}"
+    if data is None:
+        raise RecordError(f"{records_path} has no shard index {where} (written before indexes, or by a tool other "
+                          f"than RecordWriter): write it once with `{rebuild}`")
+    try:
+        index = msgpack.unpackb(data, raw=False)
+        found = (index["index_version"], index["schema_version"], index["records"], index["records_bytes"])
+        columns = {column: index[column] for column in INDEX_COLUMNS}
+    except (msgpack.UnpackException, ValueError, TypeError, KeyError) as err:
+        raise RecordError(f"{where} is not a shard index ({err!r}): rebuild it with `{rebuild}`") from None
+    if found[:2] != (INDEX_VERSION, SCHEMA_VERSION):
+        raise RecordError(f"{where} has index_version {found[0]!r} of schema_version {found[1]!r}, and this zoomin_jax "
+                          f"reads index {INDEX_VERSION} of schema {SCHEMA_VERSION}: rebuild it with `{rebuild}`")
+    if found[2:] != (num_records, records_bytes) or any(len(v) != num_records for v in columns.values()):
+        raise RecordError(f"{where} describes {found[2]} records in {found[3]} bytes but {records_path} holds "
+                          f"{num_records} in {records_bytes}, so the index is stale: rebuild it with `{rebuild}`")
+    return columns
+
+
+def count_records(path: str | os.PathLike) -> int:
+    """Records in an ArrayRecord file, from its footer (no record is read)."""
+    from array_record.python.array_record_module import ArrayRecordReader
+    reader = ArrayRecordReader(os.fspath(path))
+    try:
+        return reader.num_records()
+    finally:
+        reader.close()
+
+
+def load_index(records_path: str | os.PathLike) -> dict:
+    """The columns of a local records file's index (read_index says when it raises)."""
+    where = Path(index_path(records_path))
+    return read_index(where.read_bytes() if where.exists() else None, records_path, count_records(records_path),
+                      os.path.getsize(records_path))
+
+
+def write_index(records_path: str | os.PathLike, index: dict) -> None:
+    """The index file of a local, closed records file, replaced atomically."""
+    where = Path(index_path(records_path))
+    tmp = where.with_name(where.name + ".partial")
+    tmp.write_bytes(encode_index(index, os.path.getsize(records_path)))
+    os.replace(tmp, where)
+
+
 class RecordWriter:
-    """Writes one ArrayRecord shard; the file appears under its final name only when closed cleanly."""
+    """Writes one ArrayRecord shard and, when closed cleanly, its index: the records file appears
+    under its final name only then, and the index after it (a crash between the two leaves a
+    shard that readers decode and `load_index` calls stale or missing, never a wrong index)."""
 
     def __init__(self, path: str | os.PathLike):
         from array_record.python.array_record_module import ArrayRecordWriter
@@ -157,19 +272,23 @@ class RecordWriter:
         self._tmp = self.path.with_name(self.path.name + ".partial")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._writer = ArrayRecordWriter(str(self._tmp), "group_size:1")
+        self.index = new_index()
         self.count = 0
 
     def write(self, record: dict) -> None:
-        self.write_encoded(encode(record))
+        self.write_encoded(encode(record), index_entry(record))
 
-    def write_encoded(self, data: bytes) -> None:
-        """A record as `encode` made it, e.g. copied from another shard without decoding it."""
+    def write_encoded(self, data: bytes, entry: dict) -> None:
+        """A record as `encode` made it with its `index_entry`, e.g. both copied from another shard and
+        its index, decoding neither."""
         self._writer.write(data)
+        add_entry(self.index, entry)
         self.count += 1
 
     def close(self) -> None:
         self._writer.close()
         os.replace(self._tmp, self.path)
+        write_index(self.path, self.index)
 
     def abort(self) -> None:
         self._writer.close()

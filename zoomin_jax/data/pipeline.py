@@ -9,7 +9,7 @@ import dataclasses
 import grain
 import numpy as np
 
-from zoomin_jax.data import samples
+from zoomin_jax.data import samples, shard_index
 from zoomin_jax.data.source import RecordSource
 from zoomin_jax.errors import UserError
 from zoomin_jax.recipes import LEVELS
@@ -23,22 +23,18 @@ class LevelIndex:
 
 
 def build_indexes(source: RecordSource, levels, cfg: samples.SampleConfig) -> dict[str, LevelIndex]:
-    """Each level's index from one pass over the records (each is read and decoded once)."""
+    """Each level's index from the shards' index files, reading no record (a shard without a usable
+    index is decoded once for all levels: see shard_index)."""
     for level in levels:
         if level not in LEVELS:
             raise ValueError(f"level must be one of {LEVELS}, not {level!r}")
     rows, skipped = {level: [] for level in levels}, 0
-    for record_index in range(len(source)):
-        record = source[record_index]
-        if record is None:
-            skipped += 1
-            continue
+    for shard in range(len(source.paths)):
+        items, failed = shard_index.shard_items(source, shard)
+        skipped += failed
         for level in levels:
-            if level == "figure":
-                rows[level].append((record_index, -1))  # figures without panels still feed the figure level
-            else:
-                rows[level] += [(record_index, n) for n in samples.item_indices(record, level, cfg)]
-    return {level: LevelIndex(np.asarray(rows[level], np.int64).reshape(-1, 2), skipped) for level in levels}
+            rows[level].append(shard_index.level_rows(items, level, cfg))
+    return {level: LevelIndex(np.concatenate(rows[level]), skipped) for level in levels}
 
 
 def build_index(source: RecordSource, level: str, cfg: samples.SampleConfig) -> LevelIndex:

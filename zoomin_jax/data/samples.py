@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from zoomin_jax import image_decode
+from zoomin_jax.records import box_side
 from zoomin_jax.image_transform import crop_offset, eval_uint8, resized_shape
 from zoomin_jax.data.text_cache import open_cache
 from zoomin_jax.tokenizer import tokenize
@@ -94,7 +95,7 @@ def box_in_grid(box, crop_box, cfg: SampleConfig, rect=None) -> np.ndarray:
 
 
 def _big_enough(box, cfg: SampleConfig) -> bool:
-    return min(box[2] - box[0], box[3] - box[1]) >= cfg.min_box_side
+    return box_side(box) >= cfg.min_box_side
 
 
 def keeps_panel(panel: dict, cfg: SampleConfig) -> bool:
@@ -103,14 +104,6 @@ def keeps_panel(panel: dict, cfg: SampleConfig) -> bool:
 
 def kept_panels(record: dict, cfg: SampleConfig) -> list[dict]:
     return [p for p in record["panels"] if keeps_panel(p, cfg)]
-
-
-def item_indices(record: dict, level: str, cfg: SampleConfig) -> list[int]:
-    """The panels (or regions, of kept panels) of a record that become panel (region) examples."""
-    if level == "panel":
-        return [n for n, p in enumerate(record["panels"]) if keeps_panel(p, cfg)]
-    kept_ids = {p["panel_id"] for p in kept_panels(record, cfg)}
-    return [n for n, r in enumerate(record["regions"]) if r["panel_id"] in kept_ids and _big_enough(r["box"], cfg)]
 
 
 def kept_regions(record: dict, panel_id: int, cfg: SampleConfig) -> list[dict]:

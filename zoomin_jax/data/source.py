@@ -1,10 +1,15 @@
 """Figure records from ArrayRecord shards as a grain random-access source.
 
 A record that fails to decode stops the run naming its file and index (strict), or is returned as
-None for the pipeline to skip and count (default)."""
+None for the pipeline to skip and count (default). Each shard is opened once at start, for its
+footer's record count (no record is read), in threads as grain would: grain is then given the
+counts and opens no shard again until a record is read."""
 from __future__ import annotations
 
 import bisect
+import concurrent.futures
+import dataclasses
+import itertools
 import re
 from typing import Sequence
 
@@ -37,21 +42,32 @@ def expand(patterns: str | Sequence[str]) -> list[str]:
     return sorted(paths)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Shard:
+    """array_record's FileInstruction protocol: a whole shard whose record count is known."""
+    filename: str
+    skip: int
+    take: int
+    examples_in_shard: int
+
+
 class RecordSource:
     """`source[i]` -> decoded figure record (dict) or None; `len(source)` records over all shards."""
 
-    def __init__(self, patterns: str | Sequence[str], strict: bool = False):
-        from array_record.python.array_record_module import ArrayRecordReader
+    def __init__(self, patterns: str | Sequence[str], strict: bool = False, threads: int = 64):
         self.paths, self.strict = expand(patterns), strict
-        self._raw = grain.sources.ArrayRecordDataSource(self.paths)
-        self._starts = [0]
-        for path in self.paths:
-            reader = ArrayRecordReader(path)
-            self._starts.append(self._starts[-1] + reader.num_records())
-            reader.close()
+        with concurrent.futures.ThreadPoolExecutor(min(threads, len(self.paths))) as pool:
+            counts = list(pool.map(records.count_records, self.paths))
+        self._raw = grain.sources.ArrayRecordDataSource([_Shard(path, 0, count, count)
+                                                         for path, count in zip(self.paths, counts)])
+        self._starts = [0, *itertools.accumulate(counts)]
 
     def __len__(self) -> int:
         return self._starts[-1]
+
+    def shard_records(self, shard: int) -> range:
+        """The indices of the shard's records in this source."""
+        return range(self._starts[shard], self._starts[shard + 1])
 
     def where(self, index: int) -> str:
         shard = bisect.bisect_right(self._starts, index) - 1
