@@ -10,6 +10,7 @@ eval_records: held-out records for retrieval at the three levels, every 225 step
 seed: model init, data order and augmentation.
 """
 import ml_collections
+from ml_collections import config_dict
 
 from zoomin_jax.recipes import apply_variant, parse_config_arg
 
@@ -19,7 +20,10 @@ def get_config(arg=None):
                             seed="0")
     config = ml_collections.ConfigDict()
     config.model = "test-tiny"
-    config.model_init = None          # a converted model directory (python -m zoomin_jax.convert import)
+    # A converted model directory (python -m zoomin_jax.convert import); a placeholder, not None, so
+    # that --config.model_init=DIR can set it.
+    config.model_init = config_dict.placeholder(str)
+    config.platform = "any"  # sized for 2 CPU cores, runs anywhere
     config.seed = int(args["seed"])
     config.total_steps = 450
     config.mesh = (("data", -1),)

@@ -9,6 +9,7 @@ each text is embedded once before training (workdir/text_cache), text-side messa
 skipped, and the frozen blocks run without a backward pass.
 """
 import ml_collections
+from ml_collections import config_dict
 
 from zoomin_jax.recipes import apply_variant, parse_config_arg
 
@@ -23,9 +24,14 @@ def get_config(arg=None):
     args = parse_config_arg(arg, init="", records="", variant="zoomin")
     config = ml_collections.ConfigDict()
     config.model = "ViT-L-14"
-    config.model_init = args["init"] or None
+    # A placeholder, not None, so that --config.model_init=DIR can set it.
+    config.model_init = args["init"] or config_dict.placeholder(str)
     config.seed = 0
-    config.mesh = (("data", -1), ("fsdp", 1))
+    config.platform = "accelerator"  # stop on CPU (JAX's fallback without its GPU/TPU plugin); "any" allows it
+    config.mesh = (("data", -1), ("fsdp", 1))  # over one TPU slice's devices when dcn_mesh is set
+    # Multi-slice TPU (e.g. 2 x v5e-256 joined by the data-centre network): the data axis across the
+    # slices, mesh above within each: --config.dcn_mesh="(('data', -1),)".
+    config.dcn_mesh = ()
     config.partition_rules = ((".*", "fsdp"),)
     config.train_rules = (("visual/transformer/resblocks/(19|2[0-3])/.*", 1.0), ("visual/(ln_post|proj)(/.*)?", 1.0),
                           ("logit_scale", 1.0), (".*", None))

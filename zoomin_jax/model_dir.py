@@ -11,6 +11,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from zoomin_jax import sharding
 from zoomin_jax.errors import UserError
 from zoomin_jax.models.clip import CLIP, abstract_params, nest
 from zoomin_jax.models.config import OPENAI_MEAN, OPENAI_STD, CLIPConfig
@@ -57,12 +58,22 @@ def config_of(meta: dict, directory: str | Path) -> CLIPConfig:
     return CLIPConfig.from_open_clip(meta["model_cfg"], where=str(Path(directory) / MODEL_JSON))
 
 
-def restore_params(directory: str | Path, cfg: CLIPConfig, sharding=None) -> dict:
-    """Nested param dict (as nnx.to_pure_dict) restored from `params/`, placed by `sharding`."""
+def param_shardings(cfg: CLIPConfig, mesh: jax.sharding.Mesh, rules=sharding.DEFAULT_PARTITION_RULES) -> dict:
+    """A NamedSharding per param of the architecture `cfg`, by the partition rules (no model is built)."""
+    return sharding.tree_shardings(nest(abstract_params(cfg)), mesh, rules)
+
+
+def restore_params(directory: str | Path, cfg: CLIPConfig, shardings: dict | None = None) -> dict:
+    """Nested param dict (as nnx.to_pure_dict) restored from `params/`, each leaf read straight into
+    its sharding in `shardings` (a param-shaped tree, e.g. param_shardings): every process reads
+    only the shards its devices hold. Without shardings, whole on this process's first device."""
     import orbax.checkpoint as ocp
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = nest({path: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
-                   for path, leaf in abstract_params(cfg).items()})
+    abstract = nest(abstract_params(cfg))
+    if shardings is None:
+        local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: local, abstract)
+    target = jax.tree.map(lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where),
+                          abstract, shardings)
     with ocp.StandardCheckpointer() as checkpointer:
         return checkpointer.restore(Path(directory).absolute() / PARAMS, target)
 
@@ -71,12 +82,14 @@ def params_numpy(directory: str | Path, cfg: CLIPConfig) -> dict:
     return jax.tree.map(np.asarray, restore_params(directory, cfg))
 
 
-def initial_params(model_init: str | None, cfg: CLIPConfig, seed: int) -> dict:
+def initial_params(model_init: str | None, cfg: CLIPConfig, seed: int, shardings: dict | None = None) -> dict:
     """A training run's starting params: the model directory `model_init` (checked to hold the
-    architecture `cfg`), else the seeded random init. Training starts from them, and reading a
-    run back takes its frozen leaves from them (they are never saved)."""
+    architecture `cfg`), else the seeded random init; placed by `shardings` (as restore_params), else
+    on this process's first device. Training starts from them, and reading a run back takes its
+    frozen leaves from them (they are never saved)."""
     if model_init:
         if config_of(read_meta(model_init), model_init) != cfg:
             raise UserError(f"{model_init} holds another architecture than the config's model")
-        return params_numpy(model_init, cfg)
-    return nnx.to_pure_dict(nnx.state(CLIP(cfg, rngs=nnx.Rngs(seed)), nnx.Param))
+        return restore_params(model_init, cfg, shardings)
+    params = nnx.to_pure_dict(nnx.state(CLIP(cfg, rngs=nnx.Rngs(seed)), nnx.Param))
+    return params if shardings is None else jax.device_put(params, shardings)

@@ -63,7 +63,8 @@ def _run_model(src: str | Path) -> Model:
     config, step = run_config(src)
     cfg = get_preset(config.model)
     initial = model_dir.initial_params(config.get("model_init"), cfg, config.seed)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    # This process's own device: jax.devices()[0] belongs to process 0 alone.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     trained = checkpoint.read_params(workdir_of(src) / CHECKPOINTS, step, initial, device)
     return Model(cfg, jax.tree.map(np.asarray, merge(trained, initial)), preprocess_cfg(config, cfg), config, step)
 
