@@ -9,7 +9,6 @@ import sys
 import threading
 import time
 
-import numpy as np
 import pytest
 
 from annotate.synth import synthesize, write_truth_records
@@ -43,16 +42,23 @@ def logged(workdir):
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_processes_train_like_one_then_resume(tmp_path, records):
-    one, two = tmp_path / "one", tmp_path / "two"
-    run(launch_command(tmp_path, one, records, 1, 8, "--config.total_steps=9"))
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, records):
+    """{step: logged entry} of 1 process x 8 devices trained straight to step 9."""
+    tmp_path = tmp_path_factory.mktemp("one")
+    run(launch_command(tmp_path, tmp_path / "one", records, 1, 8, "--config.total_steps=9"))
+    return {entry["step"]: entry for entry in logged(tmp_path / "one")}
+
+
+def test_two_processes_train_like_one_then_resume(tmp_path, records, one_process):
+    two = tmp_path / "two"
     first = run(launch_command(tmp_path, two, records, 2, 4, "--config.total_steps=6"))
     assert "[0] step 6 [region]" in first.stdout and "[1] " in first.stdout  # both processes' output, prefixed
     assert (two / "checkpoints" / "6").is_dir()
     resumed = run(launch_command(tmp_path, two, records, 2, 4, "--config.total_steps=9"))
     assert "resumed from step 6" in resumed.stdout
 
-    reference = {entry["step"]: entry for entry in logged(one)}
+    reference = one_process
     entries = logged(two)  # process 0 writes the metrics
     assert [entry["step"] for entry in entries] == list(range(1, 10))
     for entry in entries:
@@ -64,14 +70,10 @@ def test_two_processes_train_like_one_then_resume(tmp_path, records):
     assert {"process_0-of-2.json", "process_1-of-2.json"} <= {path.name for path in data_state.iterdir()}
 
 
-def test_killing_one_process_stops_the_other(tmp_path, records):
-    """SIGKILL to process 1 mid-training: process 0 stops with an error on its own (JAX's
-    coordination service misses process 1's heartbeats), well inside 120 s, and the launcher
-    names what happened and exits 1."""
-    workdir = tmp_path / "run"
-    launcher = subprocess.Popen(launch_command(tmp_path, workdir, records, 2, 4, "--config.total_steps=1000",
-                                               launcher_args=("--heartbeat-timeout", "20")),
-                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def signal_once_logged(command, workdir, how: str) -> tuple[int, str, float]:
+    """Starts the launcher, sends process 1 `kill -<how>` once the run logged its first step; the
+    launcher's exit status, its output, and the seconds from the signal to its exit."""
+    launcher = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     reader = threading.Thread(target=lambda: lines.extend(launcher.stdout), daemon=True)
     reader.start()
@@ -81,15 +83,25 @@ def test_killing_one_process_stops_the_other(tmp_path, records):
             assert launcher.poll() is None and time.monotonic() < deadline, "".join(lines)[-4000:]
             time.sleep(0.2)
         pids = dict(re.findall(r"started process (\d) \(pid (\d+)\)", "".join(lines)))
-        killed_at = time.monotonic()
-        subprocess.run(["kill", "-9", pids["1"]], check=True)
-        returncode = launcher.wait(timeout=180)
-        stopped_after = time.monotonic() - killed_at
+        sent = time.monotonic()
+        subprocess.run(["kill", f"-{how}", pids["1"]], check=True)
+        returncode = launcher.wait(timeout=300)
+        took = time.monotonic() - sent
     finally:
         if launcher.poll() is None:
             launcher.send_signal(signal.SIGKILL)
     reader.join(timeout=10)
-    output = "".join(lines)
+    return returncode, "".join(lines), took
+
+
+def test_killing_one_process_stops_the_other(tmp_path, records):
+    """SIGKILL to process 1 mid-training: process 0 stops with an error on its own (JAX's
+    coordination service misses process 1's heartbeats), well inside 120 s, and the launcher
+    names what happened and exits 1."""
+    workdir = tmp_path / "run"
+    returncode, output, stopped_after = signal_once_logged(
+        launch_command(tmp_path, workdir, records, 2, 4, "--config.total_steps=1000",
+                       launcher_args=("--heartbeat-timeout", "20")), workdir, "9")
     assert returncode == 1, output[-4000:]
     assert "launch: error: process 1 was killed by SIGKILL" in output, output[-4000:]
     survivor = re.search(r"launch: process 0 (was killed by \w+|exited with status \d+), (\d+) s after process 1",
@@ -99,6 +111,33 @@ def test_killing_one_process_stops_the_other(tmp_path, records):
     assert "still runs" not in output  # process 0 stopped by itself; the launcher did not have to kill it
     process_0_log = (tmp_path / "logs-run" / "process_0.log").read_text()
     assert "another task died" in process_0_log or "Gloo" in process_0_log, process_0_log[-3000:]
+
+
+def test_sigterm_to_one_process_stops_both_at_one_saved_step(tmp_path, records, one_process):
+    """SIGTERM to process 1 alone (a spot VM's notice reaches one host): JAX's preemption service makes
+    both processes agree on one step, both save it and exit 0; the rerun goes on from that step with the
+    losses of an uninterrupted run (1 x 8 devices, which 2 x 4 matches: the test above)."""
+    stopped = tmp_path / "stopped"
+    # No periodic checkpoint before step 9: the one at the stop comes from the stop.
+    returncode, output, _ = signal_once_logged(launch_command(tmp_path, stopped, records, 2, 4, "--config.total_steps=9",
+                                                              "--config.checkpoint_every=100"), stopped, "TERM")
+    assert returncode == 0, output[-4000:]
+    said = re.findall(r"\[(\d)\] preempted: stopped at step (\d+)", output)
+    assert len(said) == 2 and {process for process, _ in said} == {"0", "1"}, output[-4000:]
+    step = int(said[0][1])
+    assert said[1][1] == said[0][1] and 1 <= step < 9
+    saved = sorted(int(path.name) for path in (stopped / "checkpoints").iterdir() if path.name.isdigit())
+    assert saved[-1] == step  # (orbax also saves the first step of a run)
+
+    resumed = run(launch_command(tmp_path, stopped, records, 2, 4, "--config.total_steps=9",
+                                 "--config.checkpoint_every=100"))
+    assert f"resumed from step {step}" in resumed.stdout
+    reference = one_process
+    after = [entry for entry in logged(stopped) if entry["step"] > step]
+    assert [entry["step"] for entry in after] == list(range(step + 1, 10))
+    for entry in after:
+        for key in [key for key in entry if key in ALL_TERMS] + ["loss", "grad_norm"]:
+            assert entry[key] == pytest.approx(reference[entry["step"]][key], rel=1e-5), (entry["step"], key)
 
 
 def test_dry_run_prints_each_process_environment():

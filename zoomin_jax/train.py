@@ -17,6 +17,7 @@ from pathlib import Path
 import jax
 import numpy as np
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from zoomin_jax import evaluators, losses, model_dir, run_dir, sharding, trainer
@@ -81,7 +82,9 @@ def level_iterators(config, model_cfg, cache: str | None = None) -> tuple[dict, 
 
 
 class Logger:
-    """One line per interval on stdout, metrics.jsonl and TensorBoard events (primary process)."""
+    """One line per interval on stdout, metrics.jsonl and TensorBoard events (primary process).
+    TensorBoard gets one series per level for every scalar a level logs (loss, grad_norm, lr and each
+    term: "panel/loss"), and the interval's throughput once, under "train/"."""
 
     def __init__(self, workdir: Path):
         self.active = jax.process_index() == 0
@@ -90,21 +93,82 @@ class Logger:
             self.jsonl = open(workdir / "metrics.jsonl", "a")
             self.writer = SummaryWriter(str(workdir / "tensorboard"))
 
-    def write(self, step: int, level: str, metrics: dict) -> None:
+    def write(self, step: int, level: str, metrics: dict, timing: dict | None = None) -> None:
         if not self.active:
             return
-        self.jsonl.write(json.dumps({"step": step, "level": level, **metrics}) + "\n")
+        timing = timing or {}
+        self.jsonl.write(json.dumps({"step": step, "level": level, "time": time.time(), **metrics, **timing}) + "\n")
         self.jsonl.flush()
         for key, value in metrics.items():
-            self.writer.add_scalar(f"{level}/{key}" if key in losses.ALL_TERMS else key, value, step)
+            self.writer.add_scalar(f"{level}/{key}", value, step)
+        for key, value in timing.items():
+            self.writer.add_scalar(f"train/{key}", value, step)
         self.writer.flush()
-        shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+        shown = " ".join(f"{k}={v:.4g}" for k, v in (metrics | timing).items())
         print(f"step {step} [{level}] {shown}", flush=True)
 
     def close(self) -> None:
         if self.active:
             self.jsonl.close()
             self.writer.close()
+
+
+@dataclasses.dataclass
+class Interval:
+    """The steps one log line sums up. Its clock runs from its start to the moment its metrics are on
+    the host (`elapsed` is read after the fetch), so device time still in flight when the interval
+    closes is counted in it rather than in no interval; compilation and evaluation are paused out."""
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+    data_wait: float = 0.0
+    checkpoint: float = 0.0
+    steps: int = 0
+    examples: int = 0
+    metrics: dict = dataclasses.field(default_factory=dict)  # level -> [device metrics of each step]
+
+    def add(self, level: str, metrics: dict, examples: int) -> None:
+        self.steps += 1
+        self.examples += examples
+        self.metrics.setdefault(level, []).append(metrics)  # device arrays: no host sync here
+
+    def pause(self, seconds: float) -> None:
+        self.start += seconds
+
+    def fetch(self, skipped_records: int) -> tuple[dict, dict, float]:
+        """{level: metrics averaged over its steps}, the interval's timing (after the device is done),
+        and when it ended: the next interval starts there, so the intervals tile the run's time."""
+        history = jax.device_get(self.metrics)
+        end = time.perf_counter()
+        elapsed = end - self.start
+        by_level = {}
+        for level, steps in history.items():
+            by_level[level] = {key: float(np.mean([m[key] for m in steps])) for key in steps[0]}
+            by_level[level]["skipped_in_a_row"] = float(max(m["skipped_in_a_row"] for m in steps))
+        timing = {"examples_per_s": self.examples / elapsed, "step_time_s": elapsed / self.steps,
+                  "data_wait_s": self.data_wait / self.steps, "checkpoint_s": self.checkpoint,
+                  "skipped_records": skipped_records}
+        return by_level, timing, end
+
+
+class Preemption:
+    """Stopping on SIGTERM (SLURM, spot VMs) or a TPU maintenance notice, pod-wide (DESIGN.md §8).
+    With several processes, JAX's preemption service (started by jax.distributed.initialize; its own
+    SIGTERM handler, and the TPU notice) makes every process agree on one step: `reached(step)` turns
+    True on all of them at that step, so they save it together. A Python SIGTERM handler would replace
+    the service's, so one is installed only for a single process, which has no service."""
+
+    def __init__(self):
+        self.pod, self.signal = jax.process_count() > 1, None
+        if not self.pod:
+            signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    def reached(self, step: int) -> bool:
+        """Called at every step by every process (the service's protocol needs each step)."""
+        if self.pod:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.signal is not None
 
 
 @dataclasses.dataclass
@@ -120,14 +184,14 @@ class Setup:
 
 def setup(config) -> Setup:
     """Mesh, params split and placed by the rules, optimizer state, and one jitted step per level."""
-    mesh = sharding.make_mesh(tuple(tuple(axis) for axis in config.mesh))
+    mesh = sharding.config_mesh(config)
     model_cfg = get_preset(config.model)
-    params = model_dir.initial_params(config.get("model_init"), model_cfg, config.seed)
+    rules = tuple(tuple(rule) for rule in config.partition_rules)
+    # Restored (or initialised) straight into their shardings: no detour through one device or the host.
+    params = model_dir.initial_params(config.get("model_init"), model_cfg, config.seed,
+                                      model_dir.param_shardings(model_cfg, mesh, rules))
     part = trainer.partition(params, tuple(tuple(rule) for rule in config.train_rules))
     trainable, frozen = trainer.split(params, part)
-    rules = tuple(tuple(rule) for rule in config.partition_rules)
-    trainable = jax.device_put(trainable, sharding.tree_shardings(trainable, mesh, rules))
-    frozen = jax.device_put(frozen, sharding.tree_shardings(frozen, mesh, rules))
     optim = trainer.OptimConfig(total_steps=config.total_steps, **config.optim)
     tx = trainer.make_optimizer(optim, part)
     state = jax.jit(trainer.init_state, static_argnums=1)(trainable, tx)
@@ -145,6 +209,7 @@ def train(config, workdir: str) -> dict:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     sharding.initialize_distributed()
+    sharding.require_platform(config)
     run = setup(config)
     mesh, model_cfg, state, frozen, cycle, steps = run.mesh, run.model_cfg, run.state, run.frozen, run.cycle, run.steps
     cache = (build_text_cache(config, run, workdir / "text_cache" / f"process_{jax.process_index()}")
@@ -161,14 +226,10 @@ def train(config, workdir: str) -> dict:
         print(f"resumed from step {start} in {checkpoints.directory}", flush=True)
     step = int(state["step"])
 
-    stop = {"signal": None}
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    preemption = Preemption()
     logger = Logger(workdir)
     config_json = json.loads(config.to_json_best_effort())
-    def new_interval():
-        return {"start": time.perf_counter(), "wait": 0.0, "steps": 0, "examples": 0, "metrics": {}}
-
-    interval, compiled, last = new_interval(), set(), {}
+    interval, compiled, last = Interval(), set(), {}
     try:
         while step < config.total_steps:
             level = cycle.level_at(step)
@@ -176,47 +237,41 @@ def train(config, workdir: str) -> dict:
             host = ({name: next(iterators[name]) for name in LEVELS} if level == JOINT
                     else next(iterators[level]))
             batch = to_global(host, mesh, mesh.axis_names)
-            interval["wait"] += time.perf_counter() - tick
+            interval.data_wait += time.perf_counter() - tick
             tick = time.perf_counter()
             state, metrics = steps[level](state, frozen, batch)
             if level not in compiled:  # the first call of a level compiles it: time that apart
                 jax.block_until_ready(metrics)
                 compiled.add(level)
                 print(f"compiled the {level} step in {time.perf_counter() - tick:.1f} s", flush=True)
-                interval["start"] += time.perf_counter() - tick
+                interval.pause(time.perf_counter() - tick)
             step += 1
-            interval["steps"] += 1
-            interval["metrics"].setdefault(level, []).append(metrics)  # device arrays: no sync here
-            interval["examples"] += sum(batch_sizes.values()) if level == JOINT else batch_sizes[level]
-            checkpoints.save(step, state, iterators, config_json)
-            if step % config.log_every == 0 or step == config.total_steps:
-                # One line per level trained in the interval, each term averaged over its steps.
-                elapsed = time.perf_counter() - interval["start"]
-                timing = {"examples_per_s": interval["examples"] / elapsed, "step_time_s": elapsed / interval["steps"],
-                          "data_wait_s": interval["wait"] / interval["steps"], "skipped_records": skipped_records}
-                # The guard is read here, not after every step: a per-step read would make the host
-                # wait for the device before fetching the next batch.
-                history = jax.device_get(interval["metrics"])
-                for logged_level, level_history in history.items():
-                    last = {key: float(np.mean([m[key] for m in level_history])) for key in level_history[0]}
-                    last["skipped_in_a_row"] = float(max(m["skipped_in_a_row"] for m in level_history))
-                    logger.write(step, logged_level, last | timing)
-                worst = max(m["skipped_in_a_row"] for level_history in history.values() for m in level_history)
+            interval.add(level, metrics, sum(batch_sizes.values()) if level == JOINT else batch_sizes[level])
+            preempted = preemption.reached(step)
+            tick = time.perf_counter()
+            if checkpoints.save(step, state, iterators, config_json, force=preempted):
+                interval.checkpoint += time.perf_counter() - tick  # the blocking part; the write goes on async
+            if step % config.log_every == 0 or step == config.total_steps or preempted:
+                # One line per level trained in the interval, each term averaged over its steps. The guard
+                # is read here, not after every step: a per-step read would make the host wait for the
+                # device before fetching the next batch.
+                by_level, timing, ended = interval.fetch(skipped_records)
+                for logged_level, last in by_level.items():
+                    logger.write(step, logged_level, last, timing)
+                worst = max(m["skipped_in_a_row"] for m in by_level.values())
                 if worst >= config.max_bad_steps:
                     raise UserError(f"{int(worst)} non-finite updates in a row before step {step}; the last good "
                                     f"checkpoint is step {checkpoints.latest_step()} in {checkpoints.directory} — "
                                     "lower config.optim.lr or check the data")
-                interval = new_interval()
+                interval = Interval(start=ended)
             if evals := evaluators.due(config.get("evals", {}), step, config.total_steps):
                 tick = time.perf_counter()
                 encoder = CLIPEncoder(model_cfg, merge(state["params"], frozen),
                                       run_dir.preprocess_cfg(config, model_cfg), mesh)
                 logger.write(step, "eval", evaluators.run_evaluators(evals, encoder))
-                interval["start"] += time.perf_counter() - tick  # evaluation time is not step time
-            if stop["signal"] is not None:
-                if not checkpoints.has(step):
-                    checkpoints.save(step, state, iterators, config_json, force=True)
-                print(f"stopped by signal {stop['signal']} at step {step}; checkpoint saved", flush=True)
+                interval.pause(time.perf_counter() - tick)  # evaluation time is not step time
+            if preempted:
+                print(f"preempted: stopped at step {step} with its checkpoint saved; rerun to resume", flush=True)
                 break
         else:
             if not checkpoints.has(step):
