@@ -1,8 +1,10 @@
 """python -m zoomin_jax.bench_train --config configs/X.py[:arg] [--config.key=value] [--steps N]
 
 Compile time and step time per level for a training config on this machine, on random batches
-shaped like the config's (the data pipeline has its own benchmark: zoomin_jax.data.bench). Step
-times are medians over N steps after the compiling one, each waited for.
+shaped like the config's as training feeds them: each process its share of the global batch, and
+cached text embeddings instead of token ids where config.data.text_cache is on (the data pipeline
+has its own benchmark: zoomin_jax.data.bench). Step times are medians over N steps after the
+compiling one, each waited for.
 """
 from __future__ import annotations
 
@@ -20,16 +22,20 @@ from zoomin_jax.recipes import JOINT, LEVELS
 from zoomin_jax.train import setup
 
 
-def random_batch(level: str, rng: np.random.Generator, batch: int, size: int, children: int = 3) -> dict:
+def random_batch(level: str, rng: np.random.Generator, batch: int, size: int, children: int = 3,
+                 text_dim: int | None = None) -> dict:
     """A batch shaped like `data.samples` makes for `level`: uint8 images, CLIP token rows (SOT,
-    five words, EOT), child masks with one childless parent, region boxes in token units."""
+    five words, EOT) or, given `text_dim`, text-cache embeddings, child masks with one childless
+    parent, region boxes in token units."""
     if level == JOINT:
-        return {name: random_batch(name, rng, batch, size, children) for name in LEVELS}
+        return {name: random_batch(name, rng, batch, size, children, text_dim) for name in LEVELS}
 
     def images(*lead):
         return rng.integers(0, 256, (*lead, size, size, 3), dtype=np.uint8)
 
     def tokens(*lead):
+        if text_dim:
+            return rng.standard_normal((*lead, text_dim)).astype(np.float32)
         out = np.zeros((*lead, 77), np.int32)
         out[..., 0], out[..., 1:6], out[..., 6] = 49406, rng.integers(300, 40000, (*lead, 5)), 49407
         return out
@@ -52,14 +58,16 @@ def main(config, timed_steps: int) -> int:
     run = setup(config)
     rng = np.random.default_rng(0)
     state = run.state
-    print(f"{config.model} on {jax.device_count()} {jax.devices()[0].platform} device(s), mesh {dict(run.mesh.shape)}")
+    text_dim = run.model_cfg.embed_dim if config.data.get("text_cache") else None
+    print(f"{config.model} on {jax.device_count()} {jax.devices()[0].platform} device(s) in {jax.process_count()} "
+          f"process(es), mesh {dict(run.mesh.shape)}, texts as {'cached embeddings' if text_dim else 'token ids'}")
     for level, _ in run.cycle.levels:
         children = config.data.max_panels if level == "figure" else config.data.max_regions
         size = run.model_cfg.vision.image_size
         times = []
         for _ in range(timed_steps + 1):
             batch_size = config.data.batch_size[LEVELS[0] if level == JOINT else level]
-            host = random_batch(level, rng, batch_size, size, children)
+            host = random_batch(level, rng, batch_size // jax.process_count(), size, children, text_dim)
             batch = to_global(host, run.mesh, run.mesh.axis_names)
             tick = time.perf_counter()
             state, metrics = run.steps[level](state, run.frozen, batch)
