@@ -4,6 +4,8 @@
 
 init: BMC-CLIP converted with `python -m zoomin_jax.convert import --model ViT-L-14` (empty: random
 init, for smoke tests only). variant: zoomin (default) or figure_only, panel_only, region_only, joint.
+eval_records: held-out records for retrieval at the three levels; zeroshot_data_dir: the TFDS data
+dir of the MedMNIST builders (breastmnist, pneumoniamnist) for zero-shot; both every 5000 steps.
 Only the last 5 vision blocks, ln_post, proj and logit_scale train; the text tower is frozen, so
 each text is embedded once before training (workdir/text_cache), text-side message passing is
 skipped, and the frozen blocks run without a backward pass.
@@ -21,7 +23,7 @@ EPOCH_STEPS = 1094
 
 
 def get_config(arg=None):
-    args = parse_config_arg(arg, init="", records="", variant="zoomin")
+    args = parse_config_arg(arg, init="", records="", variant="zoomin", eval_records="", zeroshot_data_dir="")
     config = ml_collections.ConfigDict()
     config.model = "ViT-L-14"
     # A placeholder, not None, so that --config.model_init=DIR can set it.
@@ -43,6 +45,16 @@ def get_config(arg=None):
                        strict=False, max_panels=4, max_regions=4, region_margin=0.1, lvlm_text_prob=0.5,
                        drop_panel_kinds=("chart",), min_box_side=16.0,
                        text_cache=True)  # the text tower is frozen: each text is embedded once, up front
+    # Held-out retrieval at the three levels (each process embeds its share) and zero-shot
+    # classification on MedMNIST built as TFDS datasets (python -m zoomin_jax.data.medmnist_tfds).
+    config.evals = {}
+    if args["eval_records"]:
+        config.evals.heldout = dict(type="retrieval", records=args["eval_records"],
+                                    levels=("figure", "panel", "region"), every=5000, batch_size=1024)
+    if args["zeroshot_data_dir"]:
+        for task in ("breastmnist", "pneumoniamnist"):
+            config.evals[task] = dict(type="zeroshot", task=task, source=f"tfds:{task}", split="test",
+                                      data_dir=args["zeroshot_data_dir"], every=5000, batch_size=1024)
     apply_variant(config, args["variant"])
     config.total_steps = 20 * EPOCH_STEPS * sum(steps for _, steps in config.cycle)
     config.log_every = 50

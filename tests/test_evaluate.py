@@ -1,6 +1,9 @@
 """Retrieval metrics against a plain reference (ties, repeated texts), the same numbers on 1 and 8
 devices, evaluators during training and standalone, and a trained run exported to open_clip."""
 import json
+import socket
+import subprocess
+import sys
 
 import jax
 import ml_collections
@@ -9,7 +12,7 @@ import pytest
 from flax import nnx, traverse_util
 
 from annotate.synth import synthesize, write_truth_records
-from conftest import DATA, run_cli
+from conftest import DATA, REPO, run_cli
 from zoomin_jax import run_dir, sharding
 from zoomin_jax.encoder import CLIPEncoder
 from zoomin_jax.evaluators import recall_at_k, retrieval, retrieval_metrics, run_evaluators
@@ -77,6 +80,30 @@ def test_retrieval_is_the_same_on_1_and_8_devices(truth_records, level):
     assert 0 <= found[1]["i2t_r1"] <= found[1]["i2t_r5"] <= found[1]["i2t_r10"] <= 1
 
 
+def test_two_processes_each_embed_their_share_and_get_the_metrics_of_one(tmp_path, truth_records):
+    """Retrieval on 2 processes x 4 devices: each reads and embeds about half of the items, and both
+    get the metrics one process over 8 devices gets."""
+    cfg = get_preset("test-tiny")
+    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(CLIP(cfg, rngs=nnx.Rngs(0)), nnx.Param)))
+    encoder = CLIPEncoder(cfg, params, default_preprocess_cfg(cfg), sharding.make_mesh((("data", 8),)), batch_size=16)
+    one = retrieval(encoder, truth_records, "panel", batch_size=10)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    procs = [subprocess.Popen([sys.executable, "tests/eval_multiprocess.py", truth_records, "panel", port, str(i),
+                               str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for i in range(2)]
+    for proc in procs:
+        output = proc.communicate(timeout=300)[0].decode()
+        assert proc.returncode == 0, output[-3000:]
+    results = [json.loads((tmp_path / f"process{i}.json").read_text()) for i in range(2)]
+    items = int(one["items"])
+    assert [r["embedded"] for r in results] == [-(-items // 2), items // 2]
+    assert results[0]["calls"] == results[1]["calls"]  # embedding is collective: equal calls, even when empty
+    for result in results:
+        assert result["metrics"] == pytest.approx(one, abs=1e-6)
+
+
 def test_zeroshot_evaluator_from_the_config():
     cfg = get_preset("test-tiny")
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(CLIP(cfg, rngs=nnx.Rngs(0)), nnx.Param)))
@@ -120,3 +147,15 @@ def test_trained_run_evaluate_and_export(tmp_path, truth_records):
             assert np.array_equal(leaf, np.asarray(init[path])), path
         if path[:4] == trained_block and path[-1] == "kernel":
             assert not np.allclose(leaf, np.asarray(init[path])), path
+
+
+def test_the_paper_config_declares_its_evaluators():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("paper", REPO / "configs" / "zoomin_vitl14.py")
+    paper = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paper)
+    assert dict(paper.get_config("records=r").evals) == {}
+    evals = paper.get_config("records=r,eval_records=held/*.array_record,zeroshot_data_dir=tfds").evals
+    assert evals.heldout.type == "retrieval" and tuple(evals.heldout.levels) == ("figure", "panel", "region")
+    assert {name: (e.type, e.source) for name, e in evals.items() if name != "heldout"} == {
+        "breastmnist": ("zeroshot", "tfds:breastmnist"), "pneumoniamnist": ("zeroshot", "tfds:pneumoniamnist")}

@@ -1,9 +1,12 @@
 """One encoder for users (`load_clip`) and for the evaluators: a CLIP's params behind jitted, pure
 encode functions. Inputs of any length go through in batches padded to one fixed size (one
 compilation per input kind) and split over every device of a mesh, on one or many processes;
-embeddings come back as NumPy float32 [N, D]."""
+embeddings come back as NumPy float32 [N, D]. Given the same inputs on every process, each gets every
+embedding; `encode_uint8_share` instead takes each process's own share of the inputs, and
+`gather_rows` puts the shares together."""
 from __future__ import annotations
 
+import copy
 import functools
 from pathlib import Path
 
@@ -57,6 +60,30 @@ class CLIPEncoder:
             out.append(np.asarray(gathered, np.float32)[:len(chunk)])
         return np.concatenate(out) if out else np.zeros((0, self.config.embed_dim), np.float32)
 
+    def with_batch_size(self, batch_size: int) -> CLIPEncoder:
+        """The same model and params, batching `batch_size` rows at a time (rounded up to the mesh)."""
+        other = copy.copy(self)
+        other.batch_size = -(-batch_size // self.mesh.size) * self.mesh.size
+        return other
+
+    @property
+    def process_batch_size(self) -> int:
+        """Rows each process gives `encode_uint8_share` at a time."""
+        return self.batch_size // jax.process_count()
+
+    def encode_uint8_share(self, images, normalize: bool = False) -> np.ndarray:
+        """This process's own images (at most `process_batch_size`; every process calls this together,
+        with an empty batch once it has no more) -> this process's embeddings. Each process reads and
+        preprocesses only its share of an evaluation set, and the devices of all of them embed it."""
+        images = np.asarray(images)
+        padded = np.zeros((self.process_batch_size, *images.shape[1:]), np.uint8)
+        padded[:len(images)] = images
+        batch = jax.make_array_from_process_local_data(self.batch_sharding, padded)
+        embeddings = _encode_image(self.config, self.dtype, normalize, self.params,
+                                   losses.pixels_to_model(batch))
+        local = multihost_utils.global_array_to_host_local_array(embeddings, self.mesh, self.batch_sharding.spec)
+        return np.asarray(local, np.float32)[:len(images)]
+
     def encode_image(self, pixels, normalize: bool = False) -> np.ndarray:
         """float32 [N, H, W, 3], normalised as `preprocess` does -> [N, embed_dim]."""
         return self._run(_encode_image, np.asarray(pixels, np.float32), normalize)
@@ -72,6 +99,17 @@ class CLIPEncoder:
     def preprocess(self, image: Image.Image) -> np.ndarray:
         cfg = self.preprocess_cfg
         return preprocess(image, size=cfg["size"], mean=cfg["mean"], std=cfg["std"])
+
+
+def gather_rows(local: np.ndarray) -> np.ndarray:
+    """Every process's rows of `local` (shares of any sizes), in process order, on every process."""
+    if jax.process_count() == 1:
+        return local
+    counts = multihost_utils.process_allgather(np.asarray([len(local)]))
+    padded = np.zeros((int(counts.max()), *local.shape[1:]), local.dtype)
+    padded[:len(local)] = local
+    stacked = np.asarray(multihost_utils.process_allgather(padded))  # [processes, rows, ...]
+    return np.concatenate([rows[:int(count)] for rows, count in zip(stacked, counts.reshape(-1), strict=True)])
 
 
 def load_clip(directory: str | Path, dtype=None, mesh: jax.sharding.Mesh | None = None) -> CLIPEncoder:

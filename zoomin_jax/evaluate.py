@@ -13,7 +13,9 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from zoomin_jax import run_dir
+import jax
+
+from zoomin_jax import run_dir, sharding
 from zoomin_jax.encoder import CLIPEncoder
 from zoomin_jax.errors import UserError
 from zoomin_jax.evaluators import run_evaluators
@@ -26,6 +28,7 @@ def main(workdir: str | None, model_src: str | None, config, out: str | None) ->
         print("error: pass --workdir RUN[/STEP], or --model DIR with --config", file=sys.stderr)
         return 1
     try:
+        sharding.initialize_distributed()  # on a pod every process runs this command and embeds its share
         model = run_dir.load(src)
         config = config or model.config
         if not config.get("evals"):
@@ -35,6 +38,8 @@ def main(workdir: str | None, model_src: str | None, config, out: str | None) ->
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    if jax.process_index():  # every process has the metrics; one prints and writes them
+        return 0
     for key, value in metrics.items():
         print(f"{key} {value:.4f}")
     out = out or (run_dir.workdir_of(src) / f"eval-{model.step}.json" if workdir else None)

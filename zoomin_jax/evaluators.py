@@ -7,11 +7,13 @@ run during training every `every` steps and standalone (`python -m zoomin_jax.ev
 """
 from __future__ import annotations
 
+import jax
 import numpy as np
 from tqdm import tqdm
 
 from zoomin_jax.data import pipeline, samples
-from zoomin_jax.encoder import CLIPEncoder
+from zoomin_jax.data.source import RecordSource
+from zoomin_jax.encoder import CLIPEncoder, gather_rows
 from zoomin_jax.errors import UserError
 from zoomin_jax.recipes import LEVELS
 
@@ -48,18 +50,29 @@ def retrieval_metrics(image_emb: np.ndarray, text_emb: np.ndarray, text_of_image
 def retrieval(encoder: CLIPEncoder, records: str, level: str, *, batch_size: int = 64, strict: bool = False,
               progress: bool = False) -> dict[str, float]:
     """R@k both ways over every `level` item of the records, through the eval transform (exactly
-    open_clip's); identical texts (same tokens) are one gallery entry, relevant to all their images."""
+    open_clip's); identical texts (same tokens) are one gallery entry, relevant to all their images.
+    On many processes each reads and embeds its share of the items (the encoder's batch, split over
+    the processes); every process gets the same metrics. `batch_size` is the global batch."""
     cfg = samples.SampleConfig(image_size=encoder.config.vision.image_size,
                                patch_size=encoder.config.vision.patch_size, max_panels=0, max_regions=0)
-    dataset = pipeline.make_dataset(records, level, batch_size, cfg=cfg, shuffle=False, strict=strict,
-                                    drop_remainder=False)
+    encoder = encoder if batch_size == encoder.batch_size else encoder.with_batch_size(batch_size)
+    share, processes = encoder.process_batch_size, jax.process_count()
+    source = RecordSource(records, strict=strict)
+    index = pipeline.build_index(source, level, cfg)
+    dataset = pipeline.make_dataset(records, level, share, cfg=cfg, shuffle=False, strict=strict, drop_remainder=False,
+                                    process_index=jax.process_index(), process_count=processes, index=index)
+    # Every process embeds together, so each makes as many calls as the largest share needs.
+    calls = -(-len(range(0, len(index.rows), processes)) // share)
     image_emb, tokens = [], []
     for batch in tqdm(dataset, desc=f"retrieval {level}", disable=not progress, leave=False):
-        image_emb.append(encoder.encode_uint8(batch["image"], normalize=True))
+        image_emb.append(encoder.encode_uint8_share(batch["image"], normalize=True))
         tokens.append(batch["tokens"])
-    texts, text_of_image = np.unique(np.concatenate(tokens), axis=0, return_inverse=True)
-    metrics = retrieval_metrics(np.concatenate(image_emb), encoder.encode_text(texts, normalize=True),
-                                text_of_image.reshape(-1))
+    for _ in range(calls - len(image_emb)):
+        encoder.encode_uint8_share(np.zeros((0, cfg.image_size, cfg.image_size, 3), np.uint8))
+    image_emb = gather_rows(np.concatenate(image_emb or [np.zeros((0, encoder.config.embed_dim), np.float32)]))
+    tokens = gather_rows(np.concatenate(tokens or [np.zeros((0, 77), np.int32)]))
+    texts, text_of_image = np.unique(tokens, axis=0, return_inverse=True)
+    metrics = retrieval_metrics(image_emb, encoder.encode_text(texts, normalize=True), text_of_image.reshape(-1))
     return metrics | {"items": float(len(text_of_image)), "texts": float(len(texts))}
 
 

@@ -1,0 +1,35 @@
+"""Run as two processes by test_evaluate: retrieval on held-out records with each process reading
+and embedding its share (jax.distributed on localhost, gloo; 4 CPU devices each)."""
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"  # before jax is imported
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from zoomin_jax import evaluators, sharding  # noqa: E402
+from zoomin_jax.encoder import CLIPEncoder  # noqa: E402
+from zoomin_jax.model_dir import default_preprocess_cfg  # noqa: E402
+from zoomin_jax.models.clip import CLIP  # noqa: E402
+from zoomin_jax.models.config import get_preset  # noqa: E402
+
+
+def main(pattern: str, level: str, port: str, process_id: int, out: str) -> None:
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
+    cfg = get_preset("test-tiny")
+    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(CLIP(cfg, rngs=nnx.Rngs(0)), nnx.Param)))
+    encoder = CLIPEncoder(cfg, params, default_preprocess_cfg(cfg), sharding.make_mesh((("data", -1),)), batch_size=16)
+    embedded = []
+    share = encoder.encode_uint8_share
+    encoder.encode_uint8_share = lambda images, **kw: embedded.append(len(images)) or share(images, **kw)
+    metrics = evaluators.retrieval(encoder, pattern, level, batch_size=10)
+    with open(f"{out}/process{process_id}.json", "w") as f:
+        json.dump({"metrics": metrics, "embedded": sum(embedded), "calls": len(embedded)}, f)
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
