@@ -27,6 +27,7 @@ def get_config(arg=None):
     config.seed = int(args["seed"])
     config.total_steps = 450
     config.mesh = (("data", -1),)
+    config.remat = "none"  # or "dots" / "full": recompute the trainable blocks' activations in the backward pass
     config.partition_rules = ((".*", "fsdp"),)
     # (regex over param names, lr multiplier or None = frozen); first match wins. The tiny model
     # trains everything after its first vision block.

@@ -64,3 +64,18 @@ def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     if check and result.returncode != 0:
         raise AssertionError(f"{args} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def two_processes(script: str, *args: str, out: Path) -> list[dict]:
+    """tests/SCRIPT run as processes 0 and 1 of one jax.distributed job on localhost (its argv: *args,
+    port, process id, out); each process's out/process{i}.json."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    procs = [subprocess.Popen([sys.executable, f"tests/{script}", *args, port, str(i), str(out)], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+    for proc in procs:
+        output = proc.communicate(timeout=300)[0].decode()
+        assert proc.returncode == 0, output[-3000:]
+    return [json.loads((out / f"process{i}.json").read_text()) for i in range(2)]

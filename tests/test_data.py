@@ -7,7 +7,7 @@ import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from annotate.synth import synthesize, write_truth_records
-from conftest import run_cli
+from conftest import run_cli, two_processes
 from zoomin_jax import records
 from zoomin_jax.data import samples
 from zoomin_jax.data.pipeline import build_index, item_rows, make_dataset
@@ -196,22 +196,7 @@ def test_panel_text_mixes_in_lvlm_descriptions():
 
 
 def test_two_processes_assemble_one_global_batch(tmp_path, shards):
-    import json
-    import socket
-    import subprocess
-    import sys
-
-    from conftest import REPO
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    procs = [subprocess.Popen([sys.executable, "tests/data_multiprocess.py", shards["truth"], port, str(i),
-                               str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for i in range(2)]
-    for proc in procs:
-        output = proc.communicate(timeout=300)[0].decode()
-        assert proc.returncode == 0, output[-3000:]
-    results = [json.loads((tmp_path / f"process{i}.json").read_text()) for i in range(2)]
+    results = two_processes("data_multiprocess.py", shards["truth"], out=tmp_path)
     assert all(r["global_shape"] == [8, 32, 32, 3] for r in results)
     # The global batch is process 0's slice followed by process 1's, seen identically by both.
     expected = results[0]["local_signature"] + results[1]["local_signature"]

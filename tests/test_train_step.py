@@ -100,3 +100,36 @@ def test_no_recompilation_after_the_first_cycle(axes, min_size):
     layout used to differ from the initial one and the second figure step recompiled."""
     *_, steps = run(sharding.make_mesh(axes), num_steps=10, min_size=min_size)
     assert {level: step._cache_size() for level, step in steps.items()} == {"figure": 1, "panel": 1, "region": 1}
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_gives_the_plain_loss_and_gradients(remat):
+    """Rematerialised trainable blocks recompute what the plain model keeps: the same panel-level loss
+    and gradients (fp32, 1e-5), with only the first vision block frozen so one trained block remats."""
+    params = nnx.to_pure_dict(nnx.state(CLIP(MODEL, rngs=nnx.Rngs(0)), nnx.Param))
+    part = trainer.partition(params, RULES)
+    trainable, frozen = trainer.split(params, part)
+    batch = random_batch("panel", np.random.default_rng(0), batch=4, size=32)
+
+    def loss_and_grads(remat_name):
+        cfg = losses.LossConfig(text_frozen=part.text_frozen, frozen_blocks=part.frozen_blocks, remat=remat_name)
+
+        def loss(trainable):
+            model = trainer.from_params(MODEL, trainer.merge(trainable, frozen))
+            return losses.level_losses(model, batch, "panel", cfg)[0]
+        rematerialised = "remat" in str(jax.make_jaxpr(loss)(trainable))  # the primitive jax.checkpoint adds
+        return jax.jit(jax.value_and_grad(loss))(trainable), rematerialised
+
+    ((plain, plain_grads), plain_remats), ((rematted, remat_grads), remats) = loss_and_grads("none"), loss_and_grads(remat)
+    assert remats and not plain_remats
+    assert part.frozen_blocks == 1 and float(rematted) == pytest.approx(float(plain), rel=1e-5)
+    for path, grad in traverse_util.flatten_dict(plain_grads).items():
+        np.testing.assert_allclose(traverse_util.flatten_dict(remat_grads)[path], grad, rtol=1e-5, atol=1e-7,
+                                   err_msg=str(path))
+
+
+def test_an_unknown_remat_policy_is_a_clear_error():
+    from zoomin_jax.errors import UserError
+    from zoomin_jax.models.clip import remat_policy
+    with pytest.raises(UserError, match="config.remat='some' is not one of none, full, dots"):
+        remat_policy("some")

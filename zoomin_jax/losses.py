@@ -79,6 +79,7 @@ class LossConfig:
     weights: tuple[tuple[str, float], ...] = ()   # term -> weight; terms not named weigh 1
     text_frozen: bool = False      # text-only terms are then constants: skipped
     frozen_blocks: int = 0         # leading vision blocks under stop_gradient
+    remat: str = "none"            # how the trainable vision blocks are rematerialised (models.clip.REMAT_POLICIES)
     roi_samples: int = 2
 
     def weight(self, term: str) -> float:
@@ -93,7 +94,8 @@ def pixels_to_model(images):
 def _encode_images(model, images, cfg: LossConfig, with_grid: bool = False):
     """[..., H, W, 3] uint8 -> embeddings [..., D] (and the patch grid when asked)."""
     lead = images.shape[:-3]
-    cls, grid = model.visual.tokens(pixels_to_model(images.reshape(-1, *images.shape[-3:])), cfg.frozen_blocks)
+    cls, grid = model.visual.tokens(pixels_to_model(images.reshape(-1, *images.shape[-3:])), cfg.frozen_blocks,
+                                    cfg.remat)
     embeddings = model.visual.head(cls).reshape(*lead, -1)
     return (embeddings, grid.reshape(*lead, *grid.shape[1:])) if with_grid else embeddings
 

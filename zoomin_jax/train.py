@@ -196,7 +196,7 @@ def setup(config) -> Setup:
     tx = trainer.make_optimizer(optim, part)
     state = jax.jit(trainer.init_state, static_argnums=1)(trainable, tx)
     loss_cfg = losses.LossConfig(weights=tuple(config.loss_weights.items()), text_frozen=part.text_frozen,
-                                 frozen_blocks=part.frozen_blocks)
+                                 frozen_blocks=part.frozen_blocks, remat=config.get("remat", "none"))
     schedule = trainer.lr_schedule(optim)
     cycle = trainer.Cycle(tuple((level, int(steps)) for level, steps in config.cycle))
     steps = {level: trainer.jit_train_step(trainer.make_train_step(model_cfg, level, loss_cfg, tx, schedule), state)

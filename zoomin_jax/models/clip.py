@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, traverse_util
 
+from zoomin_jax.errors import UserError
 from zoomin_jax.models.config import CLIPConfig, VisionConfig
 
 LOGIT_SCALE_MAX = math.log(100.0)
@@ -75,6 +76,17 @@ class ResidualAttentionBlock(nnx.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+# What a rematerialised block keeps for its backward pass: "full" nothing (all recomputed), "dots"
+# its matmul outputs without batch dimensions (the usual trade: the cheap elementwise work is redone).
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+def remat_policy(name: str):
+    if name not in REMAT_POLICIES:
+        raise UserError(f"config.remat={name!r} is not one of {', '.join(REMAT_POLICIES)}")
+    return jax.checkpoint_policies.dots_with_no_batch_dims_saveable if name == "dots" else None
+
+
 class Transformer(nnx.Module):
     def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, activation, dtype,
                  rngs: nnx.Rngs):
@@ -82,10 +94,15 @@ class Transformer(nnx.Module):
             ResidualAttentionBlock(width, heads, mlp_ratio, layers, activation, dtype, rngs)
             for _ in range(layers)])
 
-    def __call__(self, x, causal: bool, frozen_blocks: int = 0):
-        """`frozen_blocks` leading blocks run under stop_gradient: no activations are kept for them."""
+    def __call__(self, x, causal: bool, frozen_blocks: int = 0, remat: str = "none"):
+        """`frozen_blocks` leading blocks run under stop_gradient: no activations are kept for them.
+        The blocks after them (the ones a backward pass goes through) are rematerialised by `remat`
+        (REMAT_POLICIES): their activations are recomputed in the backward pass instead of kept."""
         for n, block in enumerate(self.resblocks):
-            x = block(x, causal)
+            if n >= frozen_blocks and remat != "none":
+                x = nnx.remat(lambda module, y: module(y, causal), policy=remat_policy(remat))(block, x)
+            else:
+                x = block(x, causal)
             if n + 1 == frozen_blocks:
                 x = jax.lax.stop_gradient(x)
         return x
@@ -104,7 +121,7 @@ class VisionTransformer(nnx.Module):
         self.ln_post = _layer_norm(cfg.width, dtype, rngs)
         self.proj = nnx.Param(scale * jax.random.normal(rngs.params(), (cfg.width, embed_dim)))
 
-    def tokens(self, pixels, frozen_blocks: int = 0):
+    def tokens(self, pixels, frozen_blocks: int = 0, remat: str = "none"):
         """Transformer output before ln_post: class token [N, W] and patch grid [N, g, g, W]. With
         frozen_blocks > 0 nothing before the end of that block gets a gradient (the stem too)."""
         x = self.conv1(pixels)
@@ -112,7 +129,7 @@ class VisionTransformer(nnx.Module):
         cls = jnp.broadcast_to(self.class_embedding[...].astype(x.dtype), (n, 1, width))
         x = jnp.concatenate([cls, x.reshape(n, gh * gw, width)], axis=1)
         x = self.ln_pre(x + self.positional_embedding[...].astype(x.dtype))
-        x = self.transformer(x, causal=False, frozen_blocks=frozen_blocks)
+        x = self.transformer(x, causal=False, frozen_blocks=frozen_blocks, remat=remat)
         return x[:, 0], x[:, 1:].reshape(n, gh, gw, width)
 
     def head(self, x):
