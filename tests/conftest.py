@@ -5,8 +5,10 @@ import csv
 import glob
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -64,3 +66,21 @@ def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     if check and result.returncode != 0:
         raise AssertionError(f"{args} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def logged(workdir) -> list[dict]:
+    """The entries of a training run's metrics.jsonl (local or gs://), none before it exists."""
+    try:
+        return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    except FileNotFoundError:
+        return []
+
+
+def kill_when_logged(process: subprocess.Popen, workdir, count: int) -> list[dict]:
+    """SIGKILLs a training process once its run logged `count` entries; returns what it logged."""
+    while len(logged(workdir)) < count:
+        assert process.poll() is None, "training ended before it could be killed"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return logged(workdir)

