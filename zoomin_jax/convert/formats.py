@@ -133,7 +133,8 @@ def read_source(src: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict | N
 
 def write_state_dict(state_dict: dict[str, np.ndarray], path) -> None:
     """.safetensors via safetensors; .bin/.pt/.pth via torch.save (what open_clip loads). Local or
-    remote (etils.epath), written under a temporary name and renamed when whole."""
+    remote (etils.epath), written under a temporary name and renamed when whole; a .safetensors
+    file's bytes are made in memory first, since safetensors writes to a file object no other way."""
     path = epath.Path(path)
     if path.suffix == ".safetensors":
         from safetensors.numpy import save
