@@ -5,8 +5,10 @@ import csv
 import glob
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -79,3 +81,21 @@ def two_processes(script: str, *args: str, out: Path) -> list[dict]:
         output = proc.communicate(timeout=300)[0].decode()
         assert proc.returncode == 0, output[-3000:]
     return [json.loads((out / f"process{i}.json").read_text()) for i in range(2)]
+
+
+def logged(workdir) -> list[dict]:
+    """The entries of a training run's metrics.jsonl (local or gs://), none before it exists."""
+    try:
+        return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    except FileNotFoundError:
+        return []
+
+
+def kill_when_logged(process: subprocess.Popen, workdir, count: int) -> list[dict]:
+    """SIGKILLs a training process once its run logged `count` entries; returns what it logged."""
+    while len(logged(workdir)) < count:
+        assert process.poll() is None, "training ended before it could be killed"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return logged(workdir)

@@ -1,7 +1,6 @@
 """launch/gpu_local.py runs real multi-process training on CPU (2 processes x 4 devices, jax.distributed
 over gloo): the same losses as 1 process x 8 devices, checkpoint and resume, and no hang when a
 process is killed."""
-import json
 import re
 import signal
 import subprocess
@@ -12,7 +11,7 @@ import time
 import pytest
 
 from annotate.synth import synthesize, write_truth_records
-from conftest import REPO
+from conftest import REPO, logged
 from zoomin_jax.losses import ALL_TERMS
 
 LAUNCHER = REPO / "launch" / "gpu_local.py"
@@ -36,10 +35,6 @@ def run(command):
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     return result
-
-
-def logged(workdir):
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +74,7 @@ def signal_once_logged(command, workdir, how: str) -> tuple[int, str, float]:
     reader.start()
     try:
         deadline = time.monotonic() + 600
-        while not ((workdir / "metrics.jsonl").exists() and logged(workdir)):
+        while not logged(workdir):
             assert launcher.poll() is None and time.monotonic() < deadline, "".join(lines)[-4000:]
             time.sleep(0.2)
         pids = dict(re.findall(r"started process (\d) \(pid (\d+)\)", "".join(lines)))

@@ -1,11 +1,8 @@
 """python -m zoomin_jax.train end to end on the demo config: the loss goes down, and a run killed
 with SIGKILL and resumed ends bit-identical to one that never stopped."""
-import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -13,7 +10,7 @@ import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from annotate.synth import synthesize, write_truth_records
-from conftest import REPO
+from conftest import REPO, kill_when_logged, logged
 
 ENV = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 
@@ -32,10 +29,6 @@ def train_command(records, workdir, *overrides):
     """Data on the main process: the kill -9 test kills that process alone (the demo test covers workers)."""
     return [sys.executable, "-m", "zoomin_jax.train", f"--config={REPO / 'configs' / 'demo_cpu.py'}:records={records}",
             f"--workdir={workdir}", "--config.log_every=1", "--config.data.workers=0", *overrides]
-
-
-def logged(workdir):
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
 def tensorboard_scalars(directory) -> dict[str, list[int]]:
@@ -92,12 +85,7 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path, records):
     killed = tmp_path / "killed"
     process = subprocess.Popen(train_command(records, killed, *overrides), env=ENV, cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not (killed / "metrics.jsonl").exists() or len(logged(killed)) < 12:
-        assert process.poll() is None, "training ended before it could be killed"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    before_kill = logged(killed)
+    before_kill = kill_when_logged(process, killed, 12)
     assert before_kill[-1]["step"] < 20
     subprocess.run(train_command(records, killed, *overrides), env=ENV, check=True, capture_output=True, cwd=REPO)
 

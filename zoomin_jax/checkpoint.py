@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import jax
 import orbax.checkpoint as ocp
-from etils import epath
 from flax import traverse_util
 
+from zoomin_jax import storage
 from zoomin_jax.errors import UserError
 from zoomin_jax.sharding import path_name
 
@@ -21,7 +21,7 @@ class Checkpoints:
     def __init__(self, directory, *, every: int, keep: int = 3, keep_period: int | None = None):
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every, keep_period=keep_period,
                                                enable_async_checkpointing=True, create=True)
-        self.directory = epath.Path(directory).absolute()
+        self.directory = storage.absolute(directory)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
@@ -53,7 +53,7 @@ class Checkpoints:
 
 
 def complete_steps(directory) -> list[int]:
-    manager = ocp.CheckpointManager(epath.Path(directory).absolute(), options=ocp.CheckpointManagerOptions(create=False))
+    manager = ocp.CheckpointManager(storage.absolute(directory), options=ocp.CheckpointManagerOptions(create=False))
     try:
         return sorted(manager.all_steps())
     finally:
@@ -63,13 +63,13 @@ def complete_steps(directory) -> list[int]:
 def read_config(directory, step: int) -> dict:
     """The config saved with `step` (as JSON)."""
     with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
-        return checkpointer.restore(epath.Path(directory).absolute() / str(step) / "config")
+        return checkpointer.restore(storage.absolute(directory) / str(step) / "config")
 
 
 def read_params(directory, step: int, like: dict, sharding: jax.sharding.Sharding) -> dict:
     """The trainable params saved with `step`, alone (no optimizer state is read), nested with the
     keys of `like` (the run's full param tree) and placed by `sharding`."""
-    path = epath.Path(directory).absolute() / str(step) / "state"
+    path = storage.absolute(directory) / str(step) / "state"
     with ocp.PyTreeCheckpointer() as checkpointer:
         saved = ocp.PyTreeCheckpointHandler().metadata(path).tree["params"]
         # Orbax keys the saved tree by strings ("resblocks"/"0"): address leaves by their names.

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
 import jax
@@ -44,7 +44,7 @@ def main(workdir: str | None, model_src: str | None, config, out: str | None) ->
         print(f"{key} {value:.4f}")
     out = out or (run_dir.workdir_of(src) / f"eval-{model.step}.json" if workdir else None)
     if out:
-        Path(out).write_text(json.dumps({"src": str(src), "step": model.step, **metrics}, indent=1) + "\n")
+        epath.Path(out).write_text(json.dumps({"src": str(src), "step": model.step, **metrics}, indent=1) + "\n")
         print(f"wrote {out}")
     return 0
 

@@ -5,13 +5,13 @@ training init and `convert export`.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jax
 import numpy as np
+from etils import epath
 from flax import nnx
 
-from zoomin_jax import sharding
+from zoomin_jax import sharding, storage
 from zoomin_jax.errors import UserError
 from zoomin_jax.models.clip import CLIP, abstract_params, nest
 from zoomin_jax.models.config import OPENAI_MEAN, OPENAI_STD, CLIPConfig
@@ -26,10 +26,10 @@ def default_preprocess_cfg(cfg: CLIPConfig) -> dict:
             "interpolation": "bicubic", "resize_mode": "shortest"}
 
 
-def save(directory: str | Path, cfg: CLIPConfig, params: dict, preprocess_cfg: dict,
+def save(directory, cfg: CLIPConfig, params: dict, preprocess_cfg: dict,
          preset: str | None = None) -> None:
     import orbax.checkpoint as ocp
-    directory = Path(directory).absolute()
+    directory = storage.absolute(directory)
     directory.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(directory / PARAMS, params, force=True)
@@ -38,8 +38,8 @@ def save(directory: str | Path, cfg: CLIPConfig, params: dict, preprocess_cfg: d
     (directory / MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def read_meta(directory: str | Path) -> dict:
-    path = Path(directory) / MODEL_JSON
+def read_meta(directory) -> dict:
+    path = epath.Path(directory) / MODEL_JSON
     try:
         meta = json.loads(path.read_text())
     except FileNotFoundError:
@@ -53,9 +53,9 @@ def read_meta(directory: str | Path) -> dict:
     return meta
 
 
-def config_of(meta: dict, directory: str | Path) -> CLIPConfig:
+def config_of(meta: dict, directory) -> CLIPConfig:
     """The architecture recorded in a directory's model.json (as returned by read_meta)."""
-    return CLIPConfig.from_open_clip(meta["model_cfg"], where=str(Path(directory) / MODEL_JSON))
+    return CLIPConfig.from_open_clip(meta["model_cfg"], where=str(epath.Path(directory) / MODEL_JSON))
 
 
 def param_shardings(cfg: CLIPConfig, mesh: jax.sharding.Mesh, rules=sharding.DEFAULT_PARTITION_RULES) -> dict:
@@ -63,7 +63,7 @@ def param_shardings(cfg: CLIPConfig, mesh: jax.sharding.Mesh, rules=sharding.DEF
     return sharding.tree_shardings(nest(abstract_params(cfg)), mesh, rules)
 
 
-def restore_params(directory: str | Path, cfg: CLIPConfig, shardings: dict | None = None) -> dict:
+def restore_params(directory, cfg: CLIPConfig, shardings: dict | None = None) -> dict:
     """Nested param dict (as nnx.to_pure_dict) restored from `params/`, each leaf read straight into
     its sharding in `shardings` (a param-shaped tree, e.g. param_shardings): every process reads
     only the shards its devices hold. Without shardings, whole on this process's first device."""
@@ -75,10 +75,10 @@ def restore_params(directory: str | Path, cfg: CLIPConfig, shardings: dict | Non
     target = jax.tree.map(lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where),
                           abstract, shardings)
     with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore(Path(directory).absolute() / PARAMS, target)
+        return checkpointer.restore(storage.absolute(directory) / PARAMS, target)
 
 
-def params_numpy(directory: str | Path, cfg: CLIPConfig) -> dict:
+def params_numpy(directory, cfg: CLIPConfig) -> dict:
     return jax.tree.map(np.asarray, restore_params(directory, cfg))
 
 

@@ -5,11 +5,11 @@ a run rebuilds neither its optimizer nor its data pipeline (see zoomin_jax.check
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
 from zoomin_jax import checkpoint, model_dir
 from zoomin_jax.errors import UserError
@@ -19,22 +19,22 @@ from zoomin_jax.models.config import CLIPConfig, get_preset
 CHECKPOINTS = "checkpoints"
 
 
-def is_run(path: str | Path) -> bool:
-    path = Path(path)
+def is_run(path) -> bool:
+    path = epath.Path(path)
     return (path / CHECKPOINTS).is_dir() or (path.name.isdigit() and (path.parent / CHECKPOINTS).is_dir())
 
 
-def _workdir_and_step(path: Path) -> tuple[Path, int | None]:
+def _workdir_and_step(path: epath.Path) -> tuple[epath.Path, int | None]:
     return (path.parent, int(path.name)) if not (path / CHECKPOINTS).is_dir() else (path, None)
 
 
-def workdir_of(src: str | Path) -> Path:
-    return _workdir_and_step(Path(src))[0]
+def workdir_of(src) -> epath.Path:
+    return _workdir_and_step(epath.Path(src))[0]
 
 
-def run_config(src: str | Path) -> tuple[ml_collections.ConfigDict, int]:
+def run_config(src) -> tuple[ml_collections.ConfigDict, int]:
     """(the config a run saved with its checkpoint, that checkpoint's step)."""
-    workdir, step = _workdir_and_step(Path(src))
+    workdir, step = _workdir_and_step(epath.Path(src))
     steps = checkpoint.complete_steps(workdir / CHECKPOINTS)
     if not steps:
         raise UserError(f"{workdir / CHECKPOINTS} holds no complete checkpoint; train first.")
@@ -59,7 +59,7 @@ class Model:
     step: int | None = None                           # a run's checkpoint step
 
 
-def _run_model(src: str | Path) -> Model:
+def _run_model(src) -> Model:
     config, step = run_config(src)
     cfg = get_preset(config.model)
     initial = model_dir.initial_params(config.get("model_init"), cfg, config.seed)
@@ -69,7 +69,7 @@ def _run_model(src: str | Path) -> Model:
     return Model(cfg, jax.tree.map(np.asarray, merge(trained, initial)), preprocess_cfg(config, cfg), config, step)
 
 
-def load(src: str | Path) -> Model:
+def load(src) -> Model:
     """The model of a model directory, or of a training run's checkpoint (WORKDIR or WORKDIR/STEP)."""
     if is_run(src):
         return _run_model(src)

@@ -12,15 +12,14 @@ import json
 import signal
 import sys
 import time
-from pathlib import Path
-
 import jax
 import numpy as np
 from absl import app, flags, logging
+from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from zoomin_jax import evaluators, losses, model_dir, run_dir, sharding, trainer
+from zoomin_jax import evaluators, losses, model_dir, run_dir, sharding, storage, trainer
 from zoomin_jax.checkpoint import Checkpoints
 from zoomin_jax.data import pipeline, samples, text_cache
 from zoomin_jax.data.device import to_global
@@ -32,21 +31,22 @@ from zoomin_jax.models.config import CLIPConfig, get_preset
 from zoomin_jax.recipes import JOINT, LEVELS
 from zoomin_jax.tokenizer import tokenize
 
-def build_text_cache(config, run: "Setup", directory: Path) -> str:
-    """The frozen text tower's embedding of every text in the records, computed once (reused on
-    resume); the data pipeline then emits embeddings instead of tokens."""
+def build_text_cache(config, run: "Setup", directory: epath.Path) -> str:
+    """The frozen text tower's embedding of every text in the records, computed once into the
+    workdir (reused on resume); the data pipeline then emits embeddings instead of tokens. Returns
+    the local directory the workers map it from (see text_cache.local)."""
     if not run.part.text_frozen:
         raise UserError("config.data.text_cache needs a frozen text tower (no text parameter in config.train_rules)")
-    if not directory.exists():
+    if not text_cache.is_built(directory):
         source = RecordSource(config.data.records, strict=config.data.strict)
         texts = (text for n in range(len(source)) if (record := source[n]) is not None
                  for text in text_cache.record_texts(record))
         encoder = CLIPEncoder(run.model_cfg, merge(run.state["params"], run.frozen),
                               run_dir.preprocess_cfg(config, run.model_cfg), run.mesh, batch_size=256)
-        cache = text_cache.build(directory, texts, lambda chunk: encoder.encode_text(tokenize(chunk)),
+        count = text_cache.build(directory, texts, lambda chunk: encoder.encode_text(tokenize(chunk)),
                                  encoder.batch_size)
-        print(f"text cache: {len(cache.keys)} distinct texts embedded once into {directory}", flush=True)
-    return str(directory)
+        print(f"text cache: {count} distinct texts embedded once into {directory}", flush=True)
+    return text_cache.local(directory)
 
 
 def sample_config(config, model_cfg) -> samples.SampleConfig:
@@ -86,18 +86,18 @@ class Logger:
     TensorBoard gets one series per level for every scalar a level logs (loss, grad_norm, lr and each
     term: "panel/loss"), and the interval's throughput once, under "train/"."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: epath.Path):
         self.active = jax.process_index() == 0
         if self.active:
-            from tensorboardX import SummaryWriter
-            self.jsonl = open(workdir / "metrics.jsonl", "a")
-            self.writer = SummaryWriter(str(workdir / "tensorboard"))
+            self.jsonl = storage.GrowingFile(workdir / "metrics.jsonl")
+            self.writer = storage.summary_writer(workdir / "tensorboard")
 
     def write(self, step: int, level: str, metrics: dict, timing: dict | None = None) -> None:
         if not self.active:
             return
         timing = timing or {}
-        self.jsonl.write(json.dumps({"step": step, "level": level, "time": time.time(), **metrics, **timing}) + "\n")
+        line = json.dumps({"step": step, "level": level, "time": time.time(), **metrics, **timing}) + "\n"
+        self.jsonl.write(line.encode())
         self.jsonl.flush()
         for key, value in metrics.items():
             self.writer.add_scalar(f"{level}/{key}", value, step)
@@ -206,7 +206,7 @@ def setup(config) -> Setup:
 
 def train(config, workdir: str) -> dict:
     """Runs (or resumes) training to config.total_steps; returns the last logged metrics."""
-    workdir = Path(workdir)
+    workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     sharding.initialize_distributed()
     sharding.require_platform(config)

@@ -84,6 +84,8 @@ def cmd_import(args) -> None:
 
 
 def cmd_export(args) -> None:
+    from etils import epath
+
     from zoomin_jax import run_dir
     from zoomin_jax.convert.formats import write_hub_folder, write_state_dict
     from zoomin_jax.convert.mapping import params_to_state_dict
@@ -93,7 +95,7 @@ def cmd_export(args) -> None:
     model = run_dir.load(args.src)
     cfg = model.cfg
     state_dict = params_to_state_dict(model.params, cfg, progress=True)
-    out = Path(args.out)
+    out = epath.Path(args.out)
     _log(f"writing {out}")
     if out.suffix:
         write_state_dict(state_dict, out)
@@ -142,10 +144,10 @@ def main(argv=None) -> int:
     p = sub.add_parser("import", help="open_clip checkpoint -> zoomin_jax model directory")
     p.add_argument("--src", required=True, help=".pt/.bin/.safetensors file or open_clip hub folder")
     p.add_argument("--model", help="preset name, e.g. ViT-L-14 (optional for hub folders)")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", required=True, help="model directory to write (local or gs://)")
     p = sub.add_parser("export", help="zoomin_jax model directory or training run -> open_clip weights")
-    p.add_argument("--src", required=True, type=Path)
-    p.add_argument("--out", required=True, help="FILE.safetensors, FILE.bin, or a folder for a hub folder")
+    p.add_argument("--src", required=True, help="model directory or training run WORKDIR[/STEP] (local or gs://)")
+    p.add_argument("--out", required=True, help="FILE.safetensors, FILE.bin, or a folder for a hub folder (local or gs://)")
     p = sub.add_parser("verify", help="compare embeddings with open_clip")
     p.add_argument("--flax", required=True, type=Path, help="model directory or training run WORKDIR[/STEP]")
     p.add_argument("--open-clip", required=True, help="open_clip weights file or hub folder")

@@ -11,6 +11,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
+from etils import epath
 
 from zoomin_jax.errors import UserError
 
@@ -130,25 +131,33 @@ def read_source(src: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict | N
     return read_weights_file(weights), hub_config
 
 
-def write_state_dict(state_dict: dict[str, np.ndarray], path: Path) -> None:
-    """.safetensors via safetensors; .bin/.pt/.pth via torch.save (what open_clip loads)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+def write_state_dict(state_dict: dict[str, np.ndarray], path) -> None:
+    """.safetensors via safetensors; .bin/.pt/.pth via torch.save (what open_clip loads). Local or
+    remote (etils.epath), written under a temporary name and renamed when whole; a .safetensors
+    file's bytes are made in memory first, since safetensors writes to a file object no other way."""
+    path = epath.Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.numpy import save_file
-        save_file(state_dict, str(tmp), metadata={"format": "pt"})
+        from safetensors.numpy import save
+        def write(f):
+            f.write(save(state_dict, metadata={"format": "pt"}))
     elif path.suffix in (".bin", ".pt", ".pth"):
         import torch
-        torch.save({k: torch.from_numpy(v) for k, v in state_dict.items()}, tmp)
+        def write(f):
+            torch.save({k: torch.from_numpy(v) for k, v in state_dict.items()}, f)
     else:
         raise UserError(f"{path}: choose .safetensors, .bin or .pt for a weights file, or a path "
                         f"without a suffix for an open_clip hub folder.")
-    os.replace(tmp, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        write(f)
+    tmp.replace(path)
 
 
 def write_hub_folder(state_dict: dict[str, np.ndarray], model_cfg: dict, preprocess_cfg: dict,
-                     folder: Path) -> None:
+                     folder) -> None:
     """A folder open_clip loads with create_model_and_transforms('local-dir:FOLDER')."""
+    folder = epath.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     write_state_dict(state_dict, folder / HUB_WEIGHTS)
     config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}

@@ -16,7 +16,7 @@ from typing import Sequence
 import grain
 from etils import epath
 
-from zoomin_jax import records
+from zoomin_jax import records, storage
 from zoomin_jax.errors import UserError
 
 
@@ -56,6 +56,10 @@ class RecordSource:
 
     def __init__(self, patterns: str | Sequence[str], strict: bool = False, threads: int = 64):
         self.paths, self.strict = expand(patterns), strict
+        if remote := next((path for path in self.paths if not storage.is_local(path)), None):
+            # array_record's reader opens local files only (it hangs on a gs:// name).
+            raise UserError(f"{remote} is in a bucket, and ArrayRecord shards are read from local files only: "
+                            "mount the bucket with gcsfuse and pass the shards' paths under the mount")
         with concurrent.futures.ThreadPoolExecutor(min(threads, len(self.paths))) as pool:
             counts = list(pool.map(records.count_records, self.paths))
         self._raw = grain.sources.ArrayRecordDataSource([_Shard(path, 0, count, count)

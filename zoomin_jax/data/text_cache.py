@@ -4,16 +4,24 @@ With the text tower frozen every text embedding is a constant, so training looks
 of running the text tower each step. The cache is two .npy files memory-mapped by every data
 worker: `keys.npy` (sorted 64-bit hashes of the texts) and `embeddings.npy` (float32 [N, D], the
 text tower's outputs, not L2-normalised).
+
+The cache is built where the run's workdir is, through etils.epath, local or gs://. A bucket cannot
+be memory-mapped, so `local` copies a remote cache once per host into the temporary directory
+(TMPDIR) and the workers map that copy.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
+from etils import epath
 
+from zoomin_jax import storage
 from zoomin_jax.errors import UserError
 
 KEYS, EMBEDDINGS = "keys.npy", "embeddings.npy"
@@ -62,11 +70,25 @@ def record_texts(record: dict) -> Iterable[str]:
         yield from (text for text in (region["text_sub"], region["text_lvlm"]) if text)
 
 
-def build(directory: str | Path, texts: Iterable[str], encode: Callable[[list[str]], np.ndarray],
-          batch_size: int = 256) -> TextCache:
-    """Embeds each distinct text once with `encode` (texts -> [n, D]) and writes the cache
-    atomically (a half-written cache is never opened)."""
-    directory = Path(directory)
+def is_built(directory) -> bool:
+    """keys.npy is written last, under its final name only once whole: a cache with it is complete."""
+    return (epath.Path(directory) / KEYS).exists()
+
+
+def _write_whole(path: epath.Path, write: Callable) -> None:
+    """`write(file)` under a temporary name, then renamed: `path` never names half a file."""
+    tmp = path.with_name(path.name + ".partial")
+    with tmp.open("wb") as f:
+        write(f)
+    tmp.replace(path)
+
+
+def build(directory, texts: Iterable[str], encode: Callable[[list[str]], np.ndarray],
+          batch_size: int = 256) -> int:
+    """Embeds each distinct text once with `encode` (texts -> [n, D]) and writes the cache into
+    `directory` (local or remote), embeddings first and keys last (see is_built); returns how many
+    distinct texts it holds."""
+    directory = epath.Path(directory)
     keyed = sorted((text_key(text), text) for text in set(texts))
     keys = np.asarray([key for key, _ in keyed], np.uint64)
     unique = [text for _, text in keyed]
@@ -74,9 +96,24 @@ def build(directory: str | Path, texts: Iterable[str], encode: Callable[[list[st
         raise UserError("two distinct texts share a 64-bit hash; this cache cannot hold them")
     embeddings = np.concatenate([np.asarray(encode(unique[n:n + batch_size]), np.float32)
                                  for n in range(0, len(unique), batch_size)])
-    tmp = directory.with_name(directory.name + ".partial")
-    tmp.mkdir(parents=True, exist_ok=True)
-    np.save(tmp / KEYS, keys)
-    np.save(tmp / EMBEDDINGS, embeddings)
-    tmp.rename(directory)
-    return TextCache(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, array in ((EMBEDDINGS, embeddings), (KEYS, keys)):
+        _write_whole(directory / name, lambda f: np.save(f, array))
+    return len(keys)
+
+
+def local(directory) -> str:
+    """A directory the cache can be memory-mapped from: `directory` itself when local, else this
+    host's copy of it (made once, named by the remote path and sizes, so a rebuilt cache is copied anew)."""
+    directory = epath.Path(directory)
+    if storage.is_local(directory):
+        return str(directory)
+    sizes = [(directory / name).stat().length for name in (EMBEDDINGS, KEYS)]
+    name = hashlib.blake2b(f"{directory} {sizes}".encode(), digest_size=8).hexdigest()
+    copy = epath.Path(tempfile.gettempdir()) / "zoomin_jax-text-cache" / name
+    if not is_built(copy):
+        copy.mkdir(parents=True, exist_ok=True)
+        for file in (EMBEDDINGS, KEYS):  # keys last, as in build
+            with (directory / file).open("rb") as src:
+                _write_whole(copy / file, lambda dst: shutil.copyfileobj(src, dst, 1 << 24))
+    return str(copy)
