@@ -1,9 +1,6 @@
 """Retrieval metrics against a plain reference (ties, repeated texts), the same numbers on 1 and 8
 devices, evaluators during training and standalone, and a trained run exported to open_clip."""
 import json
-import socket
-import subprocess
-import sys
 
 import jax
 import ml_collections
@@ -12,7 +9,7 @@ import pytest
 from flax import nnx, traverse_util
 
 from annotate.synth import synthesize, write_truth_records
-from conftest import DATA, REPO, run_cli
+from conftest import DATA, REPO, run_cli, two_processes
 from zoomin_jax import run_dir, sharding
 from zoomin_jax.encoder import CLIPEncoder
 from zoomin_jax.evaluators import recall_at_k, retrieval, retrieval_metrics, run_evaluators
@@ -87,16 +84,7 @@ def test_two_processes_each_embed_their_share_and_get_the_metrics_of_one(tmp_pat
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(CLIP(cfg, rngs=nnx.Rngs(0)), nnx.Param)))
     encoder = CLIPEncoder(cfg, params, default_preprocess_cfg(cfg), sharding.make_mesh((("data", 8),)), batch_size=16)
     one = retrieval(encoder, truth_records, "panel", batch_size=10)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    procs = [subprocess.Popen([sys.executable, "tests/eval_multiprocess.py", truth_records, "panel", port, str(i),
-                               str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for i in range(2)]
-    for proc in procs:
-        output = proc.communicate(timeout=300)[0].decode()
-        assert proc.returncode == 0, output[-3000:]
-    results = [json.loads((tmp_path / f"process{i}.json").read_text()) for i in range(2)]
+    results = two_processes("eval_multiprocess.py", truth_records, "panel", out=tmp_path)
     items = int(one["items"])
     assert [r["embedded"] for r in results] == [-(-items // 2), items // 2]
     assert results[0]["calls"] == results[1]["calls"]  # embedding is collective: equal calls, even when empty
