@@ -14,6 +14,7 @@ import multiprocessing
 import signal
 import warnings
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -89,10 +90,14 @@ def _ignore_stop_signals() -> None:
 def _decoded(future) -> Decoded:
     try:
         return future.result()
-    except Exception as err:  # a bug on one figure fails that figure; a dead worker pool still stops the run
-        if type(err).__name__ == "BrokenProcessPool":
-            raise
+    except BrokenProcessPool:  # a dead worker pool stops the run; the rerun resumes
+        raise
+    except Exception as err:  # a bug on one figure fails that figure
         return FigureError("decode", f"decode worker raised {type(err).__name__}: {err}")
+
+
+def _ready(batch: list[Figure], futures: list) -> tuple[list[Figure], list[Decoded]]:
+    return batch, [_decoded(future) for future in futures]
 
 
 def decoded_batches(batches: Iterable[list[Figure]], cfg: AnnotateConfig, workers: int = 0,
@@ -111,10 +116,8 @@ def decoded_batches(batches: Iterable[list[Figure]], cfg: AnnotateConfig, worker
         for batch in batches:
             pending.append((batch, [pool.submit(read_and_decode, figure, cfg) for figure in batch]))
             if len(pending) > lookahead:
-                batch, futures = pending.popleft()
-                yield batch, [_decoded(future) for future in futures]
+                yield _ready(*pending.popleft())
         while pending:
-            batch, futures = pending.popleft()
-            yield batch, [_decoded(future) for future in futures]
+            yield _ready(*pending.popleft())
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

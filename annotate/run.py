@@ -108,7 +108,7 @@ def failure_key(stage: str, reason: str) -> str:
 
 
 def warning_key(warning: str) -> str:
-    # A warning reads "where: what" (panels@1.0: box ... clipped), so both parts are kept.
+    # A warning reads "where: what" (figure@1.0: box ... clipped), so both parts are kept.
     return reason_of(warning, fields=2)
 
 
