@@ -15,11 +15,6 @@ from ml_collections import config_dict
 
 from zoomin_jax.recipes import apply_variant, parse_config_arg
 
-PER_DEVICE_BATCH = 40
-DEVICES = 8
-# 350k figures / (40 x 8) = 1,094 figure steps per epoch; 20 epochs; with the M -> P -> R cycle
-# each level takes a third of the steps.
-EPOCH_STEPS = 1094
 
 
 def get_config(arg=None):
@@ -44,8 +39,9 @@ def get_config(arg=None):
     config.optim = dict(lr=1e-5, warmup_steps=1000, weight_decay=0.05, b1=0.9, b2=0.95)
     config.loss_weights = dict(figure=1.0, figure_panel_image=1.0, panel=1.0, panel_region_image=1.0, roi=1.0,
                                region=1.0)
-    batch = PER_DEVICE_BATCH * DEVICES
-    config.data = dict(records=args["records"], batch_size=dict(figure=batch, panel=batch, region=batch), workers=8,
+    # 40 per device: the paper's 320 on 8 GPUs; the global batch is 40 x the device count.
+    config.data = dict(records=args["records"], batch_per_device=dict(figure=40, panel=40, region=40),
+                       workers=-1,  # grain workers per level from the host's cores (see train.data_workers)
                        strict=False, max_panels=4, max_regions=4, region_margin=0.1, lvlm_text_prob=0.5,
                        drop_panel_kinds=("chart",), min_box_side=16.0,
                        text_cache=True)  # the text tower is frozen: each text is embedded once, up front
@@ -60,7 +56,11 @@ def get_config(arg=None):
             config.evals[task] = dict(type="zeroshot", task=task, source=f"tfds:{task}", split="test",
                                       data_dir=args["zeroshot_data_dir"], every=5000, batch_size=1024)
     apply_variant(config, args["variant"])
-    config.total_steps = 20 * EPOCH_STEPS * sum(steps for _, steps in config.cycle)
+    # 20 passes over the figures (on 8 devices, 350k figures are 1,094 figure steps an epoch; with the
+    # M -> P -> R cycle each level takes a third of the steps): total_steps is derived from the records
+    # and the global batch at start-up; --config.total_steps=N sets it instead.
+    config.epochs = 20
+    config.total_steps = config_dict.placeholder(int)
     config.log_every = 50
     config.checkpoint_every = 1000
     config.keep_checkpoints = 3

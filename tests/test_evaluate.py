@@ -12,7 +12,7 @@ from annotate.synth import synthesize, write_truth_records
 from conftest import DATA, REPO, run_cli, two_processes
 from zoomin_jax import run_dir, sharding
 from zoomin_jax.encoder import CLIPEncoder
-from zoomin_jax.evaluators import recall_at_k, retrieval, retrieval_metrics, run_evaluators
+from zoomin_jax.evaluators import recall_at_k, retrieval, retrieval_metrics, run_evaluators, zeroshot_eval
 from zoomin_jax.models.clip import CLIP
 from zoomin_jax.models.config import get_preset
 from zoomin_jax.model_dir import default_preprocess_cfg
@@ -78,18 +78,24 @@ def test_retrieval_is_the_same_on_1_and_8_devices(truth_records, level):
 
 
 def test_two_processes_each_embed_their_share_and_get_the_metrics_of_one(tmp_path, truth_records):
-    """Retrieval on 2 processes x 4 devices: each reads and embeds about half of the items, and both
-    get the metrics one process over 8 devices gets."""
+    """Retrieval and zero-shot on 2 processes x 4 devices: each reads and embeds about half of the
+    items, and both get the metrics one process over 8 devices gets."""
     cfg = get_preset("test-tiny")
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(CLIP(cfg, rngs=nnx.Rngs(0)), nnx.Param)))
     encoder = CLIPEncoder(cfg, params, default_preprocess_cfg(cfg), sharding.make_mesh((("data", 8),)), batch_size=16)
     one = retrieval(encoder, truth_records, "panel", batch_size=10)
-    results = two_processes("eval_multiprocess.py", truth_records, "panel", out=tmp_path)
+    spec = dict(type="zeroshot", task="pneumoniamnist", source=f"npz:{DATA / 'medmnist' / 'pneumoniamnist.npz'}",
+                split="test", limit=30, batch_size=8)
+    one_zeroshot = zeroshot_eval(encoder, ml_collections.ConfigDict(spec))
+    results = two_processes("eval_multiprocess.py", truth_records, "panel", json.dumps(spec), out=tmp_path)
     items = int(one["items"])
     assert [r["embedded"] for r in results] == [-(-items // 2), items // 2]
     assert results[0]["calls"] == results[1]["calls"]  # embedding is collective: equal calls, even when empty
     for result in results:
         assert result["metrics"] == pytest.approx(one, abs=1e-6)
+        assert result["zeroshot"] == pytest.approx(one_zeroshot, abs=1e-6) and one_zeroshot["count"] == 30
+    assert [r["classified"] for r in results] == [15, 15]  # 4 per process per call (8 over 2), 4 calls each
+    assert [r["zeroshot_calls"] for r in results] == [4, 4]
 
 
 def test_zeroshot_evaluator_from_the_config():

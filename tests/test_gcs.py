@@ -152,11 +152,13 @@ def test_text_cache_built_in_a_bucket_is_mapped_from_a_local_copy(emulator, tmp_
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr("tempfile.tempdir", None)  # tempfile reads TMPDIR once, and again after this
-    remote = epath.Path(f"gs://{BUCKET}/cache-run/text_cache/process_0")
+    remote = epath.Path(f"gs://{BUCKET}/cache-run/text_cache")
     texts = ["a chest CT", "an MRI", "a western blot", "an MRI"]
     assert not text_cache.is_built(remote)
-    assert text_cache.build(remote, texts, lambda chunk: np.array([[len(t), 1.0] for t in chunk])) == 3
-    assert text_cache.is_built(remote) and sorted(p.name for p in remote.iterdir()) == ["embeddings.npy", "keys.npy"]
+    built = text_cache.build(remote, texts, lambda chunk: np.array([[len(t), 1.0] for t in chunk]).reshape(-1, 2), 2)
+    assert built == text_cache.BuildCount(texts=3, embedded=3)
+    assert text_cache.is_built(remote) and sorted(p.name for p in remote.iterdir()) == [
+        "embeddings-00000-of-00001.npy", "keys.npy", "offsets.npy", "rows.npy"]
     directory = text_cache.local(remote)
     assert directory.startswith(str(tmp_path)) and text_cache.local(remote) == directory
     np.testing.assert_array_equal(text_cache.TextCache(directory).lookup(["an MRI", "a chest CT"]),

@@ -11,6 +11,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 
 from annotate.synth import synthesize, write_truth_records
 from conftest import REPO, kill_when_logged, logged
+from zoomin_jax.errors import UserError
 
 ENV = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 
@@ -116,6 +117,25 @@ def test_non_finite_updates_are_skipped_then_training_stops(tmp_path, records):
     assert not np.isfinite(logs[-1]["loss"])
 
 
+def test_paper_config_batch_is_per_device_and_its_length_is_in_epochs():
+    import jax
+    from configs.zoomin_vitl14 import get_config
+    from zoomin_jax.data.pipeline import LevelIndex
+    from zoomin_jax.train import derived_total_steps, global_batch_sizes
+
+    config = get_config()
+    assert config.total_steps is None and config.epochs == 20
+    sizes = global_batch_sizes(config)
+    assert sizes == {level: 40 * jax.device_count() for level in ("figure", "panel", "region")}
+    # The paper's 350k figures on 8 devices: 1,094 figure steps an epoch, as many panel and region steps.
+    indexes = {level: LevelIndex(np.zeros((n, 2), np.int64), 0)
+               for level, n in (("figure", 350_000), ("panel", 1_300_000), ("region", 1_600_000))}
+    assert derived_total_steps(config, indexes, {level: 320 for level in sizes}) == 20 * 1094 * 3
+    config.data.batch_size = dict(figure=8)
+    with pytest.raises(UserError, match="set one of config.data.batch_per_device"):
+        global_batch_sizes(config)
+
+
 def test_paper_config_runs_one_step_per_level_with_vit_l14(tmp_path, records):
     """configs/zoomin_vitl14.py as written (random init: no BMC-CLIP here), at a tiny batch. The 8
     fake devices share this machine's memory, so params are split over them (fsdp=8) rather than
@@ -123,7 +143,7 @@ def test_paper_config_runs_one_step_per_level_with_vit_l14(tmp_path, records):
     overrides = ["--config.total_steps=3", "--config.mesh=(('data', 1), ('fsdp', 8))", "--config.platform=any",
                  "--config.checkpoint_every=1000", "--config.data.workers=0",
                  "--config.data.max_panels=1", "--config.data.max_regions=1", "--config.optim.warmup_steps=1",
-                 *(f"--config.data.batch_size.{level}=8" for level in ("figure", "panel", "region"))]
+                 *(f"--config.data.batch_per_device.{level}=1" for level in ("figure", "panel", "region"))]
     command = [sys.executable, "-m", "zoomin_jax.train",
                f"--config={REPO / 'configs' / 'zoomin_vitl14.py'}:records={records}", f"--workdir={tmp_path}",
                "--config.log_every=1", *overrides]
@@ -153,7 +173,7 @@ def test_frozen_text_tower_uses_the_text_cache_and_gives_the_same_losses(tmp_pat
         config.total_steps, config.log_every, config.data.text_cache, config.data.workers = 3, 1, cached, 0
         train(config, tmp_path / str(cached))
         logs[cached] = logged(tmp_path / str(cached))
-    cache = tmp_path / "True" / "text_cache" / "process_0"
+    cache = tmp_path / "True" / "text_cache"
     assert (cache / "keys.npy").exists() and not (tmp_path / "False" / "text_cache").exists()
     for plain, cached in zip(logs[False], logs[True], strict=True):
         for key in ("loss", plain["level"], "grad_norm"):

@@ -19,7 +19,7 @@ from ml_collections import config_flags
 
 from zoomin_jax.data.device import to_global
 from zoomin_jax.recipes import JOINT, LEVELS
-from zoomin_jax.train import setup
+from zoomin_jax.train import global_batch_sizes, setup
 
 
 def random_batch(level: str, rng: np.random.Generator, batch: int, size: int, children: int = 3,
@@ -55,10 +55,13 @@ def random_batch(level: str, rng: np.random.Generator, batch: int, size: int, ch
 
 def main(config, timed_steps: int) -> int:
     logging.set_verbosity(logging.WARNING)
+    if config.get("total_steps") is None:  # derived from the records in training; a step costs the same
+        config.total_steps = timed_steps + 1
     run = setup(config)
     rng = np.random.default_rng(0)
     state = run.state
     text_dim = run.model_cfg.embed_dim if config.data.get("text_cache") else None
+    batch_sizes = global_batch_sizes(config)
     print(f"{config.model} on {jax.device_count()} {jax.devices()[0].platform} device(s) in {jax.process_count()} "
           f"process(es), mesh {dict(run.mesh.shape)}, texts as {'cached embeddings' if text_dim else 'token ids'}")
     for level, _ in run.cycle.levels:
@@ -66,7 +69,7 @@ def main(config, timed_steps: int) -> int:
         size = run.model_cfg.vision.image_size
         times = []
         for _ in range(timed_steps + 1):
-            batch_size = config.data.batch_size[LEVELS[0] if level == JOINT else level]
+            batch_size = batch_sizes[LEVELS[0] if level == JOINT else level]
             host = random_batch(level, rng, batch_size // jax.process_count(), size, children, text_dim)
             batch = to_global(host, run.mesh, run.mesh.axis_names)
             tick = time.perf_counter()

@@ -29,6 +29,11 @@ def _encode_image(cfg: CLIPConfig, dtype, normalize: bool, params, pixels):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _encode_uint8(cfg: CLIPConfig, dtype, normalize: bool, params, images):
+    return _encode_image(cfg, dtype, normalize, params, losses.pixels_to_model(images))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _encode_text(cfg: CLIPConfig, dtype, normalize: bool, params, tokens):
     embeddings = from_params(cfg, params, dtype).encode_text(tokens)
     return losses.l2_normalize(embeddings) if normalize else embeddings
@@ -71,18 +76,30 @@ class CLIPEncoder:
         """Rows each process gives `encode_uint8_share` at a time."""
         return self.batch_size // jax.process_count()
 
-    def encode_uint8_share(self, images, normalize: bool = False) -> np.ndarray:
-        """This process's own images (at most `process_batch_size`; every process calls this together,
-        with an empty batch once it has no more) -> this process's embeddings. Each process reads and
-        preprocesses only its share of an evaluation set, and the devices of all of them embed it."""
-        images = np.asarray(images)
-        padded = np.zeros((self.process_batch_size, *images.shape[1:]), np.uint8)
-        padded[:len(images)] = images
+    def _encode_share(self, encode, rows: np.ndarray, normalize: bool) -> np.ndarray:
+        """This process's own rows (at most `process_batch_size`; every process calls this together,
+        with an empty batch once it has no more) -> this process's embeddings, computed by the
+        devices of all processes."""
+        padded = np.zeros((self.process_batch_size, *rows.shape[1:]), rows.dtype)
+        padded[:len(rows)] = rows
         batch = jax.make_array_from_process_local_data(self.batch_sharding, padded)
-        embeddings = _encode_image(self.config, self.dtype, normalize, self.params,
-                                   losses.pixels_to_model(batch))
+        embeddings = encode(self.config, self.dtype, normalize, self.params, batch)
         local = multihost_utils.global_array_to_host_local_array(embeddings, self.mesh, self.batch_sharding.spec)
-        return np.asarray(local, np.float32)[:len(images)]
+        return np.asarray(local, np.float32)[:len(rows)]
+
+    def encode_uint8_share(self, images, normalize: bool = False) -> np.ndarray:
+        """Each process reads and preprocesses only its share of an evaluation set (uint8 images, as
+        the data pipeline makes them), and the devices of all of them embed it (see _encode_share)."""
+        return self._encode_share(_encode_uint8, np.asarray(images, np.uint8), normalize)
+
+    def encode_image_share(self, pixels, normalize: bool = False) -> np.ndarray:
+        """This process's share of images, preprocessed as `preprocess` makes them (see _encode_share)."""
+        return self._encode_share(_encode_image, np.asarray(pixels, np.float32), normalize)
+
+    def encode_text_share(self, tokens, normalize: bool = False) -> np.ndarray:
+        """This process's share of texts (token ids), embedded by all processes' devices (see _encode_share)."""
+        return self._encode_share(_encode_text, np.asarray(tokens, np.int32).reshape(-1, self.config.text.context_length),
+                                  normalize)
 
     def encode_image(self, pixels, normalize: bool = False) -> np.ndarray:
         """float32 [N, H, W, 3], normalised as `preprocess` does -> [N, embed_dim]."""
@@ -101,15 +118,20 @@ class CLIPEncoder:
         return preprocess(image, size=cfg["size"], mean=cfg["mean"], std=cfg["std"])
 
 
-def gather_rows(local: np.ndarray) -> np.ndarray:
-    """Every process's rows of `local` (shares of any sizes), in process order, on every process."""
+def gather_shares(local: np.ndarray) -> list[np.ndarray]:
+    """Every process's `local` (shares of any number of rows), in process order, on every process."""
     if jax.process_count() == 1:
-        return local
+        return [local]
     counts = multihost_utils.process_allgather(np.asarray([len(local)]))
     padded = np.zeros((int(counts.max()), *local.shape[1:]), local.dtype)
     padded[:len(local)] = local
     stacked = np.asarray(multihost_utils.process_allgather(padded))  # [processes, rows, ...]
-    return np.concatenate([rows[:int(count)] for rows, count in zip(stacked, counts.reshape(-1), strict=True)])
+    return [rows[:int(count)] for rows, count in zip(stacked, counts.reshape(-1), strict=True)]
+
+
+def gather_rows(local: np.ndarray) -> np.ndarray:
+    """Every process's rows of `local`, concatenated in process order, on every process."""
+    return np.concatenate(gather_shares(local))
 
 
 def load_clip(directory: str | Path, dtype=None, mesh: jax.sharding.Mesh | None = None) -> CLIPEncoder:

@@ -90,8 +90,36 @@ def zeroshot_eval(encoder: CLIPEncoder, spec) -> dict[str, float]:
     if spec.get("limit"):
         examples = list(examples)[:spec.limit]
     task = zeroshot.get_task(spec.task)
-    return zeroshot.evaluate(encoder, examples, task.classnames, task.templates,
-                             batch_size=spec.get("batch_size", encoder.batch_size))
+    encoder = encoder.with_batch_size(spec.get("batch_size", encoder.batch_size))
+    weights = zeroshot.classifier(encoder, task.classnames, task.templates)
+    # Each process reads, preprocesses and predicts its share of the examples; all embed together.
+    shares = np.array_split(np.arange(len(examples)), jax.process_count())  # the first is the largest
+    mine, calls = shares[jax.process_index()], -(-len(shares[0]) // encoder.process_batch_size)
+    labels = []
+
+    def images():
+        for n in mine:
+            image, label = examples[int(n)]
+            labels.append(int(label))
+            yield image
+
+    sharing = _ShareEncoder(encoder)
+    predictions = zeroshot.predict(sharing, images(), weights, encoder.process_batch_size)
+    for _ in range(calls - sharing.calls):
+        size = encoder.config.vision.image_size
+        sharing.encode_image(np.zeros((0, size, size, 3), np.float32))
+    return zeroshot.scores(gather_rows(np.asarray(labels, np.int64)), gather_rows(predictions), task.classnames)
+
+
+class _ShareEncoder:
+    """`encoder` as zeroshot.predict uses it, but each process embedding only its own images."""
+
+    def __init__(self, encoder: CLIPEncoder):
+        self.encoder, self.preprocess, self.calls = encoder, encoder.preprocess, 0
+
+    def encode_image(self, pixels) -> np.ndarray:
+        self.calls += 1
+        return self.encoder.encode_image_share(pixels)
 
 
 def due(evals, step: int, last_step: int) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import signal
 import sys
 import time
@@ -18,6 +19,7 @@ from absl import app, flags, logging
 from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
+from tqdm import tqdm
 
 from zoomin_jax import evaluators, losses, model_dir, run_dir, sharding, storage, trainer
 from zoomin_jax.checkpoint import Checkpoints
@@ -32,20 +34,25 @@ from zoomin_jax.recipes import JOINT, LEVELS
 from zoomin_jax.tokenizer import tokenize
 
 def build_text_cache(config, run: "Setup", directory: epath.Path) -> str:
-    """The frozen text tower's embedding of every text in the records, computed once into the
-    workdir (reused on resume); the data pipeline then emits embeddings instead of tokens. Returns
-    the local directory the workers map it from (see text_cache.local)."""
+    """The frozen text tower's embedding of every text in the records, computed once per run into
+    the workdir by all processes together (each reads its share of the records and embeds its share
+    of the distinct texts; see text_cache.build), reused on resume; the data pipeline then emits
+    embeddings instead of tokens. Returns the local directory the workers map it from."""
     if not run.part.text_frozen:
         raise UserError("config.data.text_cache needs a frozen text tower (no text parameter in config.train_rules)")
     if not text_cache.is_built(directory):
         source = RecordSource(config.data.records, strict=config.data.strict)
-        texts = (text for n in range(len(source)) if (record := source[n]) is not None
+        share = np.array_split(np.arange(len(source)), jax.process_count())[jax.process_index()]
+        records = tqdm(share, desc="text cache: reading records", unit="record", mininterval=10,
+                       disable=jax.process_index() != 0)
+        texts = (text for n in records if (record := source[int(n)]) is not None
                  for text in text_cache.record_texts(record))
         encoder = CLIPEncoder(run.model_cfg, merge(run.state["params"], run.frozen),
                               run_dir.preprocess_cfg(config, run.model_cfg), run.mesh, batch_size=256)
-        count = text_cache.build(directory, texts, lambda chunk: encoder.encode_text(tokenize(chunk)),
-                                 encoder.batch_size)
-        print(f"text cache: {count} distinct texts embedded once into {directory}", flush=True)
+        built = text_cache.build(directory, texts, lambda chunk: encoder.encode_text_share(tokenize(chunk)),
+                                 encoder.process_batch_size)
+        print(f"text cache: {built.texts} distinct texts, {built.embedded} of them embedded by process "
+              f"{jax.process_index()}, in {directory}", flush=True)
     return text_cache.local(directory)
 
 
@@ -58,27 +65,68 @@ def sample_config(config, model_cfg) -> samples.SampleConfig:
         min_box_side=data.min_box_side, train=True)
 
 
-def level_iterators(config, model_cfg, cache: str | None = None) -> tuple[dict, dict, int]:
-    """{level: grain iterator of this process's batches}, {level: global batch size}, and how many
-    records failed to decode and were skipped."""
+def global_batch_sizes(config) -> dict[str, int]:
+    """{level: global batch}: config.data.batch_per_device times the device count (a config sized for
+    an accelerator's memory then fits one GPU as well as 256 chips), or config.data.batch_size as is."""
+    per_device, fixed = config.data.get("batch_per_device"), config.data.get("batch_size")
+    if bool(per_device) == bool(fixed):
+        raise UserError("set one of config.data.batch_per_device (per level, times the device count) and "
+                        "config.data.batch_size (per level, the global batch)")
+    if per_device:
+        return {level: int(size) * jax.device_count() for level, size in per_device.items()}
+    return {level: int(size) for level, size in fixed.items()}
+
+
+def cycle_levels(config) -> tuple[str, ...]:
+    """The levels whose data the cycle draws from (the joint step takes a batch of each)."""
+    in_cycle = {level for level, _ in config.cycle}
+    return LEVELS if JOINT in in_cycle else tuple(sorted(in_cycle))
+
+
+def data_workers(config) -> int:
+    """config.data.workers grain worker processes per level, or for -1 the cores this process may use
+    (SLURM's --cpus-per-task binds them) less one for the training loop, split between the levels
+    that draw batches at once (one, or all three for the joint step), at most 8 each: the workers of
+    the levels not in their turn sleep once their buffers are full, so alternating levels share the
+    cores in time."""
+    workers = int(config.data.workers)
+    if workers >= 0:
+        return workers
+    at_once = len(LEVELS) if any(level == JOINT for level, _ in config.cycle) else 1
+    return min(8, max(0, (len(os.sched_getaffinity(0)) - 1) // at_once))
+
+
+def level_indexes(config, model_cfg) -> dict[str, pipeline.LevelIndex]:
+    source = RecordSource(config.data.records, strict=config.data.strict)
+    return pipeline.build_indexes(source, cycle_levels(config), sample_config(config, model_cfg),
+                                  progress=jax.process_index() == 0)
+
+
+def derived_total_steps(config, indexes: dict, batch_sizes: dict) -> int:
+    """config.epochs passes over the items of the cycle's first level (figures in the paper's cycle),
+    as steps of the whole cycle: an epoch is as long on 1 GPU as on a pod, at any batch."""
+    first, first_steps = config.cycle[0]
+    level = LEVELS[0] if first == JOINT else first
+    per_epoch = -(-len(indexes[level].rows) // batch_sizes[level])
+    cycle_steps = sum(int(steps) for _, steps in config.cycle)
+    return max(1, round(config.epochs * per_epoch * cycle_steps / int(first_steps)))
+
+
+def level_iterators(config, model_cfg, indexes: dict, batch_sizes: dict, cache: str | None = None) -> dict:
+    """{level: grain iterator of this process's batches}."""
     cfg = dataclasses.replace(sample_config(config, model_cfg), text_cache=cache)
     process_count = jax.process_count()
-    iterators, batch_sizes = {}, {}
-    in_cycle = {level for level, _ in config.cycle}
-    levels = LEVELS if JOINT in in_cycle else sorted(in_cycle)
-    indexes = pipeline.build_indexes(RecordSource(config.data.records, strict=config.data.strict), levels, cfg)
+    iterators, workers = {}, data_workers(config)
     for level, index in indexes.items():
-        global_batch = config.data.batch_size[level]
-        if global_batch % process_count:
-            raise UserError(f"config.data.batch_size.{level}={global_batch} is not divisible by the "
-                            f"{process_count} processes")
-        dataset = pipeline.make_dataset(config.data.records, level, global_batch // process_count, seed=config.seed,
-                                        cfg=cfg, process_index=jax.process_index(), process_count=process_count,
-                                        strict=config.data.strict, num_epochs=None, index=index,
-                                        cached_images=config.data.get("cached_images", 0))
-        iterators[level] = pipeline.batch_iterator(dataset, num_workers=config.data.workers)
-        batch_sizes[level] = global_batch
-    return iterators, batch_sizes, index.skipped_records
+        if batch_sizes[level] % process_count:
+            raise UserError(f"the global {level} batch {batch_sizes[level]} is not divisible by the "
+                            f"{process_count} processes; change config.data's batch sizes")
+        dataset = pipeline.make_dataset(config.data.records, level, batch_sizes[level] // process_count,
+                                        seed=config.seed, cfg=cfg, process_index=jax.process_index(),
+                                        process_count=process_count, strict=config.data.strict, num_epochs=None,
+                                        index=index, cached_images=config.data.get("cached_images", 0))
+        iterators[level] = pipeline.batch_iterator(dataset, num_workers=workers)
+    return iterators
 
 
 class Logger:
@@ -210,11 +258,18 @@ def train(config, workdir: str) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     sharding.initialize_distributed()
     sharding.require_platform(config)
+    indexes = level_indexes(config, get_preset(config.model))
+    batch_sizes = {level: size for level, size in global_batch_sizes(config).items() if level in indexes}
+    if config.get("total_steps") is None:
+        config = config.copy_and_resolve_references()
+        config.total_steps = derived_total_steps(config, indexes, batch_sizes)
+        print(f"total_steps {config.total_steps}: {config.epochs} epochs of {config.cycle[0][0]} batches "
+              f"(global batch sizes {batch_sizes})", flush=True)
     run = setup(config)
     mesh, model_cfg, state, frozen, cycle, steps = run.mesh, run.model_cfg, run.state, run.frozen, run.cycle, run.steps
-    cache = (build_text_cache(config, run, workdir / "text_cache" / f"process_{jax.process_index()}")
-             if config.data.get("text_cache") else None)
-    iterators, batch_sizes, skipped_records = level_iterators(config, model_cfg, cache)
+    cache = build_text_cache(config, run, workdir / "text_cache") if config.data.get("text_cache") else None
+    iterators = level_iterators(config, model_cfg, indexes, batch_sizes, cache)
+    skipped_records = next(iter(indexes.values())).skipped_records
     if skipped_records:
         print(f"skipping {skipped_records} records that failed to decode (config.data.strict=True stops instead)",
               flush=True)

@@ -136,9 +136,13 @@ def evaluate(encoder, examples: Iterable, classnames: Sequence[str],
             yield image
 
     predictions = predict(encoder, images(), classifier(encoder, classnames, templates, tokenize), batch_size)
-    if not labels:
+    return scores(np.asarray(labels, np.int64), predictions, classnames)
+
+
+def scores(labels: np.ndarray, predictions: np.ndarray, classnames: Sequence[str]) -> dict:
+    """{"top1", "balanced_accuracy", "count"} of predictions against labels (label i is classnames[i])."""
+    if not len(labels):
         raise UserError("zero-shot got no examples; check the dataset split or folder.")
-    labels = np.asarray(labels)
     if labels.min() < 0 or labels.max() >= len(classnames):
         raise UserError(f"example labels run from {labels.min()} to {labels.max()} but {len(classnames)} "
                         f"class names were given; pass one class name per label.")

@@ -8,6 +8,7 @@ import dataclasses
 
 import grain
 import numpy as np
+from tqdm import tqdm
 
 from zoomin_jax.data import samples, shard_index
 from zoomin_jax.data.source import RecordSource
@@ -22,14 +23,16 @@ class LevelIndex:
     skipped_records: int
 
 
-def build_indexes(source: RecordSource, levels, cfg: samples.SampleConfig) -> dict[str, LevelIndex]:
+def build_indexes(source: RecordSource, levels, cfg: samples.SampleConfig,
+                  progress: bool = False) -> dict[str, LevelIndex]:
     """Each level's index from the shards' index files, reading no record (a shard without a usable
-    index is decoded once for all levels: see shard_index)."""
+    index is decoded once for all levels: see shard_index). `progress`: a progress line with ETA."""
     for level in levels:
         if level not in LEVELS:
             raise ValueError(f"level must be one of {LEVELS}, not {level!r}")
     rows, skipped = {level: [] for level in levels}, 0
-    for shard in range(len(source.paths)):
+    for shard in tqdm(range(len(source.paths)), desc="level indexes", unit="shard", mininterval=10,
+                      disable=not progress):
         items, failed = shard_index.shard_items(source, shard)
         skipped += failed
         for level in levels:

@@ -1,0 +1,47 @@
+"""Run as two processes by test_text_cache: the two build one run's text cache through train.py's
+own path, each noting every text it embedded, then check the cache against direct encoding."""
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"  # before jax is imported
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from etils import epath  # noqa: E402
+
+from zoomin_jax import train  # noqa: E402
+from zoomin_jax.data import text_cache  # noqa: E402
+from zoomin_jax.encoder import CLIPEncoder  # noqa: E402
+from zoomin_jax.models.clip import merge  # noqa: E402
+from zoomin_jax import run_dir  # noqa: E402
+
+
+def main(records: str, port: str, process_id: int, out: str) -> None:
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, for configs/
+    from configs.demo_cpu import get_config
+    config = get_config(f"records={records}")
+    config.train_rules = (("visual/.*", 1.0), (".*", None))  # the text tower frozen
+    config.data.text_cache = True
+    run = train.setup(config)
+    embedded = []
+    tokenize = train.tokenize
+    train.tokenize = lambda texts: embedded.extend(texts) or tokenize(texts)
+    directory = train.build_text_cache(config, run, epath.Path(out) / "workdir" / "text_cache")
+    train.tokenize = tokenize
+
+    texts = sorted(json.loads(epath.Path(out, "texts.json").read_text()))
+    encoder = CLIPEncoder(run.model_cfg, merge(run.state["params"], run.frozen),
+                          run_dir.preprocess_cfg(config, run.model_cfg), run.mesh)
+    direct = encoder.encode_text(tokenize(texts))
+    cached = text_cache.TextCache(directory).lookup(texts)
+    with open(f"{out}/process{process_id}.json", "w") as f:
+        json.dump({"embedded": embedded, "max_abs_diff": float(np.abs(cached - direct).max()),
+                   "scale": float(np.abs(direct).max())}, f)
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4])
