@@ -7,7 +7,8 @@
       shard comes from the flags (the index, if not given, from SLURM_ARRAY_TASK_ID or RANK), else
       SLURM_ARRAY_TASK_ID/COUNT, else RANK/WORLD_SIZE. Exit status 143 after SIGTERM (the open part
       closed; a rerun finishes the shard), 3 when more than R of the figures failed, 1 on errors,
-      including another process running the same shard.
+      including another process running the same shard. Text no encoder takes (invalid UTF-8, lone
+      surrogates, control characters) is cleaned, each change a warning of the record.
   merge --out DIR [--input PATH|DIR|@LIST...] [--report FILE]
       after all shards ran: names missing shards and ids accounted for twice or (given the run's
       inputs) not at all, keeps one of an id that files of two shards hold; adds up the shards into
