@@ -19,7 +19,8 @@
       lines {"id", "caption"} -> lines {"id", "panels": [{"label", "text"}]}; a line that cannot be
       read goes to OUT.failures.jsonl with its line number and reason, never silently dropped.
   synth --out DIR --num N --seed S [--layouts CSV] [--medmnist NPZ] [--truth-records]
-      compound figures with ground truth: DIR/images/*.png, DIR/manifest.jsonl, DIR/gt.jsonl.
+      compound figures with ground truth: DIR/images/*.png, DIR/manifest.jsonl, DIR/gt.jsonl; the
+      layouts from a zou_train.csv (labelled panels) or clef2016_train.csv (no labels) shaped CSV.
   eval --pred DIR --gt GT.jsonl
       panel precision/recall/F1@0.5, label accuracy, region recall, caption-split scores (JSON).
   show --records DIR --out DIR [--limit N]
@@ -36,6 +37,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from annotate.captions import split_caption
+from zoomin_jax.errors import UserError
 
 
 def _caption_of(line: str) -> tuple[str, str]:
@@ -238,7 +240,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--num", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--layouts", help="CSV of real layouts shaped like zou_train.csv (default: random grids)")
+    p.add_argument("--layouts", help="CSV of real layouts, no header: path,x1,y1,x2,y2,panel, then (zou_train.csv) the "
+                                     "label box and letter lx1,ly1,lx2,ly2,label or (clef2016_train.csv) nothing; "
+                                     "default: random grids")
     p.add_argument("--medmnist", help="MedMNIST .npz whose train_images also fill panels")
     p.add_argument("--truth-records", action="store_true",
                    help="also write the ground truth as records (DIR/truth/records-*.array_record), for evaluation")
@@ -256,6 +260,9 @@ def main(argv=None) -> int:
         return commands[args.command](args)
     except OSError as err:
         print(f"error: {err.filename}: {err.strerror}", file=sys.stderr)
+        return 1
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 1
 
 
