@@ -1,4 +1,4 @@
-"""python -m annotate {run,merge,captions,synth,eval,show}: the Panel2Patch annotation stage's command line.
+"""python -m annotate {run,merge,captions,synth,eval,eval-captions,show}: the Panel2Patch annotation stage's command line.
 
   run --input PATH|DIR|@LIST... --out DIR --backend heuristic|qwen|vllm [--model DIR] [--num-shards N
       [--shard-index I]] [--shard-by auto|file|figure] [--max-failure-rate R --min-figures-for-rate M]
@@ -7,7 +7,8 @@
       shard comes from the flags (the index, if not given, from SLURM_ARRAY_TASK_ID or RANK), else
       SLURM_ARRAY_TASK_ID/COUNT, else RANK/WORLD_SIZE. Exit status 143 after SIGTERM (the open part
       closed; a rerun finishes the shard), 3 when more than R of the figures failed, 1 on errors,
-      including another process running the same shard.
+      including another process running the same shard. Text no encoder takes (invalid UTF-8, lone
+      surrogates, control characters) is cleaned, each change a warning of the record.
   merge --out DIR [--input PATH|DIR|@LIST...] [--report FILE]
       after all shards ran: names missing shards and ids accounted for twice or (given the run's
       inputs) not at all, keeps one of an id that files of two shards hold; adds up the shards into
@@ -18,9 +19,13 @@
       lines {"id", "caption"} -> lines {"id", "panels": [{"label", "text"}]}; a line that cannot be
       read goes to OUT.failures.jsonl with its line number and reason, never silently dropped.
   synth --out DIR --num N --seed S [--layouts CSV] [--medmnist NPZ] [--truth-records]
-      compound figures with ground truth: DIR/images/*.png, DIR/manifest.jsonl, DIR/gt.jsonl.
+      compound figures with ground truth: DIR/images/*.png, DIR/manifest.jsonl, DIR/gt.jsonl; the
+      layouts from a zou_train.csv (labelled panels) or clef2016_train.csv (no labels) shaped CSV.
   eval --pred DIR --gt GT.jsonl
       panel precision/recall/F1@0.5, label accuracy, region recall, caption-split scores (JSON).
+  eval-captions --devset DEVSET.jsonl [--out REPORT.json] [--backend rules|qwen|vllm]
+      label-set exact match and mean token-F1 of the multi-panel captions, kept-whole rate of the
+      single-panel ones, per slice (tune, heldout); per style and per caption in the JSON.
   show --records DIR --out DIR [--limit N]
       overlay PNGs (panels, labels, regions, texts) and an index.html.
 """
@@ -35,6 +40,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from annotate.captions import split_caption
+from zoomin_jax.errors import UserError
 
 
 def _caption_of(line: str) -> tuple[str, str]:
@@ -82,18 +88,28 @@ def lvlm_settings(args):
                             gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len)
 
 
-def cmd_captions(args) -> int:
+def caption_splitter(args):
+    """captions -> [(panels, warnings)] for --backend: the rules, or an LVLM (UserError when it cannot
+    be made)."""
     if args.backend == "rules":
-        def split(captions):
-            return [(split_caption(caption), []) for caption in captions]
-    else:
-        from annotate.backends import make_backend
-        try:
-            cfg, options = lvlm_settings(args)
-            split = make_backend(args.backend, args.model, cfg, options=options).split_captions
-        except (ValueError, ImportError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
+        return lambda captions: [(split_caption(caption), []) for caption in captions]
+    from annotate.backends import make_backend
+    try:
+        cfg, options = lvlm_settings(args)
+        return make_backend(args.backend, args.model, cfg, options=options).split_captions
+    except (ValueError, ImportError) as err:
+        raise UserError(str(err)) from None
+
+
+def add_caption_backend_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", default="rules", choices=["rules", "qwen", "vllm"],
+                        help="rules, or an LVLM that assigns clauses to panels (falls back to the rules per caption)")
+    parser.add_argument("--model", help="model directory for LVLM backends")
+    add_lvlm_flags(parser)
+
+
+def cmd_captions(args) -> int:
+    split = caption_splitter(args)
     out, failures_path = Path(args.out), Path(f"{args.out}.failures.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
     done = failed = 0
@@ -180,6 +196,23 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_eval_captions(args) -> int:
+    from annotate.evaluate import evaluate_captions, load_caption_devset
+    entries, split = load_caption_devset(args.devset), caption_splitter(args)
+    report = {"devset": args.devset, "backend": args.backend} | evaluate_captions(
+        entries, lambda captions: [panels for panels, _ in split(captions)])
+    print(f"{'slice':<8} {'kind':<7} {'captions':>8} {'label-set exact':>15} {'token-F1':>8} {'kept whole':>10}")
+    for name, kinds in report["slices"].items():
+        for kind, scores in kinds.items():
+            exact = f"{scores['label_set_exact_match']:.3f}" if kind == "multi" else "-"
+            whole = f"{scores['kept_whole_rate']:.3f}" if kind == "single" else "-"
+            print(f"{name:<8} {kind:<7} {scores['captions']:>8} {exact:>15} {scores['mean_token_f1']:>8.3f} {whole:>10}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    print(f"eval-captions: per style and per caption in {args.out}", file=sys.stderr)
+    return 0
+
+
 def cmd_show(args) -> int:
     from annotate.gallery import write_gallery
     print(f"gallery: {write_gallery(args.records, args.out, args.limit)}", file=sys.stderr)
@@ -228,33 +261,39 @@ def main(argv=None) -> int:
     p = sub.add_parser("captions", help="split compound-figure captions per panel")
     p.add_argument("--input", required=True, help="JSONL with id and caption per line")
     p.add_argument("--out", required=True, help="output JSONL")
-    p.add_argument("--backend", default="rules", choices=["rules", "qwen", "vllm"],
-                   help="rules, or an LVLM that assigns clauses to panels (falls back to the rules per caption)")
-    p.add_argument("--model", help="model directory for LVLM backends")
-    add_lvlm_flags(p)
+    add_caption_backend_flags(p)
     p.add_argument("--batch-size", type=int, default=16)
     p = sub.add_parser("synth", help="synthetic compound figures with ground truth")
     p.add_argument("--out", required=True)
     p.add_argument("--num", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--layouts", help="CSV of real layouts shaped like zou_train.csv (default: random grids)")
+    p.add_argument("--layouts", help="CSV of real layouts, no header: path,x1,y1,x2,y2,panel, then (zou_train.csv) the "
+                                     "label box and letter lx1,ly1,lx2,ly2,label or (clef2016_train.csv) nothing; "
+                                     "default: random grids")
     p.add_argument("--medmnist", help="MedMNIST .npz whose train_images also fill panels")
     p.add_argument("--truth-records", action="store_true",
                    help="also write the ground truth as records (DIR/truth/records-*.array_record), for evaluation")
     p = sub.add_parser("eval", help="score records against ground truth")
     p.add_argument("--pred", required=True, help="folder of records-*.array_record")
     p.add_argument("--gt", required=True, help="gt.jsonl as written by synth")
+    p = sub.add_parser("eval-captions", help="score a caption splitter on a hand-made caption dev set")
+    p.add_argument("--devset", required=True, help="dev set JSONL, e.g. tests/data/caption_devset.jsonl")
+    p.add_argument("--out", default="caption-eval.json", help="report JSON (default: caption-eval.json)")
+    add_caption_backend_flags(p)
     p = sub.add_parser("show", help="overlay gallery of records")
     p.add_argument("--records", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--limit", type=int)
     args = parser.parse_args(argv)
     commands = {"run": cmd_run, "merge": cmd_merge, "captions": cmd_captions, "synth": cmd_synth, "eval": cmd_eval,
-                "show": cmd_show}
+                "eval-captions": cmd_eval_captions, "show": cmd_show}
     try:
         return commands[args.command](args)
     except OSError as err:
         print(f"error: {err.filename}: {err.strerror}", file=sys.stderr)
+        return 1
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 1
 
 

@@ -1,11 +1,15 @@
-"""`annotate eval`: annotation records scored against ground truth (as `annotate synth` writes it)."""
+"""`annotate eval`: annotation records scored against ground truth (as `annotate synth` writes it);
+`annotate eval-captions`: a caption splitter scored on a hand-made caption dev set."""
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
+from annotate.captions import label_key
 from annotate.metrics import caption_split_scores, match_boxes, panel_scores
 from zoomin_jax import records
+from zoomin_jax.errors import UserError
 
 
 def load_predictions(pred_dir: str | Path) -> dict[str, dict]:
@@ -35,3 +39,79 @@ def evaluate(pred_dir: str | Path, gt_path: str | Path) -> dict:
             "panels": panel_scores(pred_panels, true_panels),
             "region_recall": regions_found / max(regions_total, 1), "regions": regions_total,
             "captions": caption_split_scores(pred_splits, true_splits)}
+
+
+DEVSET_KEYS = ("id", "source", "caption", "style", "split", "panels")
+
+
+def devset_split(entry_id: str) -> str:
+    """The slice an entry belongs to, fixed by its id so that nobody picks it: about a third held out."""
+    return "heldout" if zlib.crc32(f"caption-devset:{entry_id}".encode()) % 3 == 0 else "tune"
+
+
+def _devset_problem(entry) -> str | None:
+    if not isinstance(entry, dict):
+        return "is not a JSON object"
+    if missing := [key for key in DEVSET_KEYS if key not in entry]:
+        return f"lacks {', '.join(missing)}"
+    if entry["split"] not in ("tune", "heldout"):
+        return f"has split {entry['split']!r}, not tune or heldout"
+    panels = entry["panels"]
+    if not isinstance(panels, list) or not panels or not all(
+            isinstance(p, dict) and isinstance(p.get("label"), str) and isinstance(p.get("text"), str) for p in panels):
+        return "needs panels as a list of {label, text}"
+    return None
+
+
+def load_caption_devset(path: str | Path) -> list[dict]:
+    """The entries of a caption dev set (format in tests/data/README.md); UserError naming a line that
+    is not one."""
+    entries = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}:{number} is not JSON ({err.msg}); write one entry per line") from None
+        if problem := _devset_problem(entry):
+            raise UserError(f"{path}:{number} {problem}; fix that line (the format is in tests/data/README.md)")
+        entries.append(entry)
+    return entries
+
+
+def is_multi_panel(entry: dict) -> bool:
+    return any(panel["label"] for panel in entry["panels"])
+
+
+def evaluate_captions(entries: list[dict], split_captions) -> dict:
+    """A caption splitter (captions -> panel lists) scored on a dev set, per slice (tune, heldout, all)
+    and kind: multi-panel captions by label-set exact match and mean token-F1 per gold sub-caption
+    (`caption_split_scores`); single-panel ones by the share kept whole (one panel, no label) and
+    the token-F1 of the text kept. Also per style, and per caption for finding what fails."""
+    predicted = split_captions([entry["caption"] for entry in entries])
+    per_caption = []
+    for entry, pred in zip(entries, predicted, strict=True):
+        scores = caption_split_scores([pred], [entry["panels"]])
+        per_caption.append({"id": entry["id"], "split": entry["split"], "style": entry["style"],
+                            "kind": "multi" if is_multi_panel(entry) else "single",
+                            "labels": [p["label"] for p in entry["panels"]], "predicted": [p["label"] for p in pred],
+                            "label_set_exact_match": scores["label_set_exact_match"],
+                            "mean_token_f1": scores["mean_token_f1"],
+                            "kept_whole": len(pred) == 1 and label_key(pred[0]["label"]) == ""})
+
+    def scores_of(picked: list[int], kind: str) -> dict:
+        scores = caption_split_scores([predicted[i] for i in picked], [entries[i]["panels"] for i in picked])
+        if kind == "single":
+            return {"captions": len(picked), "mean_token_f1": scores["mean_token_f1"],
+                    "kept_whole_rate": sum(per_caption[i]["kept_whole"] for i in picked) / max(len(picked), 1)}
+        return scores
+
+    def select(**where) -> list[int]:
+        return [i for i, c in enumerate(per_caption) if all(c[key] == value for key, value in where.items())]
+
+    slices = {name: {kind: scores_of(select(kind=kind, **({} if name == "all" else {"split": name})), kind)
+                     for kind in ("multi", "single")} for name in ("tune", "heldout", "all")}
+    styles = {f"{kind}/{style}": scores_of(select(kind=kind, style=style), kind)
+              for kind, style in sorted({(c["kind"], c["style"]) for c in per_caption})}
+    return {"entries": len(entries), "slices": slices, "styles": styles, "per_caption": per_caption}

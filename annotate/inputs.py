@@ -5,6 +5,10 @@ nothing is dropped silently. Images are not decoded here, only located or read a
 of a whole input file (missing, unreadable, cut off) has stage FILE_STAGE and the file's path as its
 id: it stands for the figures the file would have held, which no one can name.
 
+Text is cleaned as each `Figure` and `InputFailure` is made (text.py): ids and sources escaped, the
+rest replaced, each change noted in the Figure's `notes`, which its record's warnings carry. Bytes
+that are not UTF-8 are decoded with surrogateescape, so they become such a change, not a lost figure.
+
 `expand_inputs` turns what a user gives (files, directories, @lists of paths) into the files to read.
 """
 from __future__ import annotations
@@ -17,9 +21,26 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from annotate.text import clean_strings, clean_text, note
+
 FILE_STAGE = "file"
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".gif", ".bmp", ".webp")
 _XLINK_HREF = "{http://www.w3.org/1999/xlink}href"
+_NAMES = ("figure_id", "source")  # escaped rather than replaced: ids must stay distinct
+# What a JSON document that cannot be read raises: a syntax error, or one nested too deep.
+_JSON_ERRORS = (ValueError, RecursionError)
+
+
+def _clean_fields(item, fields: Sequence[str]) -> list[str]:
+    """Cleans the item's string `fields` in place; a note for each that changed."""
+    notes = []
+    for name in fields:
+        escape = name in _NAMES
+        text, problems = clean_text(getattr(item, name), escape)
+        if problems:
+            setattr(item, name, text)
+            notes.append(note(name, problems, escape))
+    return notes
 
 
 @dataclasses.dataclass
@@ -32,6 +53,13 @@ class Figure:
     image_bytes: bytes | None = None
     image_path: Path | None = None
     panel_type: str = ""
+    notes: list[str] = dataclasses.field(default_factory=list)  # what cleaning its text changed
+
+    def __post_init__(self):
+        self.notes += _clean_fields(self, ("figure_id", "source", "caption", "license", "panel_type"))
+        context, notes = clean_strings(self.context, "context")
+        self.context = [text for text in context if text.strip()]  # a mention of control characters only
+        self.notes += notes
 
     def read_image_bytes(self) -> bytes:
         if self.image_bytes is not None:
@@ -47,6 +75,9 @@ class InputFailure:
     source: str
     stage: str
     reason: str
+
+    def __post_init__(self):
+        _clean_fields(self, ("figure_id", "source", "reason"))  # an escaped id says what it was
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,12 +109,15 @@ def read_manifest(path: Path) -> Iterator[Figure | InputFailure]:
             if not raw.strip():
                 continue
             try:
-                item = json.loads(raw.decode("utf-8"))
+                # strict=False: control characters inside strings are cleaned, not a lost line.
+                item = json.loads(raw.decode("utf-8", "surrogateescape"), strict=False)
                 if not isinstance(item, dict) or not isinstance(item.get("id"), (str, int)):
                     raise ValueError("not a JSON object with an 'id'")
                 if not isinstance(item.get("image"), str):
                     raise ValueError("no 'image' path")
-            except (UnicodeDecodeError, ValueError) as err:
+                if "\x00" in item["image"]:
+                    raise ValueError("its 'image' path holds a NUL character, which no file name can")
+            except _JSON_ERRORS as err:
                 yield InputFailure(where, str(path), "read", f"manifest line unreadable: {err}")
                 continue
             caption = item.get("caption")
@@ -108,10 +142,10 @@ def read_tar(path: Path, fields: TarFields = TarFields()) -> Iterator[Figure | I
         if image_ext is None:
             return InputFailure(sample_key, where, "read", f"sample has no image member ({sorted(members)})")
         try:
-            meta = json.loads(meta_bytes.decode("utf-8")) if meta_bytes is not None else {}
+            meta = {} if meta_bytes is None else json.loads(meta_bytes.decode("utf-8", "surrogateescape"), strict=False)
             if not isinstance(meta, dict):
                 raise ValueError("its JSON is not an object")
-        except (UnicodeDecodeError, ValueError) as err:
+        except _JSON_ERRORS as err:
             return InputFailure(sample_key, where, "read", f"sample JSON unreadable: {err}")
         caption = _first(meta, fields.caption, "")
         return Figure(sample_key, where, caption if isinstance(caption, str) else "",

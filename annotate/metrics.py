@@ -4,6 +4,8 @@ from __future__ import annotations
 import collections
 import re
 
+from annotate.captions import label_key
+
 
 def tokens(text: str) -> list[str]:
     return re.findall(r"\w+", text.lower())
@@ -22,13 +24,19 @@ def token_f1(predicted: str, reference: str) -> float:
 
 
 def caption_split_scores(predicted: list[list[dict]], reference: list[list[dict]]) -> dict:
-    """Label-set exact match per caption; token-F1 per reference panel (0 when its label is missing)."""
+    """Label-set exact match per caption; token-F1 per reference panel between the predicted text of
+    its label and its text (0 when the label is missing), averaged over reference panels. Labels
+    compare as `label_key` does: "(A)", "a." and "A" are one panel."""
     exact, f1s = 0, []
     for pred, ref in zip(predicted, reference, strict=True):
-        pred_by_label = {p["label"]: p["text"] for p in pred}
-        exact += set(pred_by_label) == {r["label"] for r in ref}
-        f1s += [token_f1(pred_by_label[r["label"]], r["text"]) if r["label"] in pred_by_label else 0.0
-                for r in ref]
+        texts = collections.defaultdict(list)  # a label predicted twice keeps both texts
+        for p in pred:
+            texts[label_key(p["label"])].append(p["text"])
+        pred_by_label = {key: " ".join(parts) for key, parts in texts.items()}
+        ref_keys = [label_key(r["label"]) for r in ref]
+        exact += set(pred_by_label) == set(ref_keys)
+        f1s += [token_f1(pred_by_label[key], r["text"]) if key in pred_by_label else 0.0
+                for key, r in zip(ref_keys, ref)]
     return {"captions": len(reference), "label_set_exact_match": exact / max(len(reference), 1),
             "mean_token_f1": sum(f1s) / max(len(f1s), 1), "panels": len(f1s)}
 

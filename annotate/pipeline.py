@@ -116,6 +116,9 @@ def annotate_batch(figures: list[Figure], backend: Backend, cfg: AnnotateConfig,
             results.append(build_record(figure, data, image, proposal, backend, cfg, seconds))
         except records.RecordError as err:
             results.append(FigureError("record", str(err)))
+        except Exception as err:  # a bug or an odd value in one figure fails that figure, not its batch
+            reason = " ".join(f"building it raised {type(err).__name__}: {err}".split())[:_MAX_REASON_CHARS]
+            results.append(FigureError("record", reason))
     return results
 
 

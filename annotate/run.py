@@ -20,6 +20,9 @@ records, when part_seconds have passed since their first record, and on SIGTERM.
 has its shard index next to it (…part-PPPPP.index.msgpack, records.RecordWriter writes it: figure
 ids, panel kinds and sides, region panels and sides, warnings), so a rerun and the final
 concatenation read no records to learn what the parts hold. Failures are appended line by line.
+Before a record is encoded its text is cleaned (annotate.text: the inputs' when read, the backend's
+answers here, each change a warning of the record); a record that still cannot be encoded is a
+failure of stage "write", so no figure's text or values stop the shard.
 After a crash a rerun treats the ids in closed parts and in the failures file as done, drops the
 unfinished part, and redoes the rest, so each input id ends up exactly once across records and
 failures.
@@ -60,9 +63,10 @@ from typing import Iterable, Sequence
 from tqdm import tqdm
 
 from annotate.config import AnnotateConfig
-from annotate.inputs import FILE_STAGE, InputFailure, expand_inputs, iter_inputs
+from annotate.inputs import FILE_STAGE, Figure, InputFailure, expand_inputs, iter_inputs
 from annotate.decode import decoded_batches
 from annotate.pipeline import Backend, FigureError, annotate_batch
+from annotate.text import clean_strings
 from zoomin_jax import records
 
 # The failure reason of an input that repeats an id already seen: the only way one id may be
@@ -203,12 +207,22 @@ class _Progress:
         self.writer, self.next_part, self.opened = None, len(files.parts()), 0.0
         self.counts, self.reasons = collections.Counter(), collections.Counter()
 
-    def record(self, record: dict) -> None:
+    def record(self, figure: Figure, record: dict) -> None:
+        """Writes the figure's record, or its failure (stage "write") when the record cannot be encoded."""
+        try:  # all before a part is opened for it
+            # The last step before encoding cleans the backend's answers (labels, descriptions, warnings);
+            # the inputs' text was cleaned as it was read, and the notes of both join the record's warnings.
+            record, notes = clean_strings(record)
+            record["annotation"]["warnings"] = [*record["annotation"]["warnings"], *figure.notes, *notes]
+            data, entry = records.encode(record), records.index_entry(record)
+        except Exception as err:  # a value msgpack cannot take, a record the schema refuses
+            self.fail(figure.figure_id, figure.source, "write", f"encoding raised {type(err).__name__}: {err}")
+            return
         if self.writer is None:
             self.writer = records.RecordWriter(self.files.part(self.next_part))
             self.next_part += 1
             self.opened = time.monotonic()
-        self.writer.write(record)
+        self.writer.write_encoded(data, entry)
         self.counts["figures"] += 1
         self.counts["panels"] += len(record["panels"])
         self.counts["regions"] += len(record["regions"])
@@ -216,7 +230,9 @@ class _Progress:
             self.close_part()
 
     def fail(self, figure_id: str, source: str, stage: str, reason: str) -> None:
-        self.failures.write(json.dumps({"id": figure_id, "source": source, "stage": stage, "reason": reason}) + "\n")
+        # Ids and sources are clean (inputs.py); an exception's text may quote anything.
+        line, _ = clean_strings({"id": figure_id, "source": source, "stage": stage, "reason": reason})
+        self.failures.write(json.dumps(line) + "\n")
         self.failures.flush()
         self.counts["failures"] += 1
         self.reasons[failure_key(stage, reason)] += 1
@@ -365,7 +381,7 @@ def run_shard(inputs: Sequence[str], out: str | Path, backend: Backend, num_shar
                             if isinstance(result, FigureError):
                                 progress.fail(figure.figure_id, figure.source, result.stage, result.reason)
                             else:
-                                progress.record(result)
+                                progress.record(figure, result)
                         progress.close_part_if_due()
                         bar.update(len(batch))
                         rate, tried = progress.failure_rate()

@@ -1,11 +1,12 @@
 """Synthetic compound figures with ground truth, for the demo and for measuring the annotators.
 
 Layouts are random grids or real ones from a CSV shaped like ../shared/data/layouts/zou_train.csv
-(path,px1,py1,px2,py2,panel,lx1,ly1,lx2,ly2,label; no header). Panels are filled with real pictures
-that ship inside scikit-image (IHC stain, fluorescent cells, fundus, microaneurysms, a CT phantom),
-optional MedMNIST arrays, or procedurally drawn charts; panel letters are drawn in their label boxes;
-arrows point at objects; and each caption says what is drawn (kind, stain, colour, count), so a
-model can learn from it.
+(path,px1,py1,px2,py2,panel,lx1,ly1,lx2,ly2,label; no header; empty label columns for a panel with
+no letter) or, with no label columns at all, like clef2016_train.csv (path,x1,y1,x2,y2,panel).
+Panels are filled with real pictures that ship inside scikit-image (IHC stain, fluorescent cells,
+fundus, microaneurysms, a CT phantom), optional MedMNIST arrays, or procedurally drawn charts; panel
+letters are drawn in their label boxes; arrows point at objects; and each caption says what is drawn
+(kind, stain, colour, count), so a model can learn from it.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from zoomin_jax.errors import UserError
 
 COLOURS = {"red": (200, 40, 40), "blue": (40, 70, 200), "green": (40, 150, 60), "orange": (230, 130, 20),
            "purple": (120, 50, 160), "yellow": (255, 235, 0), "cyan": (0, 210, 230)}
@@ -45,19 +48,42 @@ def _pictures() -> dict[str, tuple[np.ndarray, str]]:
             "phantom": (phantom, "axial CT slice of a head phantom")}
 
 
+_LAYOUT_FIELDS = {6: "path,x1,y1,x2,y2,panel", 11: "path,x1,y1,x2,y2,panel,lx1,ly1,lx2,ly2,label"}
+
+
+def _box(values: list[str], what: str, where: str) -> list[float]:
+    try:
+        box = [float(v) for v in values]
+    except ValueError:
+        box = []
+    if not (len(box) == 4 and all(np.isfinite(box)) and box[0] < box[2] and box[1] < box[3]):
+        raise UserError(f"{where}: the {what} {','.join(values)} is not four numbers x1,y1,x2,y2 with x1 < x2 "
+                        f"and y1 < y2; fix or remove that row")
+    return box
+
+
+def _layout_panel(row: list[str], where: str) -> tuple[list[float], list[float] | None, str]:
+    """One CSV row as (panel box, label box or None, label); UserError naming `where` if malformed."""
+    if len(row) not in _LAYOUT_FIELDS:
+        shapes = " or ".join(f"{n} fields ({fields})" for n, fields in _LAYOUT_FIELDS.items())
+        raise UserError(f"{where}: a layout row has {shapes}, this one {len(row)}; fix or remove that row")
+    box = _box(row[1:5], "panel box", where)
+    if len(row) == 6 or not any(row[6:11]):  # CLEF rows, and zou rows of a panel with no letter
+        return box, None, ""
+    return box, _box(row[6:10], "label box", where), row[10]
+
+
 def load_layouts(csv_path: str | Path, margin: int = 4) -> list[Layout]:
-    """Figures of a zou_train-shaped CSV; the canvas is the panels' extent plus a margin."""
+    """Figures of a layout CSV (zou_train or clef2016_train shaped, see the module docstring); the canvas
+    is the panels' extent plus a margin. UserError naming file and line of a malformed row."""
     rows = collections.defaultdict(list)
     with open(csv_path, newline="") as f:
-        for row in csv.reader(f):
-            rows[row[0]].append(row)
+        reader = csv.reader(f)
+        for row in reader:
+            if row:  # not a blank line
+                rows[row[0]].append(_layout_panel(row, f"{csv_path}:{reader.line_num}"))
     layouts = []
-    for name, panel_rows in rows.items():
-        panels = []
-        for row in panel_rows:
-            box = [float(v) for v in row[1:5]]
-            label_box = [float(v) for v in row[6:10]] if row[6] else None
-            panels.append((box, label_box, row[10] if label_box else ""))
+    for name, panels in rows.items():
         # Zou's labels write a lowercase figure's "c" as "C" (they look alike); a real caption and
         # the drawn letter would agree, so use the figure's majority case throughout.
         letters = [label for _, _, label in panels if label.isalpha()]

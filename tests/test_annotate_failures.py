@@ -120,3 +120,46 @@ def test_ctrl_c_in_the_backend_still_stops_the_run(tmp_path):
     Image.new("RGB", (64, 48), "white").save(tmp_path / "a.png")
     with pytest.raises(KeyboardInterrupt):
         annotate_batch([Figure("a", "src", "", image_path=tmp_path / "a.png")] * 2, Interrupted(), AnnotateConfig())
+
+
+class OddAnswers(ScriptedBackend):
+    """A whole-figure panel for each image, whose answer depends on the caption's first word: "surrogate"
+    a label, description and warning no encoder takes, "score" a score that is not a number (building the
+    record raises), "set" a warning msgpack cannot encode (writing it raises)."""
+
+    def propose(self, images, captions):
+        proposals = super().propose(images, captions)
+        for proposal, caption in zip(proposals, captions, strict=True):
+            kind = caption.split(" ")[0]
+            if kind == "surrogate":
+                proposal.panels[0]["label"] = "\udcff"
+                proposal.panel_descriptions[0] = "a lesion\x00 \ud83d"
+                proposal.warnings.append("model said \ud800")
+            elif kind == "score":
+                proposal.panels[0]["score"] = "high"
+            elif kind == "set":
+                proposal.warnings.append({"unencodable"})
+        return proposals
+
+
+def test_answers_no_encoder_takes_are_cleaned_and_a_record_that_cannot_be_built_or_written_fails_alone(tmp_path):
+    image = sorted(MEDICAT.glob("*.png"))[0]
+    odd = [{"id": kind, "image": str(image), "caption": f"{kind} answer."} for kind in ("surrogate", "score", "set")]
+    manifest, lines = medicat_manifest(tmp_path, odd)
+
+    summary = run_shard([manifest], tmp_path / "out", OddAnswers(max_batch=16), batch_size=4)
+
+    got = {r["figure_id"]: r for r in records.iter_records(tmp_path / "out" / "records-00000-of-00001.array_record")}
+    _, failures = read_shard(tmp_path / "out")
+    ids = list(got) + [f["id"] for f in failures]
+    assert len(ids) == len(set(ids)) == len(lines) == 13 and set(ids) == {line["id"] for line in lines}
+    panel = got["surrogate"]["panels"][0]
+    assert panel["label"] == "\ufffd" and panel["text_lvlm"] == "a lesion  \ufffd"
+    assert got["surrogate"]["annotation"]["warnings"] == [
+        "model said \ufffd", "panels[0].label: text normalised: invalid UTF-8 or lone surrogates replaced",
+        "panels[0].text_lvlm: text normalised: invalid UTF-8 or lone surrogates and control characters replaced",
+        "annotation.warnings[0]: text normalised: invalid UTF-8 or lone surrogates replaced"]
+    assert {f["id"]: (f["stage"], f["reason"]) for f in failures} == {
+        "score": ("record", "building it raised ValueError: could not convert string to float: 'high'"),
+        "set": ("write", "encoding raised TypeError: can not serialize 'set' object")}
+    assert summary["figures"] == 11 and summary["warnings_by_reason"]["panels*.label: text normalised"] == 1

@@ -73,17 +73,19 @@ def test_bad_inputs_are_recorded_and_the_shard_finishes(tmp_path, figures, decod
     summary = run_shard([str(tmp_path / "manifest.jsonl"), str(tmp_path / "evil.tar"), str(tmp_path / "broken.tar")],
                         out, HeuristicBackend(), decode_workers=decode_workers)
     got = {r["figure_id"]: r for r in records.iter_records(out / "records-00000-of-00001.array_record")}
-    assert sorted(got) == ["alpha", "cmyk", "nocaption", "ok", "palette", "sixteen"]
+    assert sorted(got) == ["alpha", "cmyk", "latin1", "nocaption", "ok", "palette", "sixteen"]
     assert got["cmyk"]["image_bytes"] == (d / "cmyk.jpg").read_bytes()  # original bytes, untouched
+    # Latin-1 is not UTF-8: its letters are replaced, and the record says so.
+    assert got["latin1"]["caption"] == "\ufffdt\ufffd"
+    assert got["latin1"]["annotation"]["warnings"][-1].startswith("caption: text normalised: invalid UTF-8")
     assert got["nocaption"]["caption"] == "" and len(got["ok"]["panels"]) >= 1
     failures = {f["id"]: f for f in map(json.loads, (out / "failures-00000-of-00001.jsonl").read_text().splitlines())}
     reasons = {k: f"{v['stage']}: {v['reason']}" for k, v in failures.items()}
     assert "empty file" in reasons["empty"] and "truncated" in reasons["truncated"]
     assert "decompression bomb" in reasons["bomb"] and "No such file" in reasons["missing"]
     assert "duplicate id" in reasons["cmyk"] and "escapes the archive" in reasons["../escape.png"]
-    assert any("manifest line unreadable" in r for k, r in reasons.items() if k.endswith("manifest.jsonl:9"))
     assert any("tar unreadable" in r for k, r in reasons.items() if k.endswith("broken.tar"))
-    assert summary["figures"] == 6 and summary["failures"] == len(failures) == 8
+    assert summary["figures"] == 7 and summary["failures"] == len(failures) == 7
 
 
 def test_shards_partition_the_inputs(tmp_path, figures):

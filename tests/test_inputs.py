@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from annotate.inputs import FILE_STAGE, Figure, InputFailure, expand_inputs, iter_inputs
+from annotate.text import CONTROLS, SURROGATES
 from conftest import DATA
 
 
@@ -107,3 +108,37 @@ def test_lists_and_directories_expand_to_files_each_once(tmp_path, monkeypatch):
     (tmp_path / "bare").mkdir()
     with pytest.raises(ValueError, match="input directory bare holds no"):
         expand_inputs(["bare"])
+
+
+def test_text_no_encoder_takes_is_cleaned_as_it_is_read_and_noted(tmp_path):
+    """JSON lone surrogates, raw invalid UTF-8, control characters (raw or escaped) in every field: ids
+    escaped as \\uXXXX, texts replaced, each change one note; a NUL in an image path fails the line."""
+    (tmp_path / "a.png").write_bytes(png_bytes())
+    lines = [json.dumps({"id": "lone\udcff", "image": "a.png", "caption": "Panel \ud800A.\x00", "license": "CC\x07",
+                         "context": ["see Fig.\x1b1", "\x00\x01", "fine"]}).encode(),
+             b'{"id": "raw\xff", "image": "a.png", "caption": "caf\xe9\tcr\xc3\xa8me"}',
+             json.dumps({"id": "nul", "image": "a\x00.png", "caption": "x"}).encode()]
+    (tmp_path / "m.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    lone, raw, nul = iter_inputs([tmp_path / "m.jsonl"])
+    assert lone.figure_id == "lone\\udcff" and raw.figure_id == "raw\\udcff"
+    assert lone.caption == "Panel \ufffdA. " and lone.license == "CC " and lone.context == ["see Fig. 1", "fine"]
+    assert raw.caption == "caf\ufffd\tcr\u00e8me" and lone.read_image_bytes() == png_bytes()
+    assert lone.notes == [f"figure_id: text normalised: {SURROGATES} escaped as \\uXXXX",
+                          f"caption: text normalised: {SURROGATES} and {CONTROLS} replaced",
+                          f"license: text normalised: {CONTROLS} replaced",
+                          f"context[0]: text normalised: {CONTROLS} replaced",
+                          f"context[1]: text normalised: {CONTROLS} replaced"]
+    assert [n.split(":")[0] for n in raw.notes] == ["figure_id", "caption"]
+    assert isinstance(nul, InputFailure) and "NUL character" in nul.reason
+
+    path = tmp_path / "shard.tar"
+    key = b"PMC\xff_fig1".decode("utf-8", "surrogateescape")  # a member name that is not UTF-8, as tarfile reads it
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        add(tar, f"{key}.png", png_bytes())
+        add(tar, f"{key}.json", b'{"caption": "\xff\xfe(a) CT\x0c"}')
+        add(tar, "deep.png", png_bytes())
+        add(tar, "deep.json", b"[" * 100_000)  # too deep for json's recursion: one sample lost, not the tar
+    sample, deep = iter_inputs([path])
+    assert sample.figure_id == "PMC\\udcff_fig1" and sample.caption == "\ufffd\ufffd(a) CT "
+    assert "\udcff" not in sample.source and sample.read_image_bytes() == png_bytes()
+    assert isinstance(deep, InputFailure) and "sample JSON unreadable" in deep.reason
