@@ -10,7 +10,10 @@ markers yields one panel with label "".
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
+import unicodedata
+from collections.abc import Iterable
 
 _LABEL = r"(?:[A-Za-z](?:\d{1,2})?|\d{1,2}|left|right|top|bottom|upper|lower|middle|center)"
 _JOIN = r"(?:\s*(?:,\s*and\s+|,|&|/)\s*|\s+(?:and|or)\s+)"
@@ -128,15 +131,59 @@ def _plausible(markers: list[Marker]) -> bool:
 
 
 def clean_label(label: str) -> str:
-    """A panel label as read, without brackets, punctuation or a leading "Panel": "(A)" -> "A"."""
-    bare = re.sub(r"^\s*panels?\s+", "", label or "", flags=re.IGNORECASE)
+    """A panel label as read, without brackets, punctuation or a "Panel" around it: "(A)" -> "A",
+    "Ｂ." -> "B", "left panel" -> "left"."""
+    bare = unicodedata.normalize("NFKC", label or "")
+    bare = re.sub(r"^\s*panels?\s+|\s+(?:panels?|rows?|columns?|images?)\s*$", "", bare, flags=re.IGNORECASE)
     return re.sub(r"[^0-9A-Za-z]", "", bare)
 
 
-def label_key(label: str) -> str:
-    """What a panel label identifies, however it is written: "(A)", "a.", "Panel A" and "a" are one
-    panel; so an LVLM's reading of a label meets the caption's spelling of it."""
-    return clean_label(label).casefold()
+# Roman numerals up to 39: more panels than any figure has.
+_ROMAN = re.compile(r"x{0,3}(?:ix|iv|v?i{0,3})", re.IGNORECASE)
+_ROMAN_DIGITS = {"i": 1, "v": 5, "x": 10}
+
+
+def _roman_value(text: str) -> int | None:
+    if not text or not _ROMAN.fullmatch(text):
+        return None
+    values = [_ROMAN_DIGITS[c] for c in text.lower()]
+    return sum(-v if v < after else v for v, after in zip(values, [*values[1:], 0]))
+
+
+@functools.lru_cache(maxsize=1024)
+def _label_style(labels: frozenset[str]) -> tuple[bool, bool]:
+    """(case matters, roman numerals) for a caption's set of labels. Case matters only where the set
+    itself has two labels that differ by case alone ("A" and "a"). The set is roman when every label
+    is a roman numeral and one has two letters or more: "i, ii, iii" is roman, while "c, d" or a lone
+    "i" are letters."""
+    cleaned = {clean_label(label) for label in labels} - {""}
+    case_matters = len({c.casefold() for c in cleaned}) < len(cleaned)
+    roman = all(_roman_value(c) for c in cleaned) and any(len(c) > 1 for c in cleaned)
+    return case_matters, roman
+
+
+def label_key(label: str, among: Iterable[str] = ()) -> str:
+    """What a panel label identifies, however it is written, in the style of `among` (the caption's
+    labels): "(A)", "a.", "Panel A" and "a" are one panel unless the caption has both "A" and "a";
+    "01" and "1" are one; and among roman labels "ii", "(II)" and "2" are one, while among letters
+    "i" stays the letter i."""
+    cleaned = clean_label(label)
+    case_matters, roman = _label_style(frozenset(among))
+    if cleaned.isdigit():
+        return str(int(cleaned))
+    if case_matters:
+        return cleaned
+    if roman and (value := _roman_value(cleaned)):
+        return str(value)
+    return cleaned.casefold()
+
+
+def caption_label(label: str, caption_labels: Iterable[str]) -> str | None:
+    """The caption's spelling of the panel `label` names ("a" for an LVLM's "(A)", "ii" for "II"),
+    or None when it names none of the caption's labels."""
+    labels = [c for c in caption_labels if c]
+    key = label_key(label, labels)
+    return next((c for c in labels if label_key(c, labels) == key), None) if key else None
 
 
 def _label_order(label: str):

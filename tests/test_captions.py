@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from annotate.captions import split_caption
+from annotate.captions import caption_label, label_key, split_caption
 from annotate.metrics import caption_split_scores, token_f1
 from conftest import DATA, run_cli
 
@@ -71,3 +71,32 @@ def test_cli_records_unreadable_lines(tmp_path):
     failures = [json.loads(line) for line in (tmp_path / "out.jsonl.failures.jsonl").read_text().splitlines()]
     assert [f["line"] for f in failures] == [2, 3, 4]
     assert "not a string" in failures[1]["reason"]
+
+
+LETTERS, UPPER, TO_I = ["a", "b", "c"], ["A", "B", "C", "D"], list("abcdefghi")
+ROMAN, ROMAN_UPPER, DIGITS = ["i", "ii", "iii", "iv"], ["I", "II", "III"], ["1", "2", "3"]
+BOTH_CASES, SUB_PANELS, POSITIONS = ["A", "B", "a", "b"], ["B1", "B2", "C1"], ["left", "right"]
+
+
+@pytest.mark.parametrize("said,caption_labels,expected", [
+    ("A", LETTERS, "a"), ("(A)", LETTERS, "a"), ("a.", LETTERS, "a"), (" a ", LETTERS, "a"),
+    ("Panel A", LETTERS, "a"), ("panel (b):", LETTERS, "b"), ("[c]", LETTERS, "c"), ("B)", LETTERS, "b"),
+    ("\uff22", LETTERS, "b"),                        # a full-width B
+    ("d", UPPER, "D"), ("(D).", UPPER, "D"),
+    ("II", ROMAN, "ii"), ("(iii)", ROMAN, "iii"), ("IV.", ROMAN, "iv"), ("2", ROMAN, "ii"),
+    ("ii", ROMAN_UPPER, "II"), ("3", ROMAN_UPPER, "III"),
+    ("i", TO_I, "i"), ("I", TO_I, "i"),                # among letters a-i, "i" is the letter
+    ("ii", TO_I, None), ("9", TO_I, None),
+    ("1", DIGITS, "1"), ("01", DIGITS, "1"), ("(2)", DIGITS, "2"),
+    ("A", BOTH_CASES, "A"), ("a", BOTH_CASES, "a"), ("(b)", BOTH_CASES, "b"),  # the caption tells case apart
+    ("b1", SUB_PANELS, "B1"), ("B-2", SUB_PANELS, "B2"), ("c.1", SUB_PANELS, "C1"),
+    ("Left panel", POSITIONS, "left"), ("RIGHT", POSITIONS, "right"),
+    ("E", LETTERS, None), ("v", ROMAN, None), ("arrow", LETTERS, None), ("", LETTERS, None), ("()", LETTERS, None),
+])
+def test_label_spellings_meet_the_captions_label(said, caption_labels, expected):
+    assert caption_label(said, caption_labels) == expected
+
+
+def test_label_keys_without_a_caption_ignore_case_brackets_and_punctuation():
+    assert [label_key(said) for said in ("(A)", "a.", "Panel A", "A1", "(03)", "ii", "")] == [
+        "a", "a", "a", "a1", "3", "ii", ""]

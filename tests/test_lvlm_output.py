@@ -1,7 +1,6 @@
 """Parsing realistic Qwen2.5-VL grounding answers into boxes in original pixels."""
 import pytest
 
-from annotate.captions import clean_label, label_key
 from annotate.lvlm_output import parse_boxes, parse_caption_split, parse_panel_answer, resized_size
 
 
@@ -98,9 +97,3 @@ def test_panel_answers_give_a_description_and_phrase_boxes():
 def test_panel_answers_without_the_object(answer, description, problem):
     got, parsed = parse_panel_answer(answer, (56, 56), (56, 56))
     assert got == description and parsed.items == [] and parsed.problems == [problem]
-
-
-@pytest.mark.parametrize("said,key,clean", [("A", "a", "A"), ("(a)", "a", "a"), ("Panel B", "b", "B"),
-                                             ("b.", "b", "b"), ("A1", "a1", "A1"), ("(3)", "3", "3"), ("", "", "")])
-def test_label_spellings_meet(said, key, clean):
-    assert (label_key(said), clean_label(said)) == (key, clean)
