@@ -86,7 +86,7 @@ def build_record(figure: Figure, data: bytes, image: Image.Image, proposal: Prop
         for region in fuse_regions(box, proposal.markers.get(k, []), proposal.phrases.get(k, []), cfg):
             if not region["text_sub"]:
                 region["text_sub"] = marker_clause(text, region["marker_kind"])
-            regions.append(records.new_region(panel_id=panel_id, text_lvlm="", **region))
+            regions.append(records.new_region(panel_id=panel_id, **region))
     return records.new_figure(
         figure_id=figure.figure_id, source=figure.source, license=figure.license, image_bytes=data,
         width=width, height=height, caption=figure.caption, context=figure.context, panels=panels,
