@@ -278,6 +278,63 @@ def with_context(context: str, texts: dict[str, str]) -> list[dict]:
     return [{"label": label, "text": _clean(f"{context} {text}")} for label, text in texts.items()]
 
 
+# An LVLM may mend a clause's grammar as it splits it off, but a text mostly of words the caption does
+# not use was written, not split off.
+_MIN_CAPTION_WORDS = 0.8
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.casefold())
+
+
+def split_from_answer(caption: str, texts: dict[str, str]) -> tuple[dict[str, str], str, list[str]]:
+    """An LVLM's split of `caption` ({label: own text}, "" for the text all panels share) checked
+    against the caption: (own texts under the caption's spellings of the labels, the shared context,
+    problems). Usable only when every label is one the caption names (a label of the rules' split, or
+    the label standing alone in the caption) and every text is drawn from the caption; otherwise the
+    own texts are empty and the problems say why."""
+    rule_labels = [p["label"] for p in split_caption(caption) if p["label"]]
+    caption_words = set(_words(caption))
+    own: dict[str, str] = {}
+    problems = []
+    for label, text in texts.items():
+        words = _words(text)
+        if words and sum(w in caption_words for w in words) < _MIN_CAPTION_WORDS * len(words):
+            problems.append(f"text for {label!r} is not drawn from the caption: {text[:40]!r}")
+        if not label:
+            continue
+        for part in _expand(label):
+            spelt = caption_label(part, rule_labels) or _standing_alone(caption, part)
+            if spelt is None:
+                problems.append(f"label {part!r} is not one the caption names")
+            else:
+                own[spelt] = f"{own[spelt]} {text}" if spelt in own else text
+    if problems:
+        return {}, "", problems
+    # The rules' shared context where they find labels, else the LVLM's; taken off the front of a text
+    # that repeats it, so that it is in front of each panel's text once.
+    context = shared_context(caption) or _clean(texts.get("", ""))
+    return {label: _after(context, _clean(text)) for label, text in own.items()}, context, []
+
+
+def _after(lead: str, text: str) -> str:
+    return _clean(text[len(lead):]) if lead and text[:len(lead)].casefold() == lead.casefold() else text
+
+
+def _standing_alone(caption: str, label: str) -> str | None:
+    """The caption's spelling of `label` where it is shaped like a panel label and stands alone in the
+    caption ("(ii)", "A:"), the label's own case first, or where it closes a lost sentence break
+    ("…tissuesA) Evaluation"); else None."""
+    cleaned = clean_label(label)
+    if not (re.fullmatch(_LABEL, cleaned, re.IGNORECASE) or _roman_value(cleaned)):
+        return None
+    found = [m.group(0) for m in re.finditer(rf"(?<![0-9A-Za-z]){re.escape(cleaned)}(?![0-9A-Za-z])", caption,
+                                             re.IGNORECASE)]
+    if cleaned in found or re.search(rf"(?<=[a-z]){re.escape(cleaned)}\)", caption):
+        return cleaned
+    return next(iter(found), None)
+
+
 def _clause_start(caption: str, lo: int, hi: int) -> int:
     cut = max(caption.rfind(p, lo, hi) for p in (". ", "; "))
     return cut + 1 if cut >= lo else hi

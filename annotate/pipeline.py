@@ -51,6 +51,8 @@ class Proposal:
     phrases: dict[int, list[dict]] = dataclasses.field(default_factory=dict)   # panel index -> phrase boxes
     panel_descriptions: dict[int, str] = dataclasses.field(default_factory=dict)
     warnings: list[str] = dataclasses.field(default_factory=list)
+    # [{"label", "text"}] per caption label, where the backend split the caption; else the rules split it.
+    caption_split: list[dict] | None = None
 
 
 class Backend(Protocol):
@@ -73,7 +75,7 @@ def build_record(figure: Figure, data: bytes, image: Image.Image, proposal: Prop
         proposal.warnings.append("no panels proposed; the whole figure is one panel")
     # Each panel gets its sub-caption, however its label is spelt ("(A)" for the caption's "a"); a panel
     # the caption does not name gets the whole caption.
-    split = split_caption(figure.caption)
+    split = proposal.caption_split if proposal.caption_split is not None else split_caption(figure.caption)
     labels = [p["label"] for p in split if p["label"]]
     by_label = {label_key(p["label"], labels): p["text"] for p in split if p["label"]}
     panels, regions = [], []

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from annotate.captions import caption_label, label_key, split_caption
+from annotate.captions import caption_label, label_key, split_caption, split_from_answer
 from annotate.metrics import caption_split_scores, token_f1
 from conftest import DATA, run_cli
 
@@ -100,3 +100,44 @@ def test_label_spellings_meet_the_captions_label(said, caption_labels, expected)
 def test_label_keys_without_a_caption_ignore_case_brackets_and_punctuation():
     assert [label_key(said) for said in ("(A)", "a.", "Panel A", "A1", "(03)", "ii", "")] == [
         "a", "a", "a", "a1", "3", "ii", ""]
+
+
+def test_hand_splits_read_as_lvlm_answers_are_accepted_and_others_captions_are_not():
+    """Each hand split of a real caption, given as an LVLM's answer, is usable with the hand labels (among
+    them i-vi for a caption the rules cannot split, and "A)" glued to the word before it); the hand split
+    of the next caption, given for this one, never is."""
+    entries = list(json.loads((DATA / "captions" / "prostate_caption_splits.json").read_text()).values())
+    accepted = rejected = 0
+    for n, entry in enumerate(entries):
+        for answered, target in ((entry, "own"), (entries[(n + 1) % len(entries)], "other")):
+            texts = {s["label"]["text"]: s["caption"] for s in answered["gt_subfigures"]}
+            own, _, problems = split_from_answer(entry["caption"], texts)
+            if target == "own":
+                accepted += set(own) == set(texts) and problems == []
+            else:
+                rejected += own == {} and any("not drawn from the caption" in p for p in problems)
+    assert accepted == rejected == len(entries) == 196
+
+
+@pytest.mark.parametrize("texts,own,context,problems", [
+    # The caption's spellings; a label the rules read inside a range is named.
+    ({"A": "PAS stain.", "(b)": "PAS stain.", "C": "PAS stain.", "D": "Electron microscopy."},
+     {"a": "PAS stain.", "b": "PAS stain.", "c": "PAS stain.", "d": "Electron microscopy."}, "Renal biopsy.", []),
+    # One entry for two labels.
+    ({"a and b": "PAS stain.", "c": "PAS stain.", "d": "Electron microscopy."},
+     {"a": "PAS stain.", "b": "PAS stain.", "c": "PAS stain.", "d": "Electron microscopy."}, "Renal biopsy.", []),
+    ({"a": "PAS stain.", "e": "Electron microscopy."}, {}, "", ["label 'e' is not one the caption names"]),
+    ({"a": "PAS stain.", "d": "Immunofluorescence for IgA deposits."}, {}, "",
+     ["text for 'd' is not drawn from the caption: 'Immunofluorescence for IgA deposits.'"]),
+])
+def test_an_lvlm_split_is_checked_against_its_caption(texts, own, context, problems):
+    caption = "Renal biopsy. (a-c) PAS stain. (d) Electron microscopy."
+    assert split_from_answer(caption, texts) == (own, context, problems)
+
+
+def test_the_lvlm_shared_text_is_the_context_where_the_rules_find_no_labels():
+    caption = "Prostate glands at 42 wks. (i) Widespread PIN lesions, (ii) with microinvasion."
+    assert split_caption(caption)[0]["label"] == ""  # the rules read no roman labels
+    texts = {"": "Prostate glands at 42 wks.", "i": "Widespread PIN lesions", "ii": "with microinvasion."}
+    assert split_from_answer(caption, texts) == (
+        {"i": "Widespread PIN lesions", "ii": "with microinvasion."}, "Prostate glands at 42 wks.", [])
