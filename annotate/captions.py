@@ -10,7 +10,10 @@ markers yields one panel with label "".
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
+import unicodedata
+from collections.abc import Iterable
 
 _LABEL = r"(?:[A-Za-z](?:\d{1,2})?|\d{1,2}|left|right|top|bottom|upper|lower|middle|center)"
 _JOIN = r"(?:\s*(?:,\s*and\s+|,|&|/)\s*|\s+(?:and|or)\s+)"
@@ -128,15 +131,59 @@ def _plausible(markers: list[Marker]) -> bool:
 
 
 def clean_label(label: str) -> str:
-    """A panel label as read, without brackets, punctuation or a leading "Panel": "(A)" -> "A"."""
-    bare = re.sub(r"^\s*panels?\s+", "", label or "", flags=re.IGNORECASE)
+    """A panel label as read, without brackets, punctuation or a "Panel" around it: "(A)" -> "A",
+    "Ｂ." -> "B", "left panel" -> "left"."""
+    bare = unicodedata.normalize("NFKC", label or "")
+    bare = re.sub(r"^\s*panels?\s+|\s+(?:panels?|rows?|columns?|images?)\s*$", "", bare, flags=re.IGNORECASE)
     return re.sub(r"[^0-9A-Za-z]", "", bare)
 
 
-def label_key(label: str) -> str:
-    """What a panel label identifies, however it is written: "(A)", "a.", "Panel A" and "a" are one
-    panel; so an LVLM's reading of a label meets the caption's spelling of it."""
-    return clean_label(label).casefold()
+# Roman numerals up to 39: more panels than any figure has.
+_ROMAN = re.compile(r"x{0,3}(?:ix|iv|v?i{0,3})", re.IGNORECASE)
+_ROMAN_DIGITS = {"i": 1, "v": 5, "x": 10}
+
+
+def _roman_value(text: str) -> int | None:
+    if not text or not _ROMAN.fullmatch(text):
+        return None
+    values = [_ROMAN_DIGITS[c] for c in text.lower()]
+    return sum(-v if v < after else v for v, after in zip(values, [*values[1:], 0]))
+
+
+@functools.lru_cache(maxsize=1024)
+def _label_style(labels: frozenset[str]) -> tuple[bool, bool]:
+    """(case matters, roman numerals) for a caption's set of labels. Case matters only where the set
+    itself has two labels that differ by case alone ("A" and "a"). The set is roman when every label
+    is a roman numeral and one has two letters or more: "i, ii, iii" is roman, while "c, d" or a lone
+    "i" are letters."""
+    cleaned = {clean_label(label) for label in labels} - {""}
+    case_matters = len({c.casefold() for c in cleaned}) < len(cleaned)
+    roman = all(_roman_value(c) for c in cleaned) and any(len(c) > 1 for c in cleaned)
+    return case_matters, roman
+
+
+def label_key(label: str, among: Iterable[str] = ()) -> str:
+    """What a panel label identifies, however it is written, in the style of `among` (the caption's
+    labels): "(A)", "a.", "Panel A" and "a" are one panel unless the caption has both "A" and "a";
+    "01" and "1" are one; and among roman labels "ii", "(II)" and "2" are one, while among letters
+    "i" stays the letter i."""
+    cleaned = clean_label(label)
+    case_matters, roman = _label_style(frozenset(among))
+    if cleaned.isdigit():
+        return str(int(cleaned))
+    if case_matters:
+        return cleaned
+    if roman and (value := _roman_value(cleaned)):
+        return str(value)
+    return cleaned.casefold()
+
+
+def caption_label(label: str, caption_labels: Iterable[str]) -> str | None:
+    """The caption's spelling of the panel `label` names ("a" for an LVLM's "(A)", "ii" for "II"),
+    or None when it names none of the caption's labels."""
+    labels = [c for c in caption_labels if c]
+    key = label_key(label, labels)
+    return next((c for c in labels if label_key(c, labels) == key), None) if key else None
 
 
 def _label_order(label: str):
@@ -229,6 +276,63 @@ def shared_context(caption: str) -> str:
 def with_context(context: str, texts: dict[str, str]) -> list[dict]:
     """[{'label', 'text'}] with the shared context in front of each panel's own text."""
     return [{"label": label, "text": _clean(f"{context} {text}")} for label, text in texts.items()]
+
+
+# An LVLM may mend a clause's grammar as it splits it off, but a text mostly of words the caption does
+# not use was written, not split off.
+_MIN_CAPTION_WORDS = 0.8
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.casefold())
+
+
+def split_from_answer(caption: str, texts: dict[str, str]) -> tuple[dict[str, str], str, list[str]]:
+    """An LVLM's split of `caption` ({label: own text}, "" for the text all panels share) checked
+    against the caption: (own texts under the caption's spellings of the labels, the shared context,
+    problems). Usable only when every label is one the caption names (a label of the rules' split, or
+    the label standing alone in the caption) and every text is drawn from the caption; otherwise the
+    own texts are empty and the problems say why."""
+    rule_labels = [p["label"] for p in split_caption(caption) if p["label"]]
+    caption_words = set(_words(caption))
+    own: dict[str, str] = {}
+    problems = []
+    for label, text in texts.items():
+        words = _words(text)
+        if words and sum(w in caption_words for w in words) < _MIN_CAPTION_WORDS * len(words):
+            problems.append(f"text for {label!r} is not drawn from the caption: {text[:40]!r}")
+        if not label:
+            continue
+        for part in _expand(label):
+            spelt = caption_label(part, rule_labels) or _standing_alone(caption, part)
+            if spelt is None:
+                problems.append(f"label {part!r} is not one the caption names")
+            else:
+                own[spelt] = f"{own[spelt]} {text}" if spelt in own else text
+    if problems:
+        return {}, "", problems
+    # The rules' shared context where they find labels, else the LVLM's; taken off the front of a text
+    # that repeats it, so that it is in front of each panel's text once.
+    context = shared_context(caption) or _clean(texts.get("", ""))
+    return {label: _after(context, _clean(text)) for label, text in own.items()}, context, []
+
+
+def _after(lead: str, text: str) -> str:
+    return _clean(text[len(lead):]) if lead and text[:len(lead)].casefold() == lead.casefold() else text
+
+
+def _standing_alone(caption: str, label: str) -> str | None:
+    """The caption's spelling of `label` where it is shaped like a panel label and stands alone in the
+    caption ("(ii)", "A:"), the label's own case first, or where it closes a lost sentence break
+    ("…tissuesA) Evaluation"); else None."""
+    cleaned = clean_label(label)
+    if not (re.fullmatch(_LABEL, cleaned, re.IGNORECASE) or _roman_value(cleaned)):
+        return None
+    found = [m.group(0) for m in re.finditer(rf"(?<![0-9A-Za-z]){re.escape(cleaned)}(?![0-9A-Za-z])", caption,
+                                             re.IGNORECASE)]
+    if cleaned in found or re.search(rf"(?<=[a-z]){re.escape(cleaned)}\)", caption):
+        return cleaned
+    return next(iter(found), None)
 
 
 def _clause_start(caption: str, lo: int, hi: int) -> int:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 
+CAPTION_BOX_POLICIES = ("verify", "keep", "drop")
+
 
 @dataclasses.dataclass(frozen=True)
 class AnnotateConfig:
@@ -29,8 +31,13 @@ class AnnotateConfig:
     # Regions: a caption-phrase box is kept when its centre lies within `marker_gate_tau` of a
     # marker centre, distances normalised by the panel diagonal.
     marker_gate_tau: float = 0.25
-    # Keep caption-phrase boxes in panels that have no markers at all (nothing to gate against).
-    keep_ungated_caption_boxes: bool = True
+    # Caption-phrase boxes in panels with no markers, where there is nothing to gate them against:
+    # "verify" (default) keeps a box only when the LVLM, shown that box's crop alone, says it shows the
+    # phrase; "keep" keeps every box; "drop" keeps none. Verify, because a grounding model seldom leaves
+    # out a phrase it cannot see, and without a marker a box's only evidence is the answer that drew it;
+    # the second look rides on the region's description request (qwen.py), so it costs no request of
+    # its own. The heuristic backend grounds no phrases, so the policy only concerns the LVLM backends.
+    caption_boxes_without_markers: str = "verify"
     # An unmatched marker (arrow, asterisk…) becomes a region this many times its own size.
     marker_dilation: float = 3.0
     region_nms_iou: float = 0.5
@@ -38,3 +45,8 @@ class AnnotateConfig:
     min_region_side: float = 8.0
     max_region_aspect: float = 8.0
     min_region_area_fraction: float = 0.002
+
+    def __post_init__(self):
+        if self.caption_boxes_without_markers not in CAPTION_BOX_POLICIES:
+            raise ValueError(f"caption_boxes_without_markers is {self.caption_boxes_without_markers!r}; "
+                             f"use one of {', '.join(CAPTION_BOX_POLICIES)}")

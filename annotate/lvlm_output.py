@@ -97,6 +97,31 @@ def _boxes(objects: list, original_size: tuple[int, int], seen_size: tuple[int, 
 
 
 _DESCRIPTION = re.compile(r'"description"\s*:\s*"((?:[^"\\]|\\.)*)', re.DOTALL)
+_VERDICT = re.compile(r'"shows"\s*:\s*"?(true|false|yes|no)\b', re.IGNORECASE)
+
+
+def _answer_object(text: str) -> tuple[dict | None, str, int]:
+    """(the answer's JSON object when one parses whole, the answer's body (inside a code fence if it
+    has one), where the body's first "{" is: -1 when it has none)."""
+    body = (_FENCE.search(text) or re.match(r"(.*)", text, re.DOTALL)).group(1)
+    start = body.find("{")
+    if start >= 0:
+        try:
+            whole, _ = json.JSONDecoder().raw_decode(body[start:])
+            if isinstance(whole, dict):
+                return whole, body, start
+        except json.JSONDecodeError:
+            pass
+    return None, body, start
+
+
+def _description_so_far(body: str) -> str:
+    """The description a cut-off (or malformed) answer began."""
+    found = _DESCRIPTION.search(body)
+    try:
+        return json.loads(f'"{found.group(1)}"') if found else ""
+    except json.JSONDecodeError:  # cut inside an escape sequence
+        return found.group(1).rsplit("\\", 1)[0]
 
 
 def parse_panel_answer(text: str, original_size: tuple[int, int], seen_size: tuple[int, int]) -> tuple[str, Parsed]:
@@ -104,15 +129,8 @@ def parse_panel_answer(text: str, original_size: tuple[int, int], seen_size: tup
     {"description": "...", "boxes": [{"bbox_2d": [...], "label": "phrase"}]}. Cut off, it keeps the
     description read so far and the complete boxes; with no JSON at all, the answer is the description."""
     text = text or ""
-    body = (_FENCE.search(text) or re.match(r"(.*)", text, re.DOTALL)).group(1)
-    start = body.find("{")
-    whole = None
-    if start >= 0:
-        try:
-            whole, _ = json.JSONDecoder().raw_decode(body[start:])
-        except json.JSONDecodeError:
-            pass
-    if isinstance(whole, dict) and not any(k in whole for k in _BOX_KEYS):
+    whole, body, start = _answer_object(text)
+    if whole is not None and not any(k in whole for k in _BOX_KEYS):
         description = whole.get("description")
         boxes = whole.get("boxes", [])
         parsed = _boxes(boxes if isinstance(boxes, list) else [boxes], original_size, seen_size)
@@ -122,32 +140,51 @@ def parse_panel_answer(text: str, original_size: tuple[int, int], seen_size: tup
     if start < 0:
         return text, Parsed([], ["no JSON object in answer; kept it as the description"] if text else ["empty answer"])
     # Cut off (or malformed): whatever description it began, and every complete box object.
-    found = _DESCRIPTION.search(body)
-    try:
-        description = json.loads(f'"{found.group(1)}"') if found else ""
-    except json.JSONDecodeError:  # cut inside an escape sequence
-        description = found.group(1).rsplit("\\", 1)[0]
     objects = _complete_objects(body[start + 1:])
     parsed = _boxes([o for o in objects if isinstance(o, dict) and any(k in o for k in _BOX_KEYS)],
                     original_size, seen_size)
-    return description, Parsed(parsed.items, ["truncated or malformed JSON; kept the description and complete boxes"]
-                               + parsed.problems)
+    return _description_so_far(body), Parsed(parsed.items, ["truncated or malformed JSON; kept the description and "
+                                                            "complete boxes"] + parsed.problems)
+
+
+def _verdict(value) -> bool | None:
+    if isinstance(value, bool):
+        return value
+    return {"true": True, "yes": True, "false": False, "no": False}.get(str(value).strip().casefold())
+
+
+def parse_region_answer(text: str) -> tuple[str, bool | None, list[str]]:
+    """(description, whether the region shows the phrase asked about, problems) from an answer shaped
+    like {"description": "...", "shows": true}; the verdict is None where the answer gives none (and
+    where no phrase was asked about). With no JSON at all, the answer is the description."""
+    text = text or ""
+    whole, body, start = _answer_object(text)
+    if whole is not None:
+        description, verdict = whole.get("description"), _verdict(whole.get("shows"))
+        return ((description, verdict, []) if isinstance(description, str)
+                else ("", verdict, ["no description in answer"]))
+    found = _VERDICT.search(body)
+    verdict = _verdict(found.group(1)) if found else None
+    if start < 0:
+        return text, verdict, ["no JSON object in answer; kept it as the description"] if text else ["empty answer"]
+    return _description_so_far(body), verdict, ["truncated or malformed JSON; kept the description"]
 
 
 def parse_caption_split(text: str) -> tuple[dict[str, str], list[str]]:
-    """{label: own text} from an answer listing [{"label": "A", "text": "..."}]; problems say what
-    was dropped. Texts given twice for one label are joined."""
+    """{label: own text} from an answer listing [{"label": "A", "text": "..."}] (label "" for the
+    text all panels share); problems say what was dropped. Texts given twice for one label are joined.
+    An answer listing nothing ("[]": the caption describes one image) gives no texts and no problems."""
     objects, salvaged = _json_objects(text or "")
     problems = ["truncated or malformed JSON; kept the complete objects"] if salvaged and objects else []
     if not objects:
-        return {}, ["answer lists no panels" if text and not salvaged else
-                    f"no JSON panel texts in answer: {text[:80]!r}" if text else "empty answer"]
+        return {}, ([] if text and not salvaged else
+                    [f"no JSON panel texts in answer: {text[:80]!r}"] if text else ["empty answer"])
     texts: dict[str, str] = {}
     for obj in objects:
         label = next((obj[k] for k in _LABEL_KEYS if k in obj and k != "text"), None) if isinstance(obj, dict) else None
         own = next((obj[k] for k in ("text", "caption", "subcaption", "description") if k in obj), None) \
             if isinstance(obj, dict) else None
-        if not (isinstance(label, str) and label.strip() and isinstance(own, str) and own.strip()):
+        if not (isinstance(label, str) and isinstance(own, str) and own.strip()):
             problems.append(f"no label and text in {json.dumps(obj)[:60]}")
             continue
         label = label.strip().strip("()")

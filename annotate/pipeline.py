@@ -15,7 +15,7 @@ from typing import Protocol
 
 from PIL import Image
 
-from annotate.captions import split_caption
+from annotate.captions import label_key, split_caption
 from annotate.config import AnnotateConfig
 from annotate.decode import Decoded, FigureError, read_and_decode
 from annotate.heuristic import panel_kind
@@ -51,6 +51,8 @@ class Proposal:
     phrases: dict[int, list[dict]] = dataclasses.field(default_factory=dict)   # panel index -> phrase boxes
     panel_descriptions: dict[int, str] = dataclasses.field(default_factory=dict)
     warnings: list[str] = dataclasses.field(default_factory=list)
+    # [{"label", "text"}] per caption label, where the backend split the caption; else the rules split it.
+    caption_split: list[dict] | None = None
 
 
 class Backend(Protocol):
@@ -71,19 +73,22 @@ def build_record(figure: Figure, data: bytes, image: Image.Image, proposal: Prop
         proposal.panels = [{"box": [0.0, 0.0, float(width), float(height)], "label": "", "score": 0.0}]
         kept = [(0, proposal.panels[0]["box"])]
         proposal.warnings.append("no panels proposed; the whole figure is one panel")
-    # Each panel gets its sub-caption; a panel the caption does not name gets the whole caption.
-    by_label = {p["label"]: p["text"] for p in split_caption(figure.caption) if p["label"]}
+    # Each panel gets its sub-caption, however its label is spelt ("(A)" for the caption's "a"); a panel
+    # the caption does not name gets the whole caption.
+    split = proposal.caption_split if proposal.caption_split is not None else split_caption(figure.caption)
+    labels = [p["label"] for p in split if p["label"]]
+    by_label = {label_key(p["label"], labels): p["text"] for p in split if p["label"]}
     panels, regions = [], []
     for panel_id, (k, box) in enumerate(kept):
         label = proposal.panels[k]["label"]
+        text = by_label.get(label_key(label, labels), figure.caption.strip())
         panels.append(records.new_panel(
-            panel_id=panel_id, label=label, box=box, text=by_label.get(label, figure.caption.strip()),
-            text_lvlm=proposal.panel_descriptions.get(k, ""), kind=panel_kind(image, box),
-            score=float(proposal.panels[k]["score"])))
+            panel_id=panel_id, label=label, box=box, text=text, text_lvlm=proposal.panel_descriptions.get(k, ""),
+            kind=panel_kind(image, box), score=float(proposal.panels[k]["score"])))
         for region in fuse_regions(box, proposal.markers.get(k, []), proposal.phrases.get(k, []), cfg):
             if not region["text_sub"]:
-                region["text_sub"] = marker_clause(panels[-1]["text"], region["marker_kind"])
-            regions.append(records.new_region(panel_id=panel_id, text_lvlm="", **region))
+                region["text_sub"] = marker_clause(text, region["marker_kind"])
+            regions.append(records.new_region(panel_id=panel_id, **region))
     return records.new_figure(
         figure_id=figure.figure_id, source=figure.source, license=figure.license, image_bytes=data,
         width=width, height=height, caption=figure.caption, context=figure.context, panels=panels,

@@ -1,11 +1,13 @@
 """LVLM prompts, versioned together: a change here changes `pipeline.PROMPT_VERSION`'s meaning, so
 bump it with any edit.
 
-Two questions make the request plan (qwen.py): FIGURE once per figure (panels with their labels and the
-markers drawn on them, one JSON list in Qwen2.5-VL's grounding format) and PANEL once per panel crop (its
-description and the boxes of its caption clauses, one JSON object).
+The request plan (qwen.py) asks four questions: FIGURE once per figure (panels with their labels and the
+markers drawn on them, one JSON list in Qwen2.5-VL's grounding format) and SPLIT_CAPTION once per caption
+(text only: the caption's text per panel label); PANEL once per panel crop (its description and the boxes
+of its caption clauses, one JSON object); REGION once per region crop (its description and, for a
+caption box that no marker backs, whether it shows its phrase).
 """
-VERSION = "panel2patch-4"
+VERSION = "panel2patch-5"
 
 FIGURE = ("This is a figure from a biomedical article. Locate every panel and read its panel label (the letter "
           "or number printed in it; \"\" if it has none), and locate every visual marker drawn on the figure: "
@@ -21,5 +23,13 @@ PANEL_WITH_PHRASES = (
     "leaving out a phrase that is not visible.")
 SPLIT_CAPTION = ("This is the caption of a compound figure from a biomedical article:\n\"{caption}\"\n"
                  "Split it into the text that describes each panel. Use the panel labels the caption uses "
-                 "(A, B, ... or a, b, ...). Answer only with a JSON list such as "
-                 '[{{"label": "A", "text": "..."}}]; answer [] if the caption describes a single image.')
+                 "(A, B, ... or a, b, ... or i, ii, ...), one entry per label, and put the text that describes "
+                 'all panels (a title, stains, abbreviations) under the label "". Answer only with a JSON list '
+                 'such as [{{"label": "", "text": "..."}}, {{"label": "A", "text": "..."}}]; answer [] if the '
+                 "caption describes a single image.")
+REGION = ("This is a small region of a figure from a biomedical article. Describe what it shows in a few words."
+          ' Answer only with a JSON object such as {"description": "..."}.')
+REGION_WITH_PHRASE = (
+    "This is a small region of a figure from a biomedical article. Describe what it shows in a few words, "
+    'and say whether it shows "{phrase}". Answer only with a JSON object such as '
+    '{{"description": "...", "shows": true}}.')

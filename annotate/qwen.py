@@ -1,21 +1,36 @@
 """The Qwen2.5-VL backend: the request plan of Panel2Patch and the reading of its answers; an engine
 (engines.py: transformers or vLLM) runs the requests.
 
-The plan, per batch of figures, in two rounds of requests through the engine:
+The plan, per batch of figures, in three rounds of requests through the engine:
 1. FIGURE, once per figure: its panels with their labels and the markers drawn on it, in one answer.
    Asked again at a smaller scale (config `panel_scales`) only where that scale gives the model an
    image of another size: a figure above `max_pixels` is resized to the same input at every scale, and
    asking twice would return the same answer. Panels of all scales are pooled by non-maximum
    suppression among boxes whose labels identify the same panel ("A", "(a)", "Panel A"); markers come
-   from the full-scale answer.
+   from the full-scale answer. In the same round, SPLIT_CAPTION once per caption (text only): the
+   caption's text per panel label, checked against the caption (`captions.split_from_answer`); where
+   it is unusable (unparsable, a label the caption does not name, a text not drawn from the caption)
+   the rule-based split stands in for that caption, with a warning. The split's labels are the ones
+   the panel labels read off the figure are matched to, and its texts become the panels' texts.
 2. PANEL, once per panel crop: a short description of it (`text_lvlm`) and boxes for its own caption
    clauses (path B), in one answer.
-So a figure of P panels costs 1 + P requests (2 + P where a second scale differs), and a batch two
-blocking rounds (plus one retry round for answers cut at their budget).
+3. REGION, once per region crop: the regions that fusion (regions.fuse_regions) makes of the panel's
+   markers and phrase boxes, each described in a few words (the region's `text_lvlm`). For a phrase box
+   in a panel without markers the same answer says whether the crop shows the phrase: the verification
+   that stands in for the marker gate there (config `caption_boxes_without_markers`).
+So a figure of P panels and R regions costs 2 + P + R requests (3 + P + R where a second scale differs)
+and a batch three blocking rounds (plus one retry round for answers cut at their budget); on the demo
+figures with ground-truth answers (tests/bench/annotate_requests.py) 9.33 requests per figure, from 5.17
+without the split and the regions. A region is asked about in a crop of its own rather than in one
+request per panel listing its regions: on the demo figures the two cost the same (76 regions in 76
+panels), and where a panel holds several regions each extra request is small: a region crop there is a
+median 10.5 visual tokens (one per 28x28 pixels), the panel crop a listing request would show again 108
+(up to 1280, `max_pixels`). The crop also shows the model the region at its own resolution, and shows
+a box to verify without the rest of the panel, whose context suggested the phrase in the first place.
 
 Answers are untrusted text: `lvlm_output` keeps what is usable and every problem becomes a warning
 in the record's annotation, never an exception. An answer cut at the token budget is asked again
-once with a larger one; cut even then, it keeps its complete boxes and a warning says it was cut.
+once with a larger one; cut even then, it keeps what it holds and a warning says it was cut.
 Prompts are versioned in `prompts.py`.
 """
 from __future__ import annotations
@@ -25,12 +40,14 @@ import dataclasses
 from PIL import Image
 
 from annotate import prompts
-from annotate.captions import clean_label, groundable_clauses, label_key, shared_context, split_caption, with_context
+from annotate.captions import (caption_label, clean_label, groundable_clauses, label_key, split_caption,
+                               split_from_answer, with_context)
 from annotate.config import AnnotateConfig
 from annotate.engines import Answer, Engine, Request
-from annotate.lvlm_output import Parsed, parse_boxes, parse_caption_split, parse_panel_answer, resized_size
+from annotate.lvlm_output import (Parsed, parse_boxes, parse_caption_split, parse_panel_answer, parse_region_answer,
+                                  resized_size)
 from annotate.pipeline import Proposal
-from annotate.regions import non_max_suppression
+from annotate.regions import fuse_regions, non_max_suppression
 
 # What a marker's label may say, and the kind it is recorded as; any other label names a panel.
 _MARKER_KINDS = {"arrow": "arrow", "arrows": "arrow", "arrowhead": "arrowhead", "arrowheads": "arrowhead",
@@ -41,8 +58,22 @@ _MARKER_KINDS = {"arrow": "arrow", "arrows": "arrow", "arrowhead": "arrowhead", 
 _RETRY_FACTOR = 4
 # A description keeps this many characters (~75 tokens of English).
 _DESCRIPTION_CHARS = 300
-# Qwen2.5-VL's smallest input side: a crop thinner than this is not asked about.
+# Qwen2.5-VL's smallest input side: a panel crop thinner than this is not asked about, and a region
+# crop thinner than this is grown to it about its centre.
 _MIN_CROP_SIDE = 28
+
+
+@dataclasses.dataclass
+class CaptionSplit:
+    """A caption's decomposition: what the record's panels read, and what is grounded in their crops."""
+    panels: list[dict]    # [{"label", "text"}]: each panel's text with the caption's shared context
+    own: dict[str, str]   # label -> the panel's own text
+    warnings: list[str]
+
+
+def _rule_split(caption: str) -> CaptionSplit:
+    own = {p["label"]: p["text"] for p in split_caption(caption, shared_context=False)}
+    return CaptionSplit(split_caption(caption), own, [])
 
 
 def _inside(box, panel) -> bool:
@@ -62,10 +93,25 @@ def _scaled(image: Image.Image, scale: float) -> Image.Image:
                          max(_MIN_CROP_SIDE, round(image.height * scale))), Image.BICUBIC)
 
 
+def _region_crop(image: Image.Image, box) -> Image.Image:
+    x0, y0, x1, y1 = box
+    grow_x, grow_y = max(0.0, _MIN_CROP_SIDE - (x1 - x0)) / 2, max(0.0, _MIN_CROP_SIDE - (y1 - y0)) / 2
+    return image.crop((int(max(0.0, x0 - grow_x)), int(max(0.0, y0 - grow_y)),
+                       int(min(image.width, x1 + grow_x)), int(min(image.height, y1 + grow_y))))
+
+
+def _quoted(text: str) -> str:
+    return text.replace('"', "'")
+
+
 def _panel_question(phrases: list[str]) -> str:
     if not phrases:
         return prompts.PANEL
     return prompts.PANEL_WITH_PHRASES.format(phrases=", ".join(f'"{p}"' for p in phrases))
+
+
+def _description(text: str) -> str:
+    return " ".join(text.split())[:_DESCRIPTION_CHARS]
 
 
 def _phrase_key(text: str) -> str:
@@ -84,6 +130,8 @@ class QwenBackend:
     def _ask(self, requests: list[Request]) -> list[Answer]:
         """The engine's answers; those cut at their budget are asked again, by themselves, with a larger one:
         a box list cut short loses boxes."""
+        if not requests:
+            return []
         answers = self.engine.generate(requests)
         retry_budget = min(_RETRY_FACTOR * self.cfg.max_new_tokens, self.cfg.max_retry_tokens)
         again = [n for n, answer in enumerate(answers) if answer.cut_at and answer.cut_at < retry_budget]
@@ -97,10 +145,14 @@ class QwenBackend:
     def _seen(self, image: Image.Image) -> tuple[int, int]:
         return resized_size(image.height, image.width, self.cfg.min_pixels, self.cfg.max_pixels)
 
+    def _split_request(self, caption: str) -> Request:
+        return Request(prompts.SPLIT_CAPTION.format(caption=_quoted(caption)), None, self.cfg.max_new_tokens)
+
     def propose(self, images: list[Image.Image], captions: list[str]) -> list[Proposal]:
         if not images:
             return []
-        # Round 1: each figure at each scale that shows the model an image of a size not asked yet.
+        # Round 1: each figure at each scale that shows the model an image of a size not asked yet, and
+        # each caption's split.
         asks = []  # (figure index, scale, image shown)
         for n, image in enumerate(images):
             sizes = set()
@@ -109,27 +161,33 @@ class QwenBackend:
                 if (size := self._seen(shown)) not in sizes:
                     sizes.add(size)
                     asks.append((n, scale, shown))
-        answers = self._ask([Request(prompts.FIGURE, shown, self.cfg.max_new_tokens) for _, _, shown in asks])
+        answers = self._ask([Request(prompts.FIGURE, shown, self.cfg.max_new_tokens) for _, _, shown in asks]
+                            + [self._split_request(caption) for caption in captions])
+        splits = [_read_split(caption, answer) for caption, answer in zip(captions, answers[len(asks):], strict=True)]
         by_figure: list[list[tuple[float, Parsed]]] = [[] for _ in images]
-        for (n, scale, _), answer in zip(asks, answers, strict=True):
+        for (n, scale, _), answer in zip(asks, answers[:len(asks)], strict=True):
             parsed = parse_boxes(answer.text, (images[n].height, images[n].width), answer.seen)
             by_figure[n].append((scale, Parsed(parsed.items, _cut(answer) + parsed.problems)))
-        proposals = [self._figure_proposal(image, caption, parsed)
-                     for image, caption, parsed in zip(images, captions, by_figure, strict=True)]
-        self._describe_and_ground(images, captions, proposals)
+        proposals = [self._figure_proposal(image, split, parsed)
+                     for image, split, parsed in zip(images, splits, by_figure, strict=True)]
+        self._describe_and_ground(images, splits, proposals)
+        self._describe_regions(images, proposals)
         return proposals
 
-    def _figure_proposal(self, image: Image.Image, caption: str, by_scale: list[tuple[float, Parsed]]) -> Proposal:
-        caption_labels = {label_key(p["label"]): p["label"] for p in split_caption(caption) if p["label"]}
-        pooled, markers, problems = [], [], []
+    def _figure_proposal(self, image: Image.Image, split: CaptionSplit,
+                         by_scale: list[tuple[float, Parsed]]) -> Proposal:
+        caption_labels = [label for label in split.own if label]
+        pooled, markers = [], []
+        problems = [f"caption split: {warning}" for warning in split.warnings]
         for rank, (scale, parsed) in enumerate(by_scale):
             problems += [f"figure@{scale}: {problem}" for problem in parsed.problems]
             for item in parsed.items:
-                kind, key = _MARKER_KINDS.get(item["label"].strip().casefold()), label_key(item["label"])
+                kind = _MARKER_KINDS.get(item["label"].strip().casefold())
                 if kind is None:
                     # The caption's spelling of the label the model read ("a" where it read "(A)").
-                    pooled.append({"box": item["box"], "label": caption_labels.get(key, clean_label(item["label"])[:3]),
-                                   "key": key, "score": 1.0 / (1 + rank)})
+                    label = caption_label(item["label"], caption_labels) or clean_label(item["label"])[:3]
+                    pooled.append({"box": item["box"], "label": label, "key": label_key(item["label"], caption_labels),
+                                   "score": 1.0 / (1 + rank)})
                 elif rank == 0:
                     markers.append({"box": item["box"], "kind": kind, "score": 1.0})
         panels = [{k: p[k] for k in ("box", "label", "score")}
@@ -137,29 +195,32 @@ class QwenBackend:
         if not panels:  # described and grounded in round 2 like any panel
             panels = [{"box": [0.0, 0.0, float(image.width), float(image.height)], "label": "", "score": 0.0}]
             problems.append("no panels in the answer; the whole figure is one panel")
-        proposal = Proposal(panels, warnings=problems)
+        proposal = Proposal(panels, warnings=problems, caption_split=split.panels)
         for marker in markers:
             owner = next((k for k, p in enumerate(panels) if _inside(marker["box"], p["box"])), None)
             if owner is not None:
                 proposal.markers.setdefault(owner, []).append(marker)
         return proposal
 
-    def _describe_and_ground(self, images: list[Image.Image], captions: list[str], proposals: list[Proposal]) -> None:
+    def _describe_and_ground(self, images: list[Image.Image], splits: list[CaptionSplit],
+                             proposals: list[Proposal]) -> None:
         """Round 2: each panel crop's description and the boxes of its own caption clauses, mapped back to
         the figure."""
         asks = []  # (figure index, panel index, crop, phrases)
-        for n, (image, caption, proposal) in enumerate(zip(images, captions, proposals, strict=True)):
-            own = {label_key(p["label"]): p["text"] for p in split_caption(caption, shared_context=False)}
+        for n, (image, split, proposal) in enumerate(zip(images, splits, proposals, strict=True)):
+            labels = list(split.own)
+            own = {label_key(label, labels): text for label, text in split.own.items()}
             for k, panel in enumerate(proposal.panels):
                 crop = image.crop(tuple(int(v) for v in panel["box"]))
                 if min(crop.size) >= _MIN_CROP_SIDE:
-                    phrases = [p.replace('"', "'") for p in groundable_clauses(own.get(label_key(panel["label"]), ""))]
+                    phrases = [_quoted(p) for p in groundable_clauses(own.get(label_key(panel["label"], labels), ""))]
                     asks.append((n, k, crop, phrases))
-        answers = self._ask([Request(_panel_question(phrases), crop, self.cfg.max_new_tokens) for _, _, crop, phrases in asks])
+        answers = self._ask([Request(_panel_question(phrases), crop, self.cfg.max_new_tokens)
+                             for _, _, crop, phrases in asks])
         for (n, k, crop, phrases), answer in zip(asks, answers, strict=True):
             proposal = proposals[n]
             description, parsed = parse_panel_answer(answer.text, (crop.height, crop.width), answer.seen)
-            proposal.panel_descriptions[k] = " ".join(description.split())[:_DESCRIPTION_CHARS]
+            proposal.panel_descriptions[k] = _description(description)
             x0, y0 = proposal.panels[k]["box"][:2]
             wanted = {_phrase_key(p): p for p in phrases}
             problems = _cut(answer) + parsed.problems
@@ -173,20 +234,60 @@ class QwenBackend:
             label = proposal.panels[k]["label"] or str(k)
             proposal.warnings += [f"panel {label}: {problem}" for problem in problems]
 
+    def _describe_regions(self, images: list[Image.Image], proposals: list[Proposal]) -> None:
+        """Round 3: each region's crop described, and each phrase box of a panel without markers verified
+        where the config says so. The description goes on the phrase or marker the region comes from, and
+        the verdict on the phrase, so that the record's fusion (pipeline.build_record) makes the same
+        regions with their texts, less the boxes not verified."""
+        verify = self.cfg.caption_boxes_without_markers == "verify"
+        # Fused as if every caption box were kept: those to verify are among the regions asked about.
+        candidates_cfg = dataclasses.replace(self.cfg, caption_boxes_without_markers="keep") if verify else self.cfg
+        asks = []  # (figure index, panel index, region, the phrase or marker it comes from, verify it)
+        for n, proposal in enumerate(proposals):
+            for k, panel in enumerate(proposal.panels):
+                markers, phrases = proposal.markers.get(k, []), proposal.phrases.get(k, [])
+                for region in fuse_regions(panel["box"], markers, phrases, candidates_cfg):
+                    if region["source"] == "marker":
+                        origin = next(m for m in markers if m["box"] == region["marker_box"])
+                    else:
+                        origin = next(p for p in phrases if p["text"] == region["text_sub"])
+                    asks.append((n, k, region, origin, verify and region["source"] == "caption"))
+        answers = self._ask([Request(prompts.REGION_WITH_PHRASE.format(phrase=_quoted(region["text_sub"]))
+                                     if to_verify else prompts.REGION,
+                                     _region_crop(images[n], region["box"]), self.cfg.max_new_tokens)
+                             for n, _, region, _, to_verify in asks])
+        for (n, k, region, origin, to_verify), answer in zip(asks, answers, strict=True):
+            description, shows, problems = parse_region_answer(answer.text)
+            origin["description"] = _description(description)
+            if to_verify:
+                origin["verified"] = shows is True
+                if shows is None:
+                    problems.append("no verdict on whether it shows its phrase; its box is dropped")
+            name = region["text_sub"][:30] if region["source"] != "marker" else region["marker_kind"]
+            label = proposals[n].panels[k]["label"] or str(k)
+            proposals[n].warnings += [f"panel {label} region {name!r}: {problem}"
+                                      for problem in _cut(answer) + problems]
+
     def split_captions(self, captions: list[str]) -> list[tuple[list[dict], list[str]]]:
-        """LVLM-assisted caption decomposition: the model assigns clauses to panel labels and the
-        rules' shared context goes in front of each; an unusable answer falls back to the rules.
-        Returns (panels, warnings) per caption."""
-        if not captions:
-            return []
-        answers = self._ask([Request(prompts.SPLIT_CAPTION.format(caption=c.replace('"', "'")), None,
-                                     self.cfg.max_new_tokens) for c in captions])
-        results = []
-        for caption, answer in zip(captions, answers, strict=True):
-            texts, problems = parse_caption_split(answer.text)
-            problems = _cut(answer) + problems
-            if texts:
-                results.append((with_context(shared_context(caption), texts), problems))
-            else:
-                results.append((split_caption(caption), [*problems, "used the rule-based split"]))
-        return results
+        """LVLM-assisted caption decomposition (`_read_split`): (panels, warnings) per caption."""
+        answers = self._ask([self._split_request(caption) for caption in captions])
+        return [(split.panels, split.warnings)
+                for split in map(_read_split, captions, answers)]
+
+
+def _read_split(caption: str, answer: Answer) -> CaptionSplit:
+    """The LVLM's split of `caption` where usable, with the rules' shared context in front of each text
+    (the LVLM's where the rules find no labels); else the rule-based split, and warnings that say why.
+    An answer cut even at the retry budget keeps the panels it holds. "[]" (one image) where the rules
+    find no labels either is the rules' one panel, without a warning."""
+    texts, problems = parse_caption_split(answer.text)
+    own, context, unusable = split_from_answer(caption, texts)
+    problems = _cut(answer) + problems + unusable
+    if own:
+        return CaptionSplit(with_context(context, own), own, problems)
+    rules = _rule_split(caption)
+    if len(rules.panels) > 1 and not problems:
+        problems = [f"the answer lists no panels where the rules find {len(rules.panels)}"]
+    if problems:
+        rules.warnings = [*problems, "used the rule-based split"]
+    return rules

@@ -2,9 +2,11 @@
 
 Path A gives marker boxes (arrows, asterisks, circles…), path B caption-phrase boxes. A phrase box
 near a marker is the region that marker points at ('fused'); a marker that no phrase box claims
-becomes a region ('marker': what an arrow with a known tip points at, else the marker dilated);
-phrase boxes in a panel without markers are kept as 'caption' regions when the config allows.
-Boxes are [x0, y0, x1, y1] in original pixels.
+becomes a region ('marker': what an arrow with a known tip points at, else the marker dilated).
+A panel without markers has nothing to gate its phrase boxes against: they become 'caption' regions
+as `AnnotateConfig.caption_boxes_without_markers` says (by default only those a second look at the
+box's own crop confirmed, `verified` on the phrase). A region's text_lvlm is the description its
+phrase or marker carries. Boxes are [x0, y0, x1, y1] in original pixels.
 """
 from __future__ import annotations
 
@@ -66,11 +68,19 @@ def non_max_suppression(items: list[dict], iou: float, group_by: str | None = No
     return [items[i] for i in batched_nms(boxes, scores, groups, iou).tolist()]
 
 
+def _keeps_caption_box(phrase: dict, cfg: AnnotateConfig) -> bool:
+    """Whether a phrase box in a panel without markers becomes a 'caption' region."""
+    policy = cfg.caption_boxes_without_markers
+    return policy == "keep" or (policy == "verify" and phrase.get("verified") is True)
+
+
 def fuse_regions(panel_box, markers: list[dict], phrases: list[dict], cfg: AnnotateConfig) -> list[dict]:
     """Regions of one panel.
 
-    markers: {"box", "kind", "score"}; phrases: {"box", "text", "score"} (caption clauses grounded).
-    Returns {"box", "marker_box", "marker_kind", "text_sub", "source", "score"}, clipped to the panel.
+    markers: {"box", "kind", "score"}; phrases: {"box", "text", "score"} (caption clauses grounded);
+    either may carry a "description" (of the region it makes), a phrase a "verified" verdict.
+    Returns {"box", "marker_box", "marker_kind", "text_sub", "text_lvlm", "source", "score"}, clipped
+    to the panel.
     """
     regions, claimed = [], set()
     for phrase in phrases:
@@ -81,16 +91,17 @@ def fuse_regions(panel_box, markers: list[dict], phrases: list[dict], cfg: Annot
             claimed.add(nearest)
             marker = markers[nearest]
             regions.append({"box": phrase["box"], "marker_box": marker["box"], "marker_kind": marker["kind"],
-                            "text_sub": phrase["text"], "source": "fused",
+                            "text_sub": phrase["text"], "text_lvlm": phrase.get("description", ""), "source": "fused",
                             "score": phrase["score"] * marker["score"]})
-        elif not markers and cfg.keep_ungated_caption_boxes:
+        elif not markers and _keeps_caption_box(phrase, cfg):
             regions.append({"box": phrase["box"], "marker_box": None, "marker_kind": "none",
-                            "text_sub": phrase["text"], "source": "caption", "score": phrase["score"]})
+                            "text_sub": phrase["text"], "text_lvlm": phrase.get("description", ""),
+                            "source": "caption", "score": phrase["score"]})
     for n, marker in enumerate(markers):
         if n not in claimed:
             regions.append({"box": pointed_at(marker, cfg.marker_dilation), "marker_box": marker["box"],
-                            "marker_kind": marker["kind"], "text_sub": "", "source": "marker",
-                            "score": marker["score"]})
+                            "marker_kind": marker["kind"], "text_sub": "", "text_lvlm": marker.get("description", ""),
+                            "source": "marker", "score": marker["score"]})
     kept = []
     for region in regions:
         # Clipped to the panel: a region never spills into the neighbouring panel.

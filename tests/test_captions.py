@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from annotate.captions import split_caption
+from annotate.captions import caption_label, label_key, split_caption, split_from_answer
 from annotate.metrics import caption_split_scores, token_f1
 from conftest import DATA, run_cli
 
@@ -71,3 +71,73 @@ def test_cli_records_unreadable_lines(tmp_path):
     failures = [json.loads(line) for line in (tmp_path / "out.jsonl.failures.jsonl").read_text().splitlines()]
     assert [f["line"] for f in failures] == [2, 3, 4]
     assert "not a string" in failures[1]["reason"]
+
+
+LETTERS, UPPER, TO_I = ["a", "b", "c"], ["A", "B", "C", "D"], list("abcdefghi")
+ROMAN, ROMAN_UPPER, DIGITS = ["i", "ii", "iii", "iv"], ["I", "II", "III"], ["1", "2", "3"]
+BOTH_CASES, SUB_PANELS, POSITIONS = ["A", "B", "a", "b"], ["B1", "B2", "C1"], ["left", "right"]
+
+
+@pytest.mark.parametrize("said,caption_labels,expected", [
+    ("A", LETTERS, "a"), ("(A)", LETTERS, "a"), ("a.", LETTERS, "a"), (" a ", LETTERS, "a"),
+    ("Panel A", LETTERS, "a"), ("panel (b):", LETTERS, "b"), ("[c]", LETTERS, "c"), ("B)", LETTERS, "b"),
+    ("\uff22", LETTERS, "b"),                        # a full-width B
+    ("d", UPPER, "D"), ("(D).", UPPER, "D"),
+    ("II", ROMAN, "ii"), ("(iii)", ROMAN, "iii"), ("IV.", ROMAN, "iv"), ("2", ROMAN, "ii"),
+    ("ii", ROMAN_UPPER, "II"), ("3", ROMAN_UPPER, "III"),
+    ("i", TO_I, "i"), ("I", TO_I, "i"),                # among letters a-i, "i" is the letter
+    ("ii", TO_I, None), ("9", TO_I, None),
+    ("1", DIGITS, "1"), ("01", DIGITS, "1"), ("(2)", DIGITS, "2"),
+    ("A", BOTH_CASES, "A"), ("a", BOTH_CASES, "a"), ("(b)", BOTH_CASES, "b"),  # the caption tells case apart
+    ("b1", SUB_PANELS, "B1"), ("B-2", SUB_PANELS, "B2"), ("c.1", SUB_PANELS, "C1"),
+    ("Left panel", POSITIONS, "left"), ("RIGHT", POSITIONS, "right"),
+    ("E", LETTERS, None), ("v", ROMAN, None), ("arrow", LETTERS, None), ("", LETTERS, None), ("()", LETTERS, None),
+])
+def test_label_spellings_meet_the_captions_label(said, caption_labels, expected):
+    assert caption_label(said, caption_labels) == expected
+
+
+def test_label_keys_without_a_caption_ignore_case_brackets_and_punctuation():
+    assert [label_key(said) for said in ("(A)", "a.", "Panel A", "A1", "(03)", "ii", "")] == [
+        "a", "a", "a", "a1", "3", "ii", ""]
+
+
+def test_hand_splits_read_as_lvlm_answers_are_accepted_and_others_captions_are_not():
+    """Each hand split of a real caption, given as an LVLM's answer, is usable with the hand labels (among
+    them i-vi for a caption the rules cannot split, and "A)" glued to the word before it); the hand split
+    of the next caption, given for this one, never is."""
+    entries = list(json.loads((DATA / "captions" / "prostate_caption_splits.json").read_text()).values())
+    accepted = rejected = 0
+    for n, entry in enumerate(entries):
+        for answered, target in ((entry, "own"), (entries[(n + 1) % len(entries)], "other")):
+            texts = {s["label"]["text"]: s["caption"] for s in answered["gt_subfigures"]}
+            own, _, problems = split_from_answer(entry["caption"], texts)
+            if target == "own":
+                accepted += set(own) == set(texts) and problems == []
+            else:
+                rejected += own == {} and any("not drawn from the caption" in p for p in problems)
+    assert accepted == rejected == len(entries) == 196
+
+
+@pytest.mark.parametrize("texts,own,context,problems", [
+    # The caption's spellings; a label the rules read inside a range is named.
+    ({"A": "PAS stain.", "(b)": "PAS stain.", "C": "PAS stain.", "D": "Electron microscopy."},
+     {"a": "PAS stain.", "b": "PAS stain.", "c": "PAS stain.", "d": "Electron microscopy."}, "Renal biopsy.", []),
+    # One entry for two labels.
+    ({"a and b": "PAS stain.", "c": "PAS stain.", "d": "Electron microscopy."},
+     {"a": "PAS stain.", "b": "PAS stain.", "c": "PAS stain.", "d": "Electron microscopy."}, "Renal biopsy.", []),
+    ({"a": "PAS stain.", "e": "Electron microscopy."}, {}, "", ["label 'e' is not one the caption names"]),
+    ({"a": "PAS stain.", "d": "Immunofluorescence for IgA deposits."}, {}, "",
+     ["text for 'd' is not drawn from the caption: 'Immunofluorescence for IgA deposits.'"]),
+])
+def test_an_lvlm_split_is_checked_against_its_caption(texts, own, context, problems):
+    caption = "Renal biopsy. (a-c) PAS stain. (d) Electron microscopy."
+    assert split_from_answer(caption, texts) == (own, context, problems)
+
+
+def test_the_lvlm_shared_text_is_the_context_where_the_rules_find_no_labels():
+    caption = "Prostate glands at 42 wks. (i) Widespread PIN lesions, (ii) with microinvasion."
+    assert split_caption(caption)[0]["label"] == ""  # the rules read no roman labels
+    texts = {"": "Prostate glands at 42 wks.", "i": "Widespread PIN lesions", "ii": "with microinvasion."}
+    assert split_from_answer(caption, texts) == (
+        {"i": "Widespread PIN lesions", "ii": "with microinvasion."}, "Prostate glands at 42 wks.", [])

@@ -1,8 +1,7 @@
 """Parsing realistic Qwen2.5-VL grounding answers into boxes in original pixels."""
 import pytest
 
-from annotate.captions import clean_label, label_key
-from annotate.lvlm_output import parse_boxes, parse_caption_split, parse_panel_answer, resized_size
+from annotate.lvlm_output import parse_boxes, parse_caption_split, parse_panel_answer, parse_region_answer, resized_size
 
 
 @pytest.mark.parametrize("original,seen", [
@@ -66,7 +65,9 @@ def test_caption_split_answers():
     assert problems == ['no label and text in {"panel": "C"}']
     truncated, problems = parse_caption_split('[{"label": "a", "text": "x y"}, {"label": "b", "te')
     assert truncated == {"a": "x y"} and problems[0].startswith("truncated")
-    assert parse_caption_split("[]") == ({}, ["answer lists no panels"])
+    assert parse_caption_split("[]") == ({}, [])  # one image: no panel texts, nothing wrong
+    assert parse_caption_split('[{"label": "", "text": "Kidney."}, {"label": "A", "text": "PAS."}]') == (
+        {"": "Kidney.", "A": "PAS."}, [])
     assert parse_caption_split("The caption has two panels.") == (
         {}, ["no JSON panel texts in answer: 'The caption has two panels.'"])
     assert parse_caption_split("") == ({}, ["empty answer"])
@@ -100,7 +101,17 @@ def test_panel_answers_without_the_object(answer, description, problem):
     assert got == description and parsed.items == [] and parsed.problems == [problem]
 
 
-@pytest.mark.parametrize("said,key,clean", [("A", "a", "A"), ("(a)", "a", "a"), ("Panel B", "b", "B"),
-                                             ("b.", "b", "b"), ("A1", "a1", "A1"), ("(3)", "3", "3"), ("", "", "")])
-def test_label_spellings_meet(said, key, clean):
-    assert (label_key(said), clean_label(said)) == (key, clean)
+@pytest.mark.parametrize("answer,expected", [
+    ('```json\n{"description": "a crescent in a glomerulus", "shows": true}\n```',
+     ("a crescent in a glomerulus", True, [])),
+    ('{"description": "empty background", "shows": "no"}', ("empty background", False, [])),
+    ('{"description": "a nucleus"}', ("a nucleus", None, [])),  # asked for a description only
+    ('{"description": "a dark nuc', ("a dark nuc", None, ["truncated or malformed JSON; kept the description"])),
+    ('{"shows": false, "description": "fat cells", ', ("fat cells", False,
+                                                       ["truncated or malformed JSON; kept the description"])),
+    ("Fat cells.", ("Fat cells.", None, ["no JSON object in answer; kept it as the description"])),
+    ('{"shows": "maybe"}', ("", None, ["no description in answer"])),
+    ("", ("", None, ["empty answer"])),
+])
+def test_region_answers_give_a_description_and_a_verdict(answer, expected):
+    assert parse_region_answer(answer) == expected

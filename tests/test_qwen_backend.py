@@ -14,14 +14,16 @@ from transformers.image_utils import SizeDict
 from annotate import backends, prompts
 from annotate.__main__ import add_lvlm_flags, lvlm_settings, main
 from annotate.backends import LvlmOptions, PrefilteredBackend, make_backend
-from annotate.captions import split_caption
+from annotate.captions import clean_label, split_caption, with_context
 from annotate.config import AnnotateConfig
 from annotate.engines import Answer, Request, TransformersEngine
+from annotate.inputs import Figure
 from annotate.lvlm_output import resized_size
+from annotate.pipeline import build_record
 from annotate.qwen import QwenBackend
 from annotate.run import run_shard
 from annotate.synth import synthesize
-from conftest import roco_captions
+from conftest import DATA, roco_captions
 from tiny_qwen import Scripted, build_tiny_qwen, side_by_side
 from zoomin_jax import records
 
@@ -32,9 +34,9 @@ def qwen_backend(model, cfg=CFG, **engine_options):
     return QwenBackend(TransformersEngine(str(model), cfg, **engine_options), cfg)
 
 
-def scripted_backend(model, cfg=CFG, figure=side_by_side(2)):
+def scripted_backend(model, cfg=CFG, figure=side_by_side(2), **answers):
     backend = qwen_backend(model, cfg)
-    backend.engine.model.generate = scripted = Scripted(backend.engine, figure)
+    backend.engine.model.generate = scripted = Scripted(backend.engine, figure, **answers)
     return backend, scripted
 
 
@@ -90,28 +92,40 @@ def test_garbage_answers_become_warnings_not_crashes(tmp_path, tiny_model):
         # figure stays one panel carrying the whole caption (its noise is the panel's description).
         assert any(w.startswith("figure@1.0: ") for w in annotation["warnings"])
         assert "no panels in the answer; the whole figure is one panel" in annotation["warnings"]
+        # Its caption split is noise too: the rules split that caption, and the record says so.
+        assert "caption split: used the rule-based split" in annotation["warnings"]
         assert len(record["panels"]) == 1 and record["panels"][0]["text"] == " ".join(record["caption"].split())
     # It seldom ends an answer either: asked again at the retry budget, one is still cut there, and says so.
     assert any("figure@1.0: answer cut at 32 tokens" in record["annotation"]["warnings"] for record in got)
 
 
-def test_one_figure_request_and_one_request_per_panel(tiny_model):
-    """400x200 is above max_pixels at both scales, so the model would see one size twice: asked once.
-    Then one request per panel crop, for its description and its clauses' boxes: 3 requests, 2 calls."""
+def test_the_request_plan_one_figure_one_split_one_per_panel_and_one_per_region(tiny_model):
+    """400x200 is above max_pixels at both scales, so the model would see one size twice: asked once; its
+    caption split asked once (text only, its own generate call). Then one request per panel crop, for its
+    description and its clauses' boxes, and one per region crop for its description: 6 requests, 4 calls."""
     backend, scripted = scripted_backend(tiny_model)
     image = Image.new("RGB", (400, 200), "white")
     caption = "Kidney. (A) PAS stain; arrows mark crescents. (B) Electron micrograph."
     (proposal,) = backend.propose([image], [caption])
     assert [(p["label"], [round(v) for v in p["box"]]) for p in proposal.panels] == [
         ("A", [0, 0, 200, 200]), ("B", [200, 0, 400, 200])]
+    assert proposal.caption_split == [{"label": "A", "text": "Kidney. PAS stain; arrows mark crescents."},
+                                      {"label": "B", "text": "Kidney. Electron micrograph."}]
     assert proposal.panel_descriptions == {0: "A stained tissue section.", 1: "A stained tissue section."}
     assert [m["kind"] for m in proposal.markers[0]] == ["arrow"] and 1 not in proposal.markers
     assert [p["text"] for p in proposal.phrases[0]] == ["arrows mark crescents", "PAS stain"]
     assert [p["text"] for p in proposal.phrases[1]] == ["Electron micrograph"]
     phrase_box = proposal.phrases[1][0]["box"]
     assert 200 <= phrase_box[0] < phrase_box[2] <= 400  # crop coordinates mapped back into panel B
-    assert scripted.calls == [(["figure"], CFG.max_new_tokens), (["panel", "panel"], CFG.max_new_tokens)]
-    assert backend.counts == {"requests": 3, "generate_calls": 2} and proposal.warnings == []
+    # Both of A's phrases are near its arrow and got the same box: one fused region. B has no markers:
+    # its phrase box is a region once the region's own crop is said to show it.
+    assert scripted.calls == [(["figure"], CFG.max_new_tokens), (["split"], CFG.max_new_tokens),
+                              (["panel", "panel"], CFG.max_new_tokens), (["region", "region"], CFG.max_new_tokens)]
+    assert backend.counts == {"requests": 6, "generate_calls": 4} and proposal.warnings == []
+    record = build_record(Figure("f", "src", caption), b"png", image, proposal, backend, CFG, 0.0)
+    assert [(r["panel_id"], r["source"], r["text_sub"], r["text_lvlm"]) for r in record["regions"]] == [
+        (0, "fused", "arrows mark crescents", "A dark nucleus."),
+        (1, "caption", "Electron micrograph", "A dark nucleus.")]
 
 
 def test_a_second_scale_is_asked_only_where_the_model_would_see_another_size(tiny_model):
@@ -128,7 +142,7 @@ def test_a_second_scale_is_asked_only_where_the_model_would_see_another_size(tin
     assert scripted.calls[0] == (["figure"] * 3, CFG.max_new_tokens)  # small twice, large once
     assert [p["label"] for p in proposals[0].panels] == ["a", "b"]
     assert [p["label"] for p in proposals[1].panels] == ["A", "B"]
-    assert backend.counts["requests"] == 3 + 4
+    assert backend.counts["requests"] == 3 + 2 + 4  # figures, splits, panels (no phrase of two words: no regions)
 
 
 def test_real_generate_tells_a_cut_answer_from_one_that_ended(tiny_model):
@@ -246,6 +260,94 @@ def test_lvlm_caption_split_keeps_the_shared_context(tiny_model):
     assert cut_warnings == ["answer cut at 4096 tokens", "truncated or malformed JSON; kept the complete objects"]
 
 
+def panels_reading(*labels: str):
+    """A figure answer: one panel per label, side by side, as the model read them; an arrow in the first, by
+    the box Scripted grounds its phrases at."""
+    def answer(height: int, width: int) -> list[dict]:
+        side = width // len(labels)
+        arrow = [side * 3 // 10, height * 3 // 10, side * 3 // 10 + 6, height * 3 // 10 + 6]
+        return [{"bbox_2d": [side * i, 0, side * (i + 1), height], "label": label}
+                for i, label in enumerate(labels)] + [{"bbox_2d": arrow, "label": "arrow"}]
+    return answer
+
+
+def hand_split(name: str) -> tuple[str, list[dict]]:
+    """A real caption and its hand split, as an LVLM that splits perfectly would answer."""
+    entry = json.loads((DATA / "captions" / "prostate_caption_splits.json").read_text())[name]
+    return entry["caption"], [{"label": s["label"]["text"], "text": s["caption"]} for s in entry["gt_subfigures"]]
+
+
+@pytest.mark.parametrize("name,read", [
+    ("pone.0003940.g004.jpg", ["I", "II", "III", "IV", "V", "VI"]),  # roman: the rules read no panels in it
+    ("JCIS-4-54-g005.jpg", ["(A)", "B.", "c", "Panel D"]),             # lowercase labels, read every other way
+])
+def test_annotate_run_writes_the_lvlm_split_and_region_descriptions(tmp_path, tiny_model, name, read):
+    """`annotate run --backend qwen` (run_shard with the real backend and engine; only the network's generate
+    scripted): each panel, whatever way its label was read, gets its text from the LVLM's split of a real
+    caption and its phrases grounded; each region a description."""
+    caption, answer = hand_split(name)
+    assert [p["label"] for p in answer] == [clean_label(label).lower() for label in read]
+    Image.new("RGB", (200 * len(read), 200), "white").save(tmp_path / "figure.png")
+    (tmp_path / "manifest.jsonl").write_text(json.dumps({"id": "f", "image": "figure.png", "caption": caption}) + "\n")
+    cfg = dataclasses.replace(CFG, panel_scales=(1.0,))
+    backend, scripted = scripted_backend(tiny_model, cfg, figure=panels_reading(*read), split=lambda _: answer)
+    run_shard([str(tmp_path / "manifest.jsonl")], tmp_path / "out", backend, cfg=cfg)
+    (record,) = records.iter_records(tmp_path / "out" / "records-00000-of-00001.array_record")
+    assert [{"label": p["label"], "text": p["text"]} for p in record["panels"]] == with_context(
+        "", {a["label"]: a["text"] for a in answer})  # the hand texts, trailing ";" and spaces trimmed
+    assert all(p["text_lvlm"] == "A stained tissue section." for p in record["panels"])
+    assert record["regions"] and all(r["text_lvlm"] == "A dark nucleus." for r in record["regions"])
+    assert {r["panel_id"] for r in record["regions"] if r["source"] != "marker"} == set(range(len(read)))
+    annotation = record["annotation"]
+    assert annotation["prompt_version"] == prompts.VERSION == "panel2patch-5" and annotation["warnings"] == []
+    kinds = collections.Counter(kind for call, _ in scripted.calls for kind in call)
+    assert kinds == {"figure": 1, "split": 1, "panel": len(read), "region": len(record["regions"])}
+
+
+def test_an_unusable_caption_split_falls_back_to_the_rules_for_that_caption_alone(tiny_model):
+    captions = ["Kidney. (A) PAS stain. (B) Electron micrograph.", "Liver. (A) H&E stain, (B) Masson trichrome."]
+    answers = {captions[0]: [{"label": "A", "text": "PAS stain."}, {"label": "C", "text": "Electron micrograph."}],
+               captions[1]: [{"label": "", "text": "Liver."}, {"label": "A", "text": "H&E stain"},
+                             {"label": "B", "text": "Masson trichrome"}]}
+    backend, _ = scripted_backend(tiny_model, split=answers.get)
+    wrong, right = backend.propose([Image.new("RGB", (400, 200), "white")] * 2, captions)
+    assert wrong.caption_split == split_caption(captions[0])
+    assert wrong.warnings == ["caption split: label 'C' is not one the caption names",
+                              "caption split: used the rule-based split"]
+    assert right.caption_split == [{"label": "A", "text": "Liver. H&E stain"},
+                                   {"label": "B", "text": "Liver. Masson trichrome"}] and right.warnings == []
+
+
+NO_MARKERS = "Renal biopsy. (A) Glomerulus with a cellular crescent. (B) Tubular atrophy with interstitial fibrosis."
+
+
+@pytest.mark.parametrize("policy,verdict,regions,warnings", [
+    # The default: a phrase box of a panel without markers is a region once its own crop is said to show it.
+    ("verify", lambda phrase: phrase.startswith("Glomerulus"), ["A"], []),
+    ("verify", lambda phrase: "maybe", [], [
+        f"panel {label} region {phrase[:30]!r}: no verdict on whether it shows its phrase; its box is dropped"
+        for label, phrase in (("A", "Glomerulus with a cellular crescent"),
+                              ("B", "Tubular atrophy with interstitial fibrosis"))]),
+    ("keep", None, ["A", "B"], []),  # described, never asked to verify
+    ("drop", None, [], []),          # not asked about at all
+])
+def test_phrase_boxes_of_panels_without_markers_are_verified_by_default(tiny_model, policy, verdict, regions, warnings):
+    asked = []
+    cfg = dataclasses.replace(CFG, caption_boxes_without_markers=policy)
+    backend, scripted = scripted_backend(tiny_model, cfg, figure=lambda h, w: panels_reading("A", "B")(h, w)[:2],
+                                         shows=lambda phrase: asked.append(phrase) or verdict(phrase))  # no arrow
+    image = Image.new("RGB", (400, 200), "white")
+    (proposal,) = backend.propose([image], [NO_MARKERS])
+    record = build_record(Figure("f", "src", NO_MARKERS), b"png", image, proposal, backend, cfg, 0.0)
+    labels = [record["panels"][r["panel_id"]]["label"] for r in record["regions"]]
+    assert labels == regions and all(r["source"] == "caption" for r in record["regions"])
+    assert all(r["text_lvlm"] == "A dark nucleus." for r in record["regions"])
+    assert proposal.warnings == warnings
+    region_requests = sum(kinds.count("region") for kinds, _ in scripted.calls)
+    assert region_requests == (0 if policy == "drop" else 2)
+    assert len(asked) == (2 if policy == "verify" else 0)
+
+
 def run_flags(*flags: str):
     parser = __import__("argparse").ArgumentParser()
     add_lvlm_flags(parser)
@@ -270,7 +372,8 @@ def test_node_flags_reach_the_transformers_model(tiny_model, monkeypatch):
     assert model.config._attn_implementation == "eager" and model.device.type == "cpu"
     model.generate = scripted = Scripted(backend.engine, side_by_side(4))
     backend.propose([Image.new("RGB", (400, 100), "white")], ["(A) a. (B) b. (C) c. (D) d."])
-    assert scripted.calls == [(["figure"], 400), (["panel"] * 3, 400), (["panel"], 400)]
+    assert scripted.calls == [(["figure"], 400), (["split"], 400), (["panel"] * 3, 400), (["panel"], 400),
+                              (["region"], 400)]  # A's arrow
 
 
 def test_node_flags_reach_the_vllm_engine(tiny_model, monkeypatch):

@@ -1,4 +1,6 @@
 """Each region fusion rule on hand-computed cases."""
+import pytest
+
 from annotate.config import AnnotateConfig
 from annotate.regions import dilate, fuse_regions, is_degenerate, non_max_suppression, within_gate
 
@@ -54,12 +56,44 @@ def test_fusion_paths():
     assert marker["box"] == [260.0, 160.0, 290.0, 190.0]
 
 
-def test_regions_are_clipped_to_their_panel_and_ungated_phrases_kept_without_markers():
-    regions = fuse_regions([100, 0, 300, 200], [], [{"box": [80, -20, 160, 60], "text": "x", "score": 1.0}], CFG)
-    assert [(r["source"], r["box"]) for r in regions] == [("caption", [100.0, 0.0, 160.0, 60.0])]
-    strict = AnnotateConfig(keep_ungated_caption_boxes=False)
-    assert fuse_regions([100, 0, 300, 200], [], [{"box": [80, -20, 160, 60], "text": "x", "score": 1.0}],
-                        strict) == []
+def caption_regions(policy: str, verified: bool | None, markers=()) -> list[tuple]:
+    phrase = {"box": [80, -20, 160, 60], "text": "x", "score": 1.0, "description": "a dark cell"}
+    if verified is not None:
+        phrase["verified"] = verified
+    regions = fuse_regions([100, 0, 300, 200], list(markers), [phrase],
+                           AnnotateConfig(caption_boxes_without_markers=policy))
+    return [(r["source"], r["box"], r["text_lvlm"]) for r in regions]
+
+
+CAPTION_REGION = ("caption", [100.0, 0.0, 160.0, 60.0], "a dark cell")  # clipped to its panel
+
+
+@pytest.mark.parametrize("policy,verified,kept", [
+    ("verify", True, [CAPTION_REGION]),   # the default: kept once a second look confirmed it
+    ("verify", False, []),                # looked at, not shown
+    ("verify", None, []),                 # never looked at: no evidence at all
+    ("keep", None, [CAPTION_REGION]),
+    ("keep", False, [CAPTION_REGION]),
+    ("drop", True, []),
+])
+def test_phrase_boxes_of_a_panel_without_markers_follow_the_policy(policy, verified, kept):
+    assert caption_regions(policy, verified) == kept
+
+
+def test_the_marker_gate_not_the_policy_decides_where_a_panel_has_markers():
+    asterisk = {"box": [120, 10, 130, 20], "kind": "asterisk", "score": 1.0}
+    far = {"box": [280, 180, 290, 190], "kind": "asterisk", "score": 1.0}
+    for policy in ("verify", "drop"):  # near a marker: fused, verified or not, with the phrase's description
+        assert caption_regions(policy, None, [asterisk]) == [("fused", [100.0, 0.0, 160.0, 60.0], "a dark cell")]
+    # Gated out by the only marker, even a confirmed box is not a region; the marker is (dilated 3x).
+    assert caption_regions("keep", True, [far]) == [("marker", [270.0, 170.0, 300.0, 200.0], "")]
+    far["description"] = "a star"
+    assert caption_regions("verify", True, [far])[0][2] == "a star"
+
+
+def test_an_unknown_policy_is_refused():
+    with pytest.raises(ValueError, match="caption_boxes_without_markers is 'sometimes'; use one of verify, keep, drop"):
+        AnnotateConfig(caption_boxes_without_markers="sometimes")
 
 
 def test_an_arrow_with_a_tip_marks_what_it_points_at():

@@ -58,26 +58,53 @@ def side_by_side(count: int):
     return answer
 
 
+def rule_answer(caption: str) -> list[dict]:
+    """A caption split as a good model would answer it: the rules' labels and own texts, the shared
+    context under "", and [] for a caption of one image."""
+    from annotate.captions import shared_context, split_caption
+    own = [{"label": p["label"], "text": p["text"]} for p in split_caption(caption, shared_context=False) if p["label"]]
+    return ([{"label": "", "text": shared_context(caption)}] if own else []) + own
+
+
+def _between(text: str, template: str, field: str) -> str | None:
+    """What `template` (a prompts.py format string) was filled with at `field` in `text`, or None."""
+    before, after = (part.replace("{{", "{").replace("}}", "}") for part in template.split("{" + field + "}"))
+    start = text.find(before)
+    if start < 0:
+        return None
+    start += len(before)
+    return text[start:text.index(after, start)]
+
+
 class Scripted:
     """Stands in for the network's `generate` only, answering as a good Qwen2.5-VL would: in pixels of
     the resized input it saw, read off its image grid. A figure question gets `figure(height, width)`
-    (a list of {"bbox_2d", "label"}; default two panels side by side and an arrow), a panel question a
-    description and a box (a fifth to a half of the crop's sides) for each phrase it asks about. Like
-    generate, it ends each answer with the end-of-sequence token unless `max_new_tokens` cuts it first,
-    and pads the rows that ended. `calls` holds each call's question kinds and budget. Everything around
-    it (processor, prompts, parsing, mapping, pooling, fusion) is real."""
+    (a list of {"bbox_2d", "label"}; default two panels side by side and an arrow); a caption split
+    `split(caption)` (default `rule_answer`); a panel question a description and a box (a fifth to a half
+    of the crop's sides) for each phrase it asks about; a region question a description and, where it
+    names a phrase, `shows(phrase)` (default True) as its verdict. Like generate, it ends each answer with
+    the end-of-sequence token unless `max_new_tokens` cuts it first, and pads the rows that ended. `calls`
+    holds each call's question kinds and budget. Everything around it (processor, prompts, parsing,
+    mapping, pooling, fusion) is real."""
 
-    def __init__(self, engine, figure=side_by_side(2)):
-        self.tokenizer, self.figure, self.calls = engine.processor.tokenizer, figure, []
+    def __init__(self, engine, figure=side_by_side(2), split=rule_answer, shows=lambda phrase: True):
+        self.tokenizer, self.figure, self.split, self.shows, self.calls = (
+            engine.processor.tokenizer, figure, split, shows, [])
         self.patch = engine.model.config.vision_config.patch_size
 
-    def answer(self, prompt: str, height: int, width: int) -> tuple[str, str]:
+    def answer(self, prompt: str, height: int | None, width: int | None) -> tuple[str, str]:
         import json
         import re
 
         from annotate import prompts
         if prompts.FIGURE in prompt:
             return "figure", "```json\n" + json.dumps(self.figure(height, width)) + "\n```"
+        if (caption := _between(prompt, prompts.SPLIT_CAPTION, "caption")) is not None:
+            return "split", json.dumps(self.split(caption))
+        if prompts.REGION.split(" Describe")[0] in prompt:
+            phrase = _between(prompt, prompts.REGION_WITH_PHRASE, "phrase")
+            verdict = {} if phrase is None else {"shows": self.shows(phrase)}
+            return "region", json.dumps({"description": "A dark nucleus."} | verdict)
         listed = re.search(r"phrases in it: (.*?)\. Answer only", prompt, re.DOTALL)
         phrases = re.findall(r'"([^"]*)"', listed.group(1)) if listed else []
         box = [width // 5, height // 5, width // 2, height // 2]
@@ -87,9 +114,9 @@ class Scripted:
     def __call__(self, input_ids, max_new_tokens, image_grid_thw=None, **_):
         import torch
         kinds, answers = [], []
-        for prompt, (_, rows, columns) in zip(self.tokenizer.batch_decode(input_ids), image_grid_thw.tolist(),
-                                              strict=True):
-            kind, answer = self.answer(prompt, rows * self.patch, columns * self.patch)
+        grids = image_grid_thw.tolist() if image_grid_thw is not None else [(1, None, None)] * len(input_ids)
+        for prompt, (_, rows, columns) in zip(self.tokenizer.batch_decode(input_ids), grids, strict=True):
+            kind, answer = self.answer(prompt, rows and rows * self.patch, columns and columns * self.patch)
             kinds.append(kind)
             answers.append(answer)
         self.calls.append((kinds, max_new_tokens))
