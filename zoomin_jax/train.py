@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from etils import epath
@@ -230,6 +231,18 @@ class Setup:
     steps: dict          # level -> jitted step(state, frozen, batch)
 
 
+COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype_of(config):
+    """config.compute_dtype: "float32" (the default; on CPU bf16 matmuls are slower) or "bfloat16"
+    (GPU/TPU: bf16 matmuls from float32 params, whose optimizer state stays float32)."""
+    name = config.get("compute_dtype", "float32")
+    if name not in COMPUTE_DTYPES:
+        raise UserError(f"config.compute_dtype={name!r} is not one of {', '.join(COMPUTE_DTYPES)}")
+    return COMPUTE_DTYPES[name]
+
+
 def setup(config) -> Setup:
     """Mesh, params split and placed by the rules, optimizer state, and one jitted step per level."""
     mesh = sharding.config_mesh(config)
@@ -247,7 +260,10 @@ def setup(config) -> Setup:
                                  frozen_blocks=part.frozen_blocks, remat=config.get("remat", "none"))
     schedule = trainer.lr_schedule(optim)
     cycle = trainer.Cycle(tuple((level, int(steps)) for level, steps in config.cycle))
-    steps = {level: trainer.jit_train_step(trainer.make_train_step(model_cfg, level, loss_cfg, tx, schedule), state)
+    compute_dtype = compute_dtype_of(config)
+    steps = {level: trainer.jit_train_step(trainer.make_train_step(model_cfg, level, loss_cfg, tx, schedule,
+                                                                   compute_dtype, config.get("scan_layers", False)),
+                                           state)
              for level, _ in cycle.levels}
     return Setup(mesh, model_cfg, part, state, frozen, cycle, steps)
 

@@ -89,7 +89,8 @@ def remat_policy(name: str):
 
 class Transformer(nnx.Module):
     def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, activation, dtype,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, scan: bool = False):
+        self.scan = scan
         self.resblocks = nnx.List([
             ResidualAttentionBlock(width, heads, mlp_ratio, layers, activation, dtype, rngs)
             for _ in range(layers)])
@@ -97,19 +98,36 @@ class Transformer(nnx.Module):
     def __call__(self, x, causal: bool, frozen_blocks: int = 0, remat: str = "none"):
         """`frozen_blocks` leading blocks run under stop_gradient: no activations are kept for them.
         The blocks after them (the ones a backward pass goes through) are rematerialised by `remat`
-        (REMAT_POLICIES): their activations are recomputed in the backward pass instead of kept."""
-        for n, block in enumerate(self.resblocks):
-            if n >= frozen_blocks and remat != "none":
-                x = nnx.remat(lambda module, y: module(y, causal), policy=remat_policy(remat))(block, x)
-            else:
-                x = block(x, causal)
-            if n + 1 == frozen_blocks:
-                x = jax.lax.stop_gradient(x)
-        return x
+        (REMAT_POLICIES): their activations are recomputed in the backward pass instead of kept.
+        With `scan`, each of the two runs of blocks is one lax.scan over its blocks' stacked params:
+        XLA compiles one block per run instead of all 24 of ViT-L (the params keep open_clip's
+        per-block names; the stack is a copy made in the step)."""
+        frozen, trained = self.resblocks[:frozen_blocks], self.resblocks[frozen_blocks:]
+        if frozen:
+            x = jax.lax.stop_gradient(self._run(frozen, x, causal, "none"))
+        return self._run(trained, x, causal, remat) if trained else x
+
+    def _run(self, blocks, x, causal: bool, remat: str):
+        def apply(block, y):
+            return block(y, causal)
+
+        if remat != "none":
+            apply = nnx.remat(apply, policy=remat_policy(remat))
+        if not self.scan or len(blocks) == 1:
+            for block in blocks:
+                x = apply(block, x)
+            return x
+        graphdef = nnx.graphdef(blocks[0])
+        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(nnx.state(block) for block in blocks))
+
+        def body(y, state):
+            return apply(nnx.merge(graphdef, state), y), None
+
+        return jax.lax.scan(body, x, stacked)[0]
 
 
 class VisionTransformer(nnx.Module):
-    def __init__(self, cfg: VisionConfig, embed_dim: int, activation, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig, embed_dim: int, activation, dtype, rngs: nnx.Rngs, scan: bool = False):
         scale = cfg.width ** -0.5
         self.conv1 = nnx.Conv(3, cfg.width, (cfg.patch_size, cfg.patch_size), strides=cfg.patch_size,
                               padding="VALID", use_bias=False, dtype=dtype, rngs=rngs)
@@ -117,7 +135,8 @@ class VisionTransformer(nnx.Module):
         self.positional_embedding = nnx.Param(
             scale * jax.random.normal(rngs.params(), (cfg.grid ** 2 + 1, cfg.width)))
         self.ln_pre = _layer_norm(cfg.width, dtype, rngs)
-        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, activation, dtype, rngs)
+        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, activation, dtype, rngs,
+                                       scan)
         self.ln_post = _layer_norm(cfg.width, dtype, rngs)
         self.proj = nnx.Param(scale * jax.random.normal(rngs.params(), (cfg.width, embed_dim)))
 
@@ -141,17 +160,20 @@ class VisionTransformer(nnx.Module):
 
 
 class CLIP(nnx.Module):
-    def __init__(self, cfg: CLIPConfig, *, rngs: nnx.Rngs, dtype=None):
+    """`dtype`: the compute dtype (None: the params' float32); `scan`: each tower's blocks as lax.scan
+    loops (see Transformer). Neither changes the params."""
+
+    def __init__(self, cfg: CLIPConfig, *, rngs: nnx.Rngs, dtype=None, scan: bool = False):
         self.config = cfg
         activation = quick_gelu if cfg.quick_gelu else exact_gelu
         text = cfg.text
-        self.visual = VisionTransformer(cfg.vision, cfg.embed_dim, activation, dtype, rngs)
+        self.visual = VisionTransformer(cfg.vision, cfg.embed_dim, activation, dtype, rngs, scan)
         self.token_embedding = nnx.Embed(text.vocab_size, text.width, embedding_init=_normal(0.02),
                                          dtype=dtype, rngs=rngs)
         self.positional_embedding = nnx.Param(0.01 * jax.random.normal(rngs.params(),
                                                                        (text.context_length, text.width)))
         self.transformer = Transformer(text.width, text.layers, text.heads, text.mlp_ratio, activation,
-                                       dtype, rngs)
+                                       dtype, rngs, scan)
         self.ln_final = _layer_norm(text.width, dtype, rngs)
         self.text_projection = nnx.Param(
             text.width ** -0.5 * jax.random.normal(rngs.params(), (text.width, cfg.embed_dim)))
@@ -179,9 +201,9 @@ class CLIP(nnx.Module):
 
 
 @functools.lru_cache(maxsize=8)
-def _abstract_split(cfg: CLIPConfig, dtype) -> tuple[nnx.GraphDef, nnx.State]:
+def _abstract_split(cfg: CLIPConfig, dtype, scan: bool = False) -> tuple[nnx.GraphDef, nnx.State]:
     # Cached: tracing the initialisers of ViT-L-14 takes seconds.
-    return nnx.split(nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(0), dtype=dtype)))
+    return nnx.split(nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(0), dtype=dtype, scan=scan)))
 
 
 def abstract_params(cfg: CLIPConfig) -> dict[tuple, jax.ShapeDtypeStruct]:
@@ -206,9 +228,9 @@ def merge(trainable: dict, frozen: dict) -> dict:
     return traverse_util.unflatten_dict(flat)
 
 
-def from_params(cfg: CLIPConfig, params: dict, dtype=None) -> CLIP:
+def from_params(cfg: CLIPConfig, params: dict, dtype=None, scan: bool = False) -> CLIP:
     """A CLIP holding `params` (nested dict as nnx.to_pure_dict), never initialising weights."""
-    graphdef, abstract = _abstract_split(cfg, dtype)
+    graphdef, abstract = _abstract_split(cfg, dtype, scan)
     state = jax.tree.map(lambda leaf: leaf, abstract)  # a fresh State: the cached one stays abstract
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)

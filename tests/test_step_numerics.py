@@ -1,0 +1,49 @@
+"""How a step is computed — layers as scan loops, rematerialised blocks, bf16 matmuls — does not change
+what it computes: the plain model's loss and gradients (fp32: 1e-5), or within bf16's precision."""
+import jax
+import numpy as np
+import pytest
+from flax import nnx, traverse_util
+
+from zoomin_jax import losses, trainer
+from zoomin_jax.bench_train import random_batch
+from zoomin_jax.models.clip import CLIP
+from zoomin_jax.models.config import get_preset
+
+# Three vision blocks, the first frozen: the scanned run of trained blocks has two. The text tower's
+# three blocks run too (its projection trains), as one scanned run.
+MODEL = get_preset("test-tiny-deep")
+RULES = (("visual/transformer/resblocks/[12]/.*", 1.0), ("visual/(ln_post|proj)(/.*)?", 1.0),
+         ("text_projection", 0.5), ("logit_scale", 1.0), (".*", None))
+
+
+def loss_and_grads(level: str, remat: str = "none", scan: bool = False, dtype=None):
+    params = nnx.to_pure_dict(nnx.state(CLIP(MODEL, rngs=nnx.Rngs(0)), nnx.Param))
+    part = trainer.partition(params, RULES)
+    trainable, frozen = trainer.split(params, part)
+    batch = random_batch(level, np.random.default_rng(0), batch=4, size=32)
+    cfg = losses.LossConfig(text_frozen=part.text_frozen, frozen_blocks=part.frozen_blocks, remat=remat)
+
+    def loss(trainable, frozen, batch):  # all arguments: constants would be folded at compile time
+        model = trainer.from_params(MODEL, trainer.merge(trainable, frozen), dtype, scan)
+        return losses.level_losses(model, batch, level, cfg)[0]
+
+    jaxpr = str(jax.make_jaxpr(loss)(trainable, frozen, batch))
+    value, grads = jax.jit(jax.value_and_grad(loss))(trainable, frozen, batch)
+    return float(value), traverse_util.flatten_dict(grads), jaxpr
+
+
+@pytest.fixture(scope="module")
+def plain():
+    return loss_and_grads("region")
+
+
+@pytest.mark.parametrize("remat, scan", [("full", False), ("dots", False), ("none", True), ("dots", True)])
+def test_scan_and_remat_give_the_plain_loss_and_gradients(plain, remat, scan):
+    plain, plain_grads, plain_jaxpr = plain
+    value, grads, jaxpr = loss_and_grads("region", remat, scan)
+    assert ("remat" in jaxpr) == (remat != "none") and ("scan" in jaxpr) == scan
+    assert "scan" not in plain_jaxpr and "remat" not in plain_jaxpr
+    assert value == pytest.approx(plain, rel=1e-5)
+    for path, grad in plain_grads.items():
+        np.testing.assert_allclose(grads[path], grad, rtol=1e-5, atol=1e-7, err_msg=str(path))
