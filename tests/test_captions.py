@@ -4,9 +4,13 @@ import json
 
 import pytest
 
+from annotate import prompts
 from annotate.captions import caption_label, label_key, shared_context, split_caption, split_from_answer
+from annotate.evaluate import load_caption_devset
 from annotate.metrics import caption_split_scores, token_f1
-from conftest import DATA, run_cli
+from conftest import DATA, REPO, run_cli
+
+DEVSET = REPO / "tests" / "data" / "caption_devset.jsonl"
 
 
 def test_prostate_hand_splits():
@@ -211,3 +215,16 @@ def test_the_lvlm_shared_text_is_the_context_where_the_rules_find_no_labels():
     texts = {"": "Prostate glands at 42 wks.", "i": "Widespread PIN lesions", "ii": "with microinvasion."}
     assert split_from_answer(caption, texts) == (
         {"i": "Widespread PIN lesions", "ii": "with microinvasion."}, "Prostate glands at 42 wks.", [])
+
+
+def test_the_lvlm_prompt_examples_are_usable_splits_of_captions_not_in_the_devset():
+    """Each few-shot answer of the caption-split prompt passes the check an LVLM's answer gets and names the
+    labels the rules read ([] where they keep the caption whole); no example shares six words in a row with
+    a dev-set caption, so the dev set still measures the prompt fairly."""
+    devset = [entry["caption"].casefold() for entry in load_caption_devset(DEVSET)]
+    for caption, answer in prompts.SPLIT_CAPTION_EXAMPLES:
+        own, _, problems = split_from_answer(caption, {a["label"]: a["text"] for a in answer})
+        assert problems == [] and sorted(own) == sorted(p["label"] for p in split_caption(caption) if p["label"])
+        words = caption.casefold().split()
+        assert not any(" ".join(words[n:n + 6]) in text for n in range(len(words) - 5) for text in devset), caption
+    assert prompts.SPLIT_CAPTION.format(caption="X").endswith('Caption: "X"\nAnswer:')
