@@ -6,7 +6,7 @@ import pytest
 
 from annotate import prompts
 from annotate.captions import caption_label, label_key, shared_context, split_caption, split_from_answer
-from annotate.evaluate import load_caption_devset
+from annotate.evaluate import evaluate_captions, load_caption_devset
 from annotate.metrics import caption_split_scores, token_f1
 from conftest import DATA, REPO, run_cli
 
@@ -228,3 +228,13 @@ def test_the_lvlm_prompt_examples_are_usable_splits_of_captions_not_in_the_devse
         words = caption.casefold().split()
         assert not any(" ".join(words[n:n + 6]) in text for n in range(len(words) - 5) for text in devset), caption
     assert prompts.SPLIT_CAPTION.format(caption="X").endswith('Caption: "X"\nAnswer:')
+
+
+def test_devset_targets_on_the_heldout_slice():
+    """Issue 16's targets on the held-out slice of the caption dev set: multi-panel label-set exact match
+    >= 0.90 and mean token-F1 >= 0.80 (measured 0.962 and 0.905). Single-panel captions kept whole: the
+    target is 0.98, not reached; 0.96 is the floor (measured 0.964, 5 of 138 split)."""
+    heldout = evaluate_captions(load_caption_devset(DEVSET), lambda captions: [split_caption(c) for c in captions]
+                                )["slices"]["heldout"]
+    assert heldout["multi"]["label_set_exact_match"] >= 0.90 and heldout["multi"]["mean_token_f1"] >= 0.80
+    assert heldout["single"]["kept_whole_rate"] >= 0.96
