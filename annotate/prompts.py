@@ -3,11 +3,14 @@ bump it with any edit.
 
 The request plan (qwen.py) asks four questions: FIGURE once per figure (panels with their labels and the
 markers drawn on them, one JSON list in Qwen2.5-VL's grounding format) and SPLIT_CAPTION once per caption
-(text only: the caption's text per panel label); PANEL once per panel crop (its description and the boxes
+(text only: the caption's text per panel label, after few-shot examples of the ways captions name
+panels, the fixed part first so that an engine's prefix cache keeps it); PANEL once per panel crop (its description and the boxes
 of its caption clauses, one JSON object); REGION once per region crop (its description and, for a
 caption box that no marker backs, whether it shows its phrase).
 """
-VERSION = "panel2patch-5"
+import json
+
+VERSION = "panel2patch-6"
 
 FIGURE = ("This is a figure from a biomedical article. Locate every panel and read its panel label (the letter "
           "or number printed in it; \"\" if it has none), and locate every visual marker drawn on the figure: "
@@ -21,12 +24,46 @@ PANEL_WITH_PHRASES = (
     "and locate each of these phrases in it: {phrases}. Answer only with a JSON object such as "
     '{{"description": "...", "boxes": [{{"bbox_2d": [x1, y1, x2, y2], "label": "<the phrase>"}}]}}, '
     "leaving out a phrase that is not visible.")
-SPLIT_CAPTION = ("This is the caption of a compound figure from a biomedical article:\n\"{caption}\"\n"
-                 "Split it into the text that describes each panel. Use the panel labels the caption uses "
-                 "(A, B, ... or a, b, ... or i, ii, ...), one entry per label, and put the text that describes "
-                 'all panels (a title, stains, abbreviations) under the label "". Answer only with a JSON list '
-                 'such as [{{"label": "", "text": "..."}}, {{"label": "A", "text": "..."}}]; answer [] if the '
-                 "caption describes a single image.")
+# Few-shot examples for SPLIT_CAPTION, one per way captions name panels, written for the prompt (none is a
+# caption of the dev set in tests/data, which must stay a fair measure): (caption, answer).
+SPLIT_CAPTION_EXAMPLES = [
+    ("Renal biopsy. (a.) PAS stain. (b.) Silver stain. Scale bar, 50 µm.",
+     [{"label": "", "text": "Renal biopsy. Scale bar, 50 µm."}, {"label": "a", "text": "PAS stain."},
+      {"label": "b", "text": "Silver stain."}]),
+    ("Skull of the holotype. A dorsal view B ventral view",
+     [{"label": "", "text": "Skull of the holotype."}, {"label": "A", "text": "dorsal view"},
+      {"label": "B", "text": "ventral view"}]),
+    ("Kidney sections. A. Control (A1, cortex; A2, medulla); B. Cisplatin; and C. Cisplatin with the inhibitor.",
+     [{"label": "", "text": "Kidney sections."}, {"label": "A", "text": "Control (A1, cortex; A2, medulla)"},
+      {"label": "B", "text": "Cisplatin"}, {"label": "C", "text": "Cisplatin with the inhibitor."}]),
+    ("Knee radiographs. 1. Before surgery. 2. After surgery.",
+     [{"label": "", "text": "Knee radiographs."}, {"label": "1", "text": "Before surgery."},
+      {"label": "2", "text": "After surgery."}]),
+    ("(a) Coronal CT of the chest. b Axial CT at the carina shows the same node (arrow).",
+     [{"label": "a", "text": "Coronal CT of the chest."},
+      {"label": "b", "text": "Axial CT at the carina shows the same node (arrow)."}]),
+    ("1–2 Aedes aegypti: 1 male, 2 female. 3–4 Aedes albopictus: 3 male, 4 female.",
+     [{"label": "1", "text": "Aedes aegypti: male"}, {"label": "2", "text": "Aedes aegypti: female."},
+      {"label": "3", "text": "Aedes albopictus: male"}, {"label": "4", "text": "Aedes albopictus: female."}]),
+    ("Chest X-ray (left) and CT of the thorax (right) show bilateral infiltrates.",
+     [{"label": "left", "text": "Chest X-ray show bilateral infiltrates."},
+      {"label": "right", "text": "CT of the thorax show bilateral infiltrates."}]),
+    ("Axial CT at the level of the aortic arch: (A) superior vena cava, (B) trachea, 1: oesophagus.", []),
+    ("Type A dissection on CT with vitamin C levels in phase 2 (see Fig. 3B).", []),
+]
+SPLIT_CAPTION = (
+    "Split the caption of a figure from a biomedical article into the text of each panel it labels. Use the "
+    "caption's own labels (A, B, … or a, b, … or 1, 2, … or i, ii, … or left, right, top, bottom), one entry per "
+    "panel: a group such as \"A–C\" or \"A and B\" gives each of its panels the group's text, and parts of a "
+    "panel (A1, A2 inside panel A) stay in its text. Copy the caption's words; do not rewrite them. Put the text "
+    "that all panels share under the label \"\": the title before the first label, and trailing stains, scale "
+    "bars, abbreviations and notes about all panels. A label after its clause labels that clause, and what its "
+    "sentence says of all its panels goes into each. Letters and numbers that name structures, measurements, "
+    "types or other figures inside one image are not panels: answer [] for a caption of one image. Answer only "
+    "with one JSON list.\n"
+    + "".join(f'Caption: "{caption}"\nAnswer: {json.dumps(answer, ensure_ascii=False)}\n'
+              for caption, answer in SPLIT_CAPTION_EXAMPLES).replace("{", "{{").replace("}", "}}")
+    + 'Caption: "{caption}"\nAnswer:')
 REGION = ("This is a small region of a figure from a biomedical article. Describe what it shows in a few words."
           ' Answer only with a JSON object such as {"description": "..."}.')
 REGION_WITH_PHRASE = (

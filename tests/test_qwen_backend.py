@@ -299,7 +299,7 @@ def test_annotate_run_writes_the_lvlm_split_and_region_descriptions(tmp_path, ti
     assert record["regions"] and all(r["text_lvlm"] == "A dark nucleus." for r in record["regions"])
     assert {r["panel_id"] for r in record["regions"] if r["source"] != "marker"} == set(range(len(read)))
     annotation = record["annotation"]
-    assert annotation["prompt_version"] == prompts.VERSION == "panel2patch-5" and annotation["warnings"] == []
+    assert annotation["prompt_version"] == prompts.VERSION == "panel2patch-6" and annotation["warnings"] == []
     kinds = collections.Counter(kind for call, _ in scripted.calls for kind in call)
     assert kinds == {"figure": 1, "split": 1, "panel": len(read), "region": len(record["regions"])}
 
