@@ -38,8 +38,9 @@ def get_config(arg=None):
     config.loss_weights = dict(figure=1.0, figure_panel_image=0.5, figure_panel_text=0.5, panel=1.0,
                                panel_region_image=0.5, panel_region_text=0.5, roi=0.5, region=1.0)
     config.data = dict(records=args["records"], batch_size=dict(figure=16, panel=16, region=16), workers=1,
-                       strict=False, max_panels=4, max_regions=4, region_margin=0.1, lvlm_text_prob=0.0,
-                       drop_panel_kinds=(), min_box_side=8.0,
+                       strict=False, max_panels=6, max_regions=4, region_margin=0.1, lvlm_text_prob=0.0,
+                       context_text_prob=0.0, drop_panel_kinds=(), min_box_side=8.0, min_visible=0.5,
+                       crop_scale=(0.9, 1.0),  # data.samples.SampleConfig says why these
                        cached_images=512,  # each worker keeps the demo's figures decoded (decoding: 3/4 of a sample)
                        text_cache=False)  # True: embed each text once with the frozen text tower
     config.evals = {}

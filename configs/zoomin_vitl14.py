@@ -7,8 +7,8 @@ init, for smoke tests only). variant: zoomin (default) or figure_only, panel_onl
 eval_records: held-out records for retrieval at the three levels; zeroshot_data_dir: the TFDS data
 dir of the MedMNIST builders (breastmnist, pneumoniamnist) for zero-shot; both every 5000 steps.
 Only the last 5 vision blocks, ln_post, proj and logit_scale train; the text tower is frozen, so
-each text is embedded once before training (workdir/text_cache), text-side message passing is
-skipped, and the frozen blocks run without a backward pass.
+each text is embedded once before training (workdir/text_cache), and the frozen blocks run without
+a backward pass. Text-side message passing is still computed: logit_scale trains on it (losses.py).
 """
 import ml_collections
 from ml_collections import config_dict
@@ -30,20 +30,22 @@ def get_config(arg=None):
     # slices, mesh above within each: --config.dcn_mesh="(('data', -1),)".
     config.dcn_mesh = ()
     # Rematerialise the trainable vision blocks in the backward pass: "none" (ViT-L-14's 5 trained blocks
-    # at 40 per device keep ~20 GB of activations, which an 80 GB GPU holds), "dots" (keep matmul
-    # outputs, redo the rest) or "full" (keep nothing) where memory is short.
+    # at 40 per device keep an estimated ~28 GB of activations for a figure step's 7 images an example,
+    # which an 80 GB GPU holds), "dots" (keep matmul outputs, redo the rest) or "full" (keep nothing)
+    # where memory is short.
     config.remat = "none"
     config.partition_rules = ((".*", "fsdp"),)
     config.train_rules = (("visual/transformer/resblocks/(19|2[0-3])/.*", 1.0), ("visual/(ln_post|proj)(/.*)?", 1.0),
                           ("logit_scale", 1.0), (".*", None))
     config.optim = dict(lr=1e-5, warmup_steps=1000, weight_decay=0.05, b1=0.9, b2=0.95)
-    config.loss_weights = dict(figure=1.0, figure_panel_image=1.0, panel=1.0, panel_region_image=1.0, roi=1.0,
-                               region=1.0)
+    config.loss_weights = dict(figure=1.0, figure_panel_image=1.0, figure_panel_text=1.0, panel=1.0,
+                               panel_region_image=1.0, panel_region_text=1.0, roi=1.0, region=1.0)
     # 40 per device: the paper's 320 on 8 GPUs; the global batch is 40 x the device count.
     config.data = dict(records=args["records"], batch_per_device=dict(figure=40, panel=40, region=40),
                        workers=-1,  # grain workers per level from the host's cores (see train.data_workers)
-                       strict=False, max_panels=4, max_regions=4, region_margin=0.1, lvlm_text_prob=0.5,
-                       drop_panel_kinds=("chart",), min_box_side=16.0,
+                       strict=False, max_panels=6, max_regions=4, region_margin=0.1, lvlm_text_prob=0.5,
+                       context_text_prob=0.0, drop_panel_kinds=("chart",), min_box_side=16.0, min_visible=0.5,
+                       crop_scale=(0.9, 1.0),  # data.samples.SampleConfig says why these
                        text_cache=True)  # the text tower is frozen: each text is embedded once, up front
     # Held-out retrieval at the three levels (each process embeds its share) and zero-shot
     # classification on MedMNIST built as TFDS datasets (python -m zoomin_jax.data.medmnist_tfds).

@@ -5,6 +5,7 @@ import numpy as np
 import open_clip
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
+from PIL import Image
 
 from annotate.synth import synthesize, write_truth_records
 from conftest import run_cli, two_processes
@@ -13,7 +14,7 @@ from zoomin_jax.data import samples
 from zoomin_jax.data.pipeline import build_index, item_rows, make_dataset
 from zoomin_jax.data.source import RecordSource
 from zoomin_jax.errors import UserError
-from zoomin_jax.image_transform import normalize
+from zoomin_jax.image_transform import eval_uint8, normalize
 
 CFG = samples.SampleConfig(image_size=64, patch_size=8, max_panels=3, max_regions=2)
 
@@ -32,6 +33,8 @@ def test_one_batch_per_level(shards):
     figure = make_dataset(shards["heuristic"], "figure", 4, cfg=CFG)[0]
     assert figure["image"].shape == (4, 64, 64, 3) and figure["image"].dtype == np.uint8
     assert figure["panel_images"].shape == (4, 3, 64, 64, 3) and figure["panel_tokens"].shape == (4, 3, 77)
+    assert figure["text_id"].shape == (4,) and figure["panel_text_id"].shape == (4, 3)
+    assert figure["text_id"].dtype == figure["panel_text_id"].dtype == np.int32
     assert figure["panel_mask"].any(axis=1).all() and (figure["tokens"][:, 0] == 49406).all()
     # Padded slots are empty.
     assert (figure["panel_images"][~figure["panel_mask"]] == 0).all()
@@ -83,12 +86,6 @@ def test_region_pixels_match_open_clip_on_the_pil_crop(shards):
                            min(image.width, round(x1 + dx)), min(image.height, round(y1 + dy))))
     expected = open_clip.image_transform(224, is_train=False)(pil_crop).numpy().transpose(1, 2, 0)
     assert np.abs(normalize(example["image"]) - expected).max() <= 1e-5
-
-
-def test_region_box_in_the_panel_token_grid_by_hand():
-    # Panel 400x200 -> resize to 448x224, center crop drops 112 px on the left; patch 14.
-    grid = samples.box_in_grid([300, 100, 356, 156], [100, 50, 500, 250], samples.SampleConfig())
-    np.testing.assert_allclose(grid, [8.0, 4.0, 12.48, 8.48], atol=1e-5)
 
 
 def test_corrupt_record_strict_names_it_default_skips_and_counts(tmp_path, shards):
@@ -175,14 +172,6 @@ def test_training_views_are_random_resized_crops_without_flips(shards):
         assert 0.3 * 0.97 <= w * h / 80000 <= 0.6 * 1.03
 
 
-def test_region_box_under_a_random_crop_by_hand():
-    # Region at crop pixels x 200..256, y 50..106; the view shows the crop's (50, 0, 200, 200) at 224 px
-    # (x1.12): x 168..230.7 px, y 56..118.7 px; the right edge leaves the 16-token grid and is clipped.
-    grid = samples.box_in_grid([300, 100, 356, 156], [100, 50, 500, 250], samples.SampleConfig(),
-                               rect=(50.0, 0.0, 200.0, 200.0))
-    np.testing.assert_allclose(grid, [12.0, 4.0, 16.0, 8.48], atol=1e-5)
-
-
 def test_panel_text_mixes_in_lvlm_descriptions():
     panel = {"text": "(A) PAS stain.", "text_lvlm": "A kidney section."}
     always = samples.SampleConfig(lvlm_text_prob=1.0)
@@ -213,3 +202,132 @@ def test_bench_prints_rates_and_where_the_time_goes(shards):
     assert list(stages) == ["read record", "decode image", "crop", "convert", "resize", "tokenize", "other"]
     percent = {stage: float(share.rstrip("%")) for stage, share in stages.items()}
     assert abs(sum(percent.values()) - 100) <= len(percent) and percent["decode image"] > 0
+
+
+def ramp_image(width: int, height: int) -> Image.Image:
+    """Red = x / 2, green = y / 2: a view's pixels say which part of the image it shows."""
+    x, y = np.meshgrid(np.arange(width), np.arange(height))
+    return Image.fromarray(np.stack([x // 2, y // 2, np.full_like(x, 128)], -1).astype(np.uint8))
+
+
+def hand_record(panels, regions=(), caption="A figure.", context=()) -> dict:
+    """A figure record's fields that samples reads, from panel boxes and (panel, box, text) regions."""
+    return {"caption": caption, "context": list(context),
+            "panels": [{"panel_id": n, "box": list(box), "text": f"panel {n}", "text_lvlm": "", "kind": "photo"}
+                       for n, box in enumerate(panels)],
+            "regions": [{"panel_id": panel, "box": list(box), "text_sub": text, "text_lvlm": ""}
+                        for panel, box, text in regions]}
+
+
+def test_region_boxes_in_the_panel_grid_are_the_region_crops_by_hand():
+    """Panel 400x200 at (100, 50): its eval view (448x224, 112 px cut on the left) shows image x
+    200..400, y 50..250 at 1.12 px per pixel, 0.08 tokens of 14 px. Region 1 (56 px) with its 10%
+    margin is the crop (294, 94, 362, 162); region 2 has 75% of its box in view, its crop is cut at
+    x = 400, and its eval view shows the centre 34x34 of that 34x48 crop; region 3 is 37.5% in view:
+    not paired; region 4 has no text: the caption."""
+    record = hand_record([(100, 50, 500, 250)], [(0, (300, 100, 356, 156), "arrow"), (0, (370, 150, 410, 190), "star"),
+                                                 (0, (385, 100, 425, 140), "cut"), (0, (250, 60, 290, 100), "")])
+    image = ramp_image(600, 300)
+    example = samples.panel_example(record, 0, samples.SampleConfig(), image=image)
+    assert example["region_mask"].tolist() == [True, True, True, False]
+    np.testing.assert_allclose(example["region_grid_boxes"][:3], [
+        [94 * 0.08, 44 * 0.08, 162 * 0.08, 112 * 0.08],
+        [166 * 0.08, (170 - 17 - 50) * 0.08, 16.0, (170 + 17 - 50) * 0.08],
+        [(246 - 200) * 0.08, (56 - 50) * 0.08, (294 - 200) * 0.08, (104 - 50) * 0.08]], atol=2e-3)
+    np.testing.assert_array_equal(example["region_images"][1], eval_uint8(image.crop((366, 146, 400, 194))))
+    assert example["region_text_id"][:3].tolist() == samples.text_ids(["arrow", "star", "A figure."]).tolist()
+    assert example["text_id"] == samples.text_ids(["panel 0"])[0]
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_roi_boxes_cover_what_the_region_crops_show(train):
+    """On a ramp image, the panel-view pixels under each ROI box span the same x and y as the region
+    crop's own view (within about a pixel), in eval views and random crops."""
+    image = ramp_image(510, 510)
+    regions = [(0, (x, y, x + w, y + h), "r") for x, y, w, h in
+               [(20, 30, 120, 100), (300, 40, 150, 150), (200, 250, 100, 140), (400, 300, 99, 90), (60, 280, 130, 110)]]
+    record = hand_record([(10, 10, 500, 430)], regions)
+    cfg = samples.SampleConfig(max_regions=5, train=train, crop_scale=(0.6, 1.0))
+    checked = 0
+    for seed in range(4):
+        example = samples.panel_example(record, 0, cfg, np.random.default_rng(seed), image)
+        for box, region, valid in zip(example["region_grid_boxes"], example["region_images"], example["region_mask"]):
+            if not valid:
+                continue
+            x0, y0, x1, y1 = box * 14
+            columns = (np.arange(224) + 0.5 >= x0) & (np.arange(224) + 0.5 < x1)
+            rows = (np.arange(224) + 0.5 >= y0) & (np.arange(224) + 0.5 < y1)
+            under = example["image"][rows][:, columns].astype(float)
+            for channel in (0, 1):  # red follows x, green y
+                shown, pooled = region[..., channel].astype(float), under[..., channel]
+                assert abs(shown.mean() - pooled.mean()) <= 1.0
+                assert abs(np.ptp(shown) - np.ptp(pooled)) <= 2.5
+            checked += 1
+    assert checked >= 12
+
+
+def test_a_figure_is_paired_with_the_panels_its_view_shows():
+    """A 300x100 figure's eval view shows x 100..200: panel 1 wholly, panel 3 by 60% (its crop cut to
+    the view), panels 0 and 2 by 23%: not paired."""
+    image = ramp_image(300, 100)
+    record = hand_record([(0, 0, 130, 100), (130, 0, 170, 100), (170, 0, 300, 100), (60, 0, 160, 50)])
+    example = samples.figure_example(record, samples.SampleConfig(max_panels=4), image=image)
+    assert example["panel_mask"].tolist() == [True, True, False, False]
+    assert example["panel_text_id"][:2].tolist() == samples.text_ids(["panel 1", "panel 3"]).tolist()
+    np.testing.assert_array_equal(example["panel_images"][1], eval_uint8(image.crop((100, 0, 160, 50))))
+
+
+def test_children_beyond_the_maximum_are_sampled_not_cut():
+    """8 panels, 3 slots: each draw holds 3 distinct panels in order, a seed gives the same ones, and
+    the draws reach every panel."""
+    record = hand_record([(x, y, x + 100, y + 200) for y in (0, 200) for x in (0, 100, 200, 300)])
+    image, cfg = ramp_image(400, 400), samples.SampleConfig(max_panels=3)
+    ids = samples.text_ids([f"panel {n}" for n in range(8)]).tolist()
+    seen = set()
+    for seed in range(30):
+        drawn = samples.figure_example(record, cfg, np.random.default_rng(seed), image)["panel_text_id"].tolist()
+        positions = [ids.index(i) for i in drawn]
+        assert positions == sorted(set(positions)) and len(positions) == 3
+        seen |= set(positions)
+    assert seen == set(range(8))
+    again = [samples.figure_example(record, cfg, np.random.default_rng(5), image)["panel_text_id"] for _ in range(2)]
+    np.testing.assert_array_equal(*again)
+
+
+def test_epochs_draw_other_children(shards):
+    """Through the pipeline: the second epoch's figure examples pair other panels (figures with more
+    panels than the 2 slots)."""
+    cfg = dataclasses.replace(CFG, max_panels=2)
+    epochs = list(make_dataset(shards["truth"], "figure", 16, cfg=cfg, shuffle=False, num_epochs=2))
+    assert len(epochs) == 2
+    first, second = (epoch["panel_text_id"] for epoch in epochs)
+    assert not np.array_equal(first, second)
+    np.testing.assert_array_equal(epochs[0]["text_id"], epochs[1]["text_id"])
+
+
+def test_figure_text_mixes_in_citing_paragraphs():
+    record = hand_record([], caption="Fig. 1. Kidney.", context=["As Fig. 1 shows, the kidney...", ""])
+    always, rng = samples.SampleConfig(context_text_prob=1.0), np.random.default_rng(0)
+    assert samples.figure_text(record, always, rng) == "As Fig. 1 shows, the kidney..."  # never the empty one
+    assert samples.figure_text(record, always, None) == "Fig. 1. Kidney."  # evaluation: the caption
+    assert samples.figure_text(dict(record, context=[]), always, rng) == "Fig. 1. Kidney."
+    assert samples.figure_text(record, samples.SampleConfig(), rng) == "Fig. 1. Kidney."  # the default: captions
+    half = samples.SampleConfig(context_text_prob=0.5)
+    picks = [samples.figure_text(record, half, rng) for _ in range(400)]
+    assert 150 < picks.count("Fig. 1. Kidney.") < 250
+
+
+def test_identical_texts_have_one_id():
+    ids = samples.text_ids(["Scale bar, 50 µm.", "(A) PAS stain.", "Scale bar, 50 µm."])
+    assert ids.dtype == np.int32 and ids[0] == ids[2] != ids[1]
+
+
+def test_the_crop_fallback_is_torchvisions():
+    """A 1000x100 strip fits no crop of 90% of its area at ratios 3/4..4/3: torchvision then takes the
+    central crop of the full height at the widest allowed ratio."""
+    import torch
+    from torchvision.transforms import RandomResizedCrop
+    train = samples.SampleConfig(train=True)
+    rect = samples.random_rect(1000, 100, np.random.default_rng(0), train)
+    top, left, height, width = RandomResizedCrop.get_params(torch.zeros(3, 100, 1000), [0.9, 1.0], [3 / 4, 4 / 3])
+    assert rect == (float(left), float(top), float(width), float(height)) == (433.0, 0.0, 133.0, 100.0)

@@ -47,3 +47,24 @@ def test_scan_and_remat_give_the_plain_loss_and_gradients(plain, remat, scan):
     assert value == pytest.approx(plain, rel=1e-5)
     for path, grad in plain_grads.items():
         np.testing.assert_allclose(grads[path], grad, rtol=1e-5, atol=1e-7, err_msg=str(path))
+
+
+def test_bf16_compute_keeps_float32_state_and_stays_near_the_float32_loss(plain):
+    import jax.numpy as jnp
+    value, grads, _ = loss_and_grads("region", dtype=jnp.bfloat16)
+    assert value == pytest.approx(plain[0], rel=2e-2)  # bf16 keeps 8 bits of mantissa: ~0.4% per rounding
+    assert all(grad.dtype == jnp.float32 for grad in grads.values())
+
+    params = nnx.to_pure_dict(nnx.state(CLIP(MODEL, rngs=nnx.Rngs(0)), nnx.Param))
+    part = trainer.partition(params, RULES)
+    trainable, frozen = trainer.split(params, part)
+    optim = trainer.OptimConfig(total_steps=2)
+    tx = trainer.make_optimizer(optim, part)
+    cfg = losses.LossConfig(text_frozen=part.text_frozen, frozen_blocks=part.frozen_blocks)
+    step = trainer.make_train_step(MODEL, "region", cfg, tx, trainer.lr_schedule(optim), jnp.bfloat16)
+    state, metrics = jax.jit(step)(trainer.init_state(trainable, tx), frozen,
+                                   random_batch("region", np.random.default_rng(0), batch=4, size=32))
+    assert {leaf.dtype for leaf in jax.tree.leaves(state["params"])} == {jnp.dtype(jnp.float32)}
+    assert {leaf.dtype for leaf in jax.tree.leaves(state["opt_state"]) if jnp.issubdtype(leaf.dtype, jnp.floating)} \
+        == {jnp.dtype(jnp.float32)}
+    assert metrics["loss"].dtype == jnp.float32 and np.isfinite(float(metrics["loss"]))

@@ -4,6 +4,16 @@ and its regions' crops.
 
 All functions see the global batch: under jit with sharded inputs the similarity matrix spans every
 device's examples (XLA inserts the gathers), so the number does not depend on the mesh.
+
+Identical texts. A batch can hold one text several times (a caption reused for regions without a
+clause, a generic sub-caption, a figure published twice); data.samples tags every text with an id
+("text_id", "<child>_text_id": the same text, the same id). Plain InfoNCE would make such pairs each
+other's negatives, asking the model to tell apart two copies of one text. Here they are positives:
+a pair whose texts are identical is left out of the other's denominator, so every (image, text)
+pair is scored against true negatives only. With all texts distinct this is exactly CLIP's loss; in
+the image->text direction it is CLIP over the batch's distinct texts. We prefer it to the
+sum-of-positives form (-log Σ_pos softmax), which rewards a text by how often it is repeated and,
+for a text with several images, lets one of them carry the others.
 """
 from __future__ import annotations
 
@@ -13,11 +23,9 @@ import jax
 import jax.numpy as jnp
 
 from zoomin_jax.models.config import OPENAI_MEAN, OPENAI_STD
+from zoomin_jax.recipes import LEVEL_TERMS, check_loss_weights
 
-TERMS = {"figure": ("figure", "figure_panel_image", "figure_panel_text"),
-         "panel": ("panel", "panel_region_image", "panel_region_text", "roi"),
-         "region": ("region",)}
-ALL_TERMS = frozenset(term for terms in TERMS.values() for term in terms)
+CHILD = {"figure": "panel", "panel": "region"}
 
 
 def l2_normalize(x, eps: float = 1e-12):
@@ -27,20 +35,40 @@ def l2_normalize(x, eps: float = 1e-12):
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
-def clip_loss(a, b, scale, mask=None):
+def clip_loss(a, b, scale, mask=None, same=None):
     """½[CE(s·â b̂ᵀ, I) + CE(s·b̂ âᵀ, I)] over the batch. Rows where `mask` is False take part
-    neither as queries nor as negatives; with no valid row the loss is 0."""
+    neither as queries nor as negatives; with no valid row the loss is 0. `same` [n, n] (symmetric)
+    marks pairs of rows that are positives of each other (identical texts): each is left out of the
+    other's denominator (see the module docstring)."""
     a, b = l2_normalize(a), l2_normalize(b)
     logits = scale * a @ b.T
     n = logits.shape[0]
     valid = jnp.ones((n,), bool) if mask is None else mask.astype(bool)
+    scored = valid[:, None] & valid[None, :]
+    if same is not None:
+        scored &= ~same | jnp.eye(n, dtype=bool)
     # A finite fill, not -inf: invalid rows are computed and zeroed, and must not turn gradients NaN.
-    logits = jnp.where(valid[:, None] & valid[None, :], logits, -1e9)
+    logits = jnp.where(scored, logits, -1e9)
     positive = jnp.diagonal(logits)
     a_to_b = jnp.where(valid, jax.nn.logsumexp(logits, axis=1) - positive, 0.0)
     b_to_a = jnp.where(valid, jax.nn.logsumexp(logits, axis=0) - positive, 0.0)
     count = jnp.maximum(valid.sum(), 1)
     return 0.5 * (a_to_b.sum() + b_to_a.sum()) / count
+
+
+def same_text(ids):
+    """[n] text ids -> [n, n] pairs with identical texts."""
+    return ids[:, None] == ids[None, :]
+
+
+def same_children(ids, mask):
+    """[n, K] child text ids and mask -> [n, n] pairs of parents whose valid children hold the same
+    texts (as multisets), so their child-text means are identical."""
+    # Padding becomes the largest id and sorts last; a real id equal to it still compares right,
+    # since the counts of valid children must match too.
+    keys = jnp.sort(jnp.where(mask, ids, jnp.iinfo(ids.dtype).max), axis=1)
+    count = mask.sum(axis=1)
+    return (count[:, None] == count[None, :]) & (keys[:, None, :] == keys[None, :, :]).all(axis=-1)
 
 
 def masked_mean(children, mask):
@@ -49,38 +77,38 @@ def masked_mean(children, mask):
     return (children * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1.0)
 
 
-def roi_align(grid, boxes, samples: int = 2):
-    """Mean of samples×samples bilinear samples of a token grid inside each box.
+def roi_pool(grid, boxes):
+    """The mean of a token grid over each box, every token weighted by the area of it the box covers.
 
     grid: [B, g, g, W] patch tokens; boxes: [B, K, 4] as x0, y0, x1, y1 in token units (token j
-    covers [j, j+1), its centre is j + 0.5). Returns [B, K, W]."""
-    g = grid.shape[1]
-    steps = (jnp.arange(samples) + 0.5) / samples                        # [S]
-    xs = boxes[..., 0:1] + steps * (boxes[..., 2:3] - boxes[..., 0:1])   # [B, K, S]
-    ys = boxes[..., 1:2] + steps * (boxes[..., 3:4] - boxes[..., 1:2])
-    u = jnp.clip(xs - 0.5, 0, g - 1)  # in token-centre coordinates
-    v = jnp.clip(ys - 0.5, 0, g - 1)
-    u0, v0 = jnp.floor(u).astype(jnp.int32), jnp.floor(v).astype(jnp.int32)
-    u1, v1 = jnp.minimum(u0 + 1, g - 1), jnp.minimum(v0 + 1, g - 1)
-    fu, fv = u - u0, v - v0
+    covers [j, j+1)). Returns [B, K, W]; an empty box (padding) pools to zeros.
 
-    def gather(vi, ui):  # [B, K, S(y), S(x)] of token vectors -> [B, K, S, S, W]
-        b = jnp.arange(grid.shape[0])[:, None, None, None]
-        return grid[b, vi[..., :, None], ui[..., None, :]]
+    DESIGN: the overlap-weighted token mean rather than torchvision's adaptive bilinear sampling. It
+    is the exact mean of what the box covers (for any size, from a fraction of a token to the whole
+    grid) and it is a fixed amount of work: two [g] weight vectors per box and one contraction,
+    where adaptive sampling's ceil(box) x ceil(box) points per box would, under jit's static shapes,
+    have to be padded to g x g bilinear gathers for every box. Where box edges lie on token edges the
+    two agree (torchvision's roi_align with aligned=True then samples exactly the token centres)."""
+    cells = jnp.arange(grid.shape[1], dtype=jnp.float32)
 
-    wu, wv = fu[..., None, :, None], fv[..., :, None, None]
-    top = gather(v0, u0) * (1 - wu) + gather(v0, u1) * wu
-    bottom = gather(v1, u0) * (1 - wu) + gather(v1, u1) * wu
-    return (top * (1 - wv) + bottom * wv).mean(axis=(2, 3))
+    def cover(lo, hi):  # [B, K] edges -> [B, K, g]: the length of each token row/column inside the box
+        return jnp.clip(jnp.minimum(hi[..., None], cells + 1) - jnp.maximum(lo[..., None], cells), 0.0, 1.0)
+
+    wx, wy = cover(boxes[..., 0], boxes[..., 2]), cover(boxes[..., 1], boxes[..., 3])
+    area = wx.sum(-1) * wy.sum(-1)
+    pooled = jnp.einsum("bky,bkx,byxw->bkw", wy, wx, grid.astype(jnp.float32))
+    return pooled / jnp.where(area > 0, area, 1.0)[..., None]
 
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    weights: tuple[tuple[str, float], ...] = ()   # term -> weight; terms not named weigh 1
-    text_frozen: bool = False      # text-only terms are then constants: skipped
+    weights: tuple[tuple[str, float], ...] = ()   # term -> weight; terms not named weigh 1, weight 0 skips one
+    text_frozen: bool = False      # text embeddings carry no gradient (the text tower is not trained)
     frozen_blocks: int = 0         # leading vision blocks under stop_gradient
     remat: str = "none"            # how the trainable vision blocks are rematerialised (models.clip.REMAT_POLICIES)
-    roi_samples: int = 2
+
+    def __post_init__(self):
+        check_loss_weights(dict(self.weights))
 
     def weight(self, term: str) -> float:
         return dict(self.weights).get(term, 1.0)
@@ -91,13 +119,14 @@ def pixels_to_model(images):
     return (images.astype(jnp.float32) / 255.0 - jnp.asarray(OPENAI_MEAN)) / jnp.asarray(OPENAI_STD)
 
 
-def _encode_images(model, images, cfg: LossConfig, with_grid: bool = False):
-    """[..., H, W, 3] uint8 -> embeddings [..., D] (and the patch grid when asked)."""
+def _encode_images(model, images, cfg: LossConfig):
+    """[..., H, W, 3] uint8 -> (embeddings [..., D], patch grid [..., g, g, W]). Embeddings leave the
+    model in float32 whatever its compute dtype: the losses' softmaxes are summed in float32."""
     lead = images.shape[:-3]
     cls, grid = model.visual.tokens(pixels_to_model(images.reshape(-1, *images.shape[-3:])), cfg.frozen_blocks,
                                     cfg.remat)
-    embeddings = model.visual.head(cls).reshape(*lead, -1)
-    return (embeddings, grid.reshape(*lead, *grid.shape[1:])) if with_grid else embeddings
+    embeddings = model.visual.head(cls).astype(jnp.float32)
+    return embeddings.reshape(*lead, -1), grid.reshape(*lead, *grid.shape[1:])
 
 
 def _encode_texts(model, tokens, cfg: LossConfig):
@@ -105,7 +134,7 @@ def _encode_texts(model, tokens, cfg: LossConfig):
     if jnp.issubdtype(tokens.dtype, jnp.floating):
         return tokens
     lead = tokens.shape[:-1]
-    embeddings = model.encode_text(tokens.reshape(-1, tokens.shape[-1])).reshape(*lead, -1)
+    embeddings = model.encode_text(tokens.reshape(-1, tokens.shape[-1])).reshape(*lead, -1).astype(jnp.float32)
     return jax.lax.stop_gradient(embeddings) if cfg.text_frozen else embeddings
 
 
@@ -115,34 +144,47 @@ def _children(embeddings, mask):
 
 
 def level_losses(model, batch: dict, level: str, cfg: LossConfig) -> tuple[jax.Array, dict]:
-    """(weighted total, {term: unweighted value}) for one level's batch (see `data.samples`)."""
+    """(weighted total, {term: unweighted value}) for one level's batch (see `data.samples`); a term
+    of weight 0 is neither computed nor logged. Text ids ("text_id", "<child>_text_id") mark
+    identical texts as positives; a batch without them (benchmarks' random batches) has all texts
+    distinct.
+
+    DESIGN: the text-side message-passing term is computed even when the text tower is frozen. Its
+    texts are then constants, but logit_scale, which the paper's recipe trains, still gets a gradient
+    from it: skipping it would train logit_scale on a different objective than the paper's and log a
+    total that is not the objective. With the text cache it costs a [B, B] similarity: on the tiny
+    preset (bench_train, configs/demo_cpu.py, text tower frozen, one CPU device, 10-step medians of two
+    runs) the figure / panel steps took 16 / 13-18 ms with it and 15-16 / 11-16 ms without. Token ids
+    through the frozen tower instead cost its forward pass over every child text (45-55 / 40-46 ms vs
+    21-25 / 15-19 ms): that is what data.text_cache is for."""
     scale = model.scale()
+    weighted = {term for term in LEVEL_TERMS[level] if cfg.weight(term)}
+    image, grid = _encode_images(model, batch["image"], cfg)
+    text = _encode_texts(model, batch["tokens"], cfg)
+    ids = batch.get("text_id")
+    same = None if ids is None else same_text(ids)
     terms = {}
-    if level == "region":
-        terms["region"] = clip_loss(_encode_images(model, batch["image"], cfg),
-                                    _encode_texts(model, batch["tokens"], cfg), scale)
-    else:
-        child = "panel" if level == "figure" else "region"
-        with_grid = level == "panel"
-        encoded = _encode_images(model, batch["image"], cfg, with_grid)
-        image, grid = encoded if with_grid else (encoded, None)
-        text = _encode_texts(model, batch["tokens"], cfg)
-        terms[level] = clip_loss(image, text, scale)
-        child_terms = [f"{level}_{child}_image"] + ([] if cfg.text_frozen else [f"{level}_{child}_text"])
-        child_terms += ["roi"] if level == "panel" else []
-        if not any(cfg.weight(term) for term in child_terms):  # e.g. plain figure-caption CLIP
-            return cfg.weight(level) * terms[level], terms
+    if level in weighted:
+        terms[level] = clip_loss(image, text, scale, same=same)
+    if level in CHILD:
+        child = CHILD[level]
         mask = batch[f"{child}_mask"]
-        child_images = _encode_images(model, batch[f"{child}_images"], cfg)
-        mean_images, has_children = _children(child_images, mask)
-        terms[f"{level}_{child}_image"] = clip_loss(image, mean_images, scale, has_children)
-        if not cfg.text_frozen:
-            mean_texts, _ = _children(_encode_texts(model, batch[f"{child}_tokens"], cfg), mask)
-            terms[f"{level}_{child}_text"] = clip_loss(text, mean_texts, scale, has_children)
-        if level == "panel":
-            pooled = model.visual.head(roi_align(grid, batch["region_grid_boxes"], cfg.roi_samples))
-            flat = pooled.shape[0] * pooled.shape[1]
-            terms["roi"] = clip_loss(pooled.reshape(flat, -1), child_images.reshape(flat, -1), scale,
-                                     mask.reshape(flat))
+        image_term, text_term = f"{level}_{child}_image", f"{level}_{child}_text"
+        if image_term in weighted or "roi" in weighted:
+            child_images, _ = _encode_images(model, batch[f"{child}_images"], cfg)
+            if image_term in weighted:
+                mean_images, has_children = _children(child_images, mask)
+                terms[image_term] = clip_loss(image, mean_images, scale, has_children)
+            if "roi" in weighted:
+                pooled = model.visual.head(roi_pool(grid, batch["region_grid_boxes"])).astype(jnp.float32)
+                flat = pooled.shape[0] * pooled.shape[1]
+                terms["roi"] = clip_loss(pooled.reshape(flat, -1), child_images.reshape(flat, -1), scale,
+                                         mask.reshape(flat))
+        if text_term in weighted:
+            mean_texts, has_children = _children(_encode_texts(model, batch[f"{child}_tokens"], cfg), mask)
+            # Parents are the same pair when their own texts or their children's texts are identical:
+            # a row (or column) equal to the positive one cannot be a negative.
+            parents = None if ids is None else same | same_children(batch[f"{child}_text_id"], mask)
+            terms[text_term] = clip_loss(text, mean_texts, scale, has_children, parents)
     total = sum(cfg.weight(term) * value for term, value in terms.items())
     return total, terms

@@ -62,8 +62,9 @@ def sample_config(config, model_cfg) -> samples.SampleConfig:
     return samples.SampleConfig(
         image_size=model_cfg.vision.image_size, patch_size=model_cfg.vision.patch_size,
         max_panels=data.max_panels, max_regions=data.max_regions, region_margin=data.region_margin,
-        lvlm_text_prob=data.lvlm_text_prob, drop_panel_kinds=tuple(data.drop_panel_kinds),
-        min_box_side=data.min_box_side, train=True)
+        lvlm_text_prob=data.lvlm_text_prob, context_text_prob=data.context_text_prob,
+        drop_panel_kinds=tuple(data.drop_panel_kinds), min_box_side=data.min_box_side,
+        min_visible=data.min_visible, crop_scale=tuple(data.crop_scale), train=True)
 
 
 def global_batch_sizes(config) -> dict[str, int]:

@@ -83,9 +83,11 @@ def open_cache(directory: str) -> TextCache:
 
 
 def record_texts(record: dict) -> Iterable[str]:
-    """Every text a record can put in a batch: the caption, panel texts and LVLM descriptions,
-    region texts (a region without any falls back to the caption)."""
+    """Every text a record can put in a batch: the caption, the citing paragraphs (figure texts
+    with data.context_text_prob), panel texts and LVLM descriptions, region texts (a region without
+    any falls back to the caption)."""
     yield record["caption"]
+    yield from (text for text in record["context"] if text)
     for panel in record["panels"]:
         yield panel["text"]
         if panel["text_lvlm"]:
