@@ -236,7 +236,7 @@ COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 
 
 def compute_dtype_of(config):
-    """config.compute_dtype: "float32" (the default; on CPU bf16 matmuls are slower) or "bfloat16"
+    """config.compute_dtype: "float32" (the default: open_clip's numbers) or "bfloat16"
     (GPU/TPU: bf16 matmuls from float32 params, whose optimizer state stays float32)."""
     name = config.get("compute_dtype", "float32")
     if name not in COMPUTE_DTYPES:
