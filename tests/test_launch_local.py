@@ -12,7 +12,7 @@ import pytest
 
 from annotate.synth import synthesize, write_truth_records
 from conftest import REPO, logged
-from zoomin_jax.losses import ALL_TERMS
+from zoomin_jax.recipes import ALL_TERMS
 
 LAUNCHER = REPO / "launch" / "gpu_local.py"
 
