@@ -115,3 +115,88 @@ def evaluate_captions(entries: list[dict], split_captions) -> dict:
     styles = {f"{kind}/{style}": scores_of(select(kind=kind, style=style), kind)
               for kind, style in sorted({(c["kind"], c["style"]) for c in per_caption})}
     return {"entries": len(entries), "slices": slices, "styles": styles, "per_caption": per_caption}
+
+
+# Real figures and composites scored with a backend's proposals directly (panels, labels, markers), for
+# the CPU backend's measures: tests/data/medicat_truth.jsonl (format in tests/data/README.md) and
+# real layouts paired with real captions.
+MARKER_IOU = 0.3  # a marker box is small: a few pixels off halve its IoU
+
+
+def load_figure_truth(path: str | Path) -> list[dict]:
+    """Hand-annotated figures, one JSON object per line: id, width, height, single, panels [{box,
+    label}], markers [{kind, box}], text_strips [box]."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def medicat_figures(truth_path: str | Path, figures_dir: str | Path) -> list[tuple]:
+    """(image, caption, truth) per annotated MedICaT figure; a file name is the record's pdf_hash, "_"
+    and its fig_uri, and the caption is its s2_caption."""
+    from PIL import Image
+    figures_dir = Path(figures_dir)
+    captions = {f"{r['pdf_hash']}_{r['fig_uri']}": r["s2_caption"]
+                for r in map(json.loads, (figures_dir / "sample.jsonl").read_text().splitlines())}
+    return [(Image.open(figures_dir / t["id"]).convert("RGB"), captions[t["id"]], t)
+            for t in load_figure_truth(truth_path)]
+
+
+def _layout_keys(labels: list[str]) -> frozenset[str] | None:
+    keys = [label_key(label, labels) for label in labels]
+    return frozenset(keys) if all(keys) and len(set(keys)) == len(keys) else None
+
+
+def layout_composites(layouts: list, entries: list[dict], seed: int = 0, per_caption: int = 1,
+                      medmnist=None) -> list[tuple]:
+    """(image, caption, truth) for real multi-panel captions drawn on real layouts whose panel labels are
+    the caption's (every panel labelled, each label once, compared as `label_key` does), the letters
+    drawn as the caption spells them; `per_caption` layouts each, picked by a seeded draw. The truth
+    has the caption dev set entry's id, split and caption."""
+    import numpy as np
+    from annotate.synth import Layout, render
+    by_keys: dict[frozenset, list] = {}
+    for layout in layouts:
+        if keys := _layout_keys([label for _, _, label in layout.panels]):
+            by_keys.setdefault(keys, []).append(layout)
+    composites = []
+    for entry in entries:
+        labels = [p["label"] for p in entry["panels"] if p["label"]]
+        fitting = by_keys.get(_layout_keys(labels) or frozenset(), [])
+        rng = np.random.default_rng([seed, zlib.crc32(entry["id"].encode())])
+        spelling = {label_key(label, labels): label for label in labels}
+        for pick in rng.choice(len(fitting), size=min(per_caption, len(fitting)), replace=False):
+            layout = fitting[int(pick)]
+            own = [label for _, _, label in layout.panels]
+            drawn = Layout(layout.name, layout.width, layout.height,
+                           [(box, label_box, spelling[label_key(label, own)]) for box, label_box, label in layout.panels])
+            image, truth = render(drawn, rng, medmnist)
+            markers = [{"kind": r["marker_kind"], "box": r["marker_box"]} for r in truth["regions"]]
+            composites.append((image, entry["caption"], {
+                "id": f"{entry['id']}@{layout.name}", "split": entry["split"], "width": truth["width"],
+                "height": truth["height"], "single": False, "panels": truth["panels"], "markers": markers}))
+    return composites
+
+
+def score_proposals(proposals: list, truths: list[dict]) -> dict:
+    """Panel P/R/F1@0.5 and label accuracy (`panel_scores`), marker recall and precision (one-to-one at
+    IoU >= MARKER_IOU, whatever panel found them), and how many single-panel figures stayed one panel."""
+    pred_panels = [[{"box": p["box"], "label": p["label"]} for p in proposal.panels] for proposal in proposals]
+    found = n_pred = n_true = 0
+    per_figure = []
+    for proposal, truth, panels in zip(proposals, truths, pred_panels, strict=True):
+        markers = [m["box"] for ms in proposal.markers.values() for m in ms]
+        true = [m["box"] for m in truth["markers"]]
+        hits = len(match_boxes(markers, true, MARKER_IOU))
+        found, n_pred, n_true = found + hits, n_pred + len(markers), n_true + len(true)
+        per_figure.append({**panel_scores([panels], [truth["panels"]]), "id": truth["id"], "predicted": len(panels),
+                           "labels": [p["label"] for p in panels], "markers_found": hits, "markers": len(true)})
+    singles = [f for f, t in zip(per_figure, truths) if t["single"]]
+    return {"panels": panel_scores(pred_panels, [t["panels"] for t in truths]),
+            "markers": {"markers": n_true, "recall": found / max(n_true, 1), "precision": found / max(n_pred, 1)},
+            "single": {"figures": len(singles), "kept_single": sum(f["predicted"] == 1 and f["f1"] == 1 for f in singles)},
+            "per_figure": per_figure}
+
+
+def evaluate_backend(backend, figures: list[tuple]) -> dict:
+    """`score_proposals` of a backend's proposals for (image, caption, truth) figures."""
+    proposals = backend.propose([image for image, _, _ in figures], [caption for _, caption, _ in figures])
+    return score_proposals(proposals, [truth for _, _, truth in figures])

@@ -55,15 +55,16 @@ def match_boxes(predicted: list, reference: list, iou_threshold: float = 0.5) ->
 
 def panel_scores(predicted: list[list[dict]], reference: list[list[dict]]) -> dict:
     """Micro precision / recall / F1 of panel boxes at IoU 0.5, and label accuracy over matched
-    reference panels that carry a label."""
+    reference panels that carry a label (compared as `label_key` does: "(a)" reads as "A")."""
     true_pos = n_pred = n_ref = labelled = labels_right = 0
     for pred, ref in zip(predicted, reference, strict=True):
         pairs = match_boxes([p["box"] for p in pred], [r["box"] for r in ref])
+        among = [r["label"] for r in ref]
         true_pos, n_pred, n_ref = true_pos + len(pairs), n_pred + len(pred), n_ref + len(ref)
         for p, r in pairs:
             if ref[r]["label"]:
                 labelled += 1
-                labels_right += pred[p]["label"] == ref[r]["label"]
+                labels_right += label_key(pred[p]["label"], among) == label_key(ref[r]["label"], among)
     precision, recall = true_pos / max(n_pred, 1), true_pos / max(n_ref, 1)
     return {"figures": len(reference), "panels": n_ref, "precision": precision, "recall": recall,
             "f1": 2 * precision * recall / max(precision + recall, 1e-12),
