@@ -15,8 +15,8 @@ from annotate.pipeline import Proposal
 
 
 class HeuristicBackend:
-    """XY-cut panels, labels read from the glyphs printed in them, solid-colour arrows found in each
-    panel (markers, which become 'marker' regions; no caption-phrase boxes)."""
+    """XY-cut panels grouped into labelled units, labels read from the glyphs printed in them, arrows
+    found in each panel (markers, which become 'marker' regions; no caption-phrase boxes)."""
     name = "heuristic"
     model_id = "xy-cut+glyph-labels+colour-arrows"
 
@@ -24,8 +24,10 @@ class HeuristicBackend:
                  marker_cfg: MarkerConfig = MarkerConfig()):
         self.split_cfg, self.label_cfg, self.marker_cfg = split_cfg, label_cfg, marker_cfg
 
-    def panel_boxes(self, image: Image.Image) -> list[list[float]]:
-        return split_panels(image, self.split_cfg)
+    def panel_boxes(self, image: Image.Image, caption: str = "") -> list[list[float]]:
+        """The labelled units; the caption's labels, where given, help read the glyphs."""
+        labels = [p["label"] for p in split_caption(caption) if p["label"]]
+        return split_panels(image, self.split_cfg, labels, self.label_cfg)
 
     def proposal(self, image: Image.Image, caption: str, boxes: list[list[float]]) -> Proposal:
         """Labels and markers of the panels `panel_boxes` found."""
@@ -35,7 +37,7 @@ class HeuristicBackend:
                         markers=markers)
 
     def propose(self, images: list[Image.Image], captions: list[str]) -> list[Proposal]:
-        return [self.proposal(image, caption, self.panel_boxes(image))
+        return [self.proposal(image, caption, self.panel_boxes(image, caption))
                 for image, caption in zip(images, captions, strict=True)]
 
 
