@@ -177,7 +177,8 @@ class _Grouper:
         and, in a figure that names no labels, each a picture (a diagram's parts are not)."""
         boxes = [_union([u[0] for u in part]) for part in parts]
         largest = max(_area(b) for b in boxes)
-        return node.gutter and all(_area(b) >= self.splitter.cfg.picture_area_ratio * largest
+        # Touching panels parted at a sharp boundary count where the caption says panels were missed.
+        return (node.gutter or self.keep_separate) and all(_area(b) >= self.splitter.cfg.picture_area_ratio * largest
                                    and (self.keep_separate or self.splitter.is_picture(b)) for b in boxes)
 
     def units(self, node: Node) -> list[list]:
