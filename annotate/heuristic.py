@@ -231,7 +231,7 @@ def panel_units(image: Image.Image, caption_labels=(), cfg: SplitConfig = SplitC
     if tree is None:
         return []
     boxes = [box for box in leaves(tree) if not splitter.is_text_strip(box, tree.box)]
-    labels = read_labels(image, boxes, list(caption_labels), label_cfg, fill_in_order=False)
+    labels = read_labels(image, boxes, list(caption_labels), label_cfg, in_order=False)
     read_keys = {label_key(label, caption_labels) for label in labels if label}
     grouper = _Grouper(splitter, dict(zip(boxes, labels)), keep_separate=not _expected(caption_labels, read_keys) <= read_keys)
     units = grouper.units(tree)

@@ -107,6 +107,9 @@ def glyph_candidates(gray: np.ndarray, box, cfg: LabelConfig = LabelConfig()) ->
                 if found is None:
                     continue
                 mask, (gy, gx), apart = found
+                h, w = mask.shape
+                if h < cfg.min_height or w > cfg.max_width_ratio * h * len(group):
+                    continue  # neither a glyph nor a circled one
                 mask, (gy, gx) = _circled(mask, (gy, gx), cfg)
                 h, w = mask.shape
                 if mask.mean() > cfg.max_fill and w > cfg.max_fill_width * h:
@@ -171,21 +174,24 @@ def label_vocabulary(caption_labels: list[str], panels: int) -> list[str]:
 
 
 def _owner(centre, corners: np.ndarray) -> int:
-    """The panel a glyph labels: one that contains it, else the nearest, where a glyph below or right of
-    a panel counts as farther (labels sit above and left of their panels, or inside them)."""
+    """The panel a glyph labels: one that contains it, else the one with a corner nearest to it (labels
+    sit at a panel's corner, inside or just outside it; a glyph between two panels is nearer the corner
+    of its own than the edge of the other)."""
     cx, cy = centre
-    left, right = np.maximum(0, corners[:, 0] - cx), np.maximum(0, cx - corners[:, 2])
-    above, below = np.maximum(0, corners[:, 1] - cy), np.maximum(0, cy - corners[:, 3])
-    return int(np.argmin(np.hypot(left + 2 * right, above + 2 * below)))
+    inside = (corners[:, 0] <= cx) & (cx <= corners[:, 2]) & (corners[:, 1] <= cy) & (cy <= corners[:, 3])
+    if inside.any():
+        return int(np.argmax(inside))
+    xs, ys = corners[:, [0, 2]] - cx, corners[:, [1, 3]] - cy
+    return int(np.argmin(np.hypot(np.abs(xs).min(axis=1), np.abs(ys).min(axis=1))))
 
 
 def read_labels(image: Image.Image, boxes: list, caption_labels: list[str],
-                cfg: LabelConfig = LabelConfig(), fill_in_order: bool = True) -> list[str]:
+                cfg: LabelConfig = LabelConfig(), in_order: bool = True) -> list[str]:
     """The label printed in each panel ("" where none is read). Each glyph labels one panel (`_owner`).
     A glyph reads as one of the caption's labels when it matches it well enough, or as another letter
     (`label_vocabulary`) when it matches that confidently and stands well apart: a clear glyph wins over
-    the caption. Labels are assigned one to one; with `fill_in_order`, panels left without one take the
-    caption's remaining labels in reading order when the counts agree."""
+    the caption. Labels are assigned one to one; with `in_order`, panels left without one take the
+    caption's remaining labels in reading order when the counts agree (`fill_in_order`)."""
     labels = list(dict.fromkeys(label for label in caption_labels if label))
     if not boxes:
         return []
@@ -212,12 +218,19 @@ def read_labels(image: Image.Image, boxes: list, caption_labels: list[str],
     for i, j in zip(*linear_sum_assignment(-scores)):
         if scores[i, j] >= cfg.min_score and label_key(vocabulary[j], labels) not in {label_key(r, labels) for r in read}:
             read[i] = vocabulary[j]
-    if fill_in_order:
-        rest = [label for label in labels if label_key(label, labels) not in {label_key(r, labels) for r in read}]
-        if len(rest) == read.count(""):
-            rest = iter(rest)
-            read = [label or next(rest) for label in read]
-    return read
+    return fill_in_order(read, labels) if in_order else read
+
+
+def fill_in_order(read: list[str], caption_labels: list[str]) -> list[str]:
+    """Panels without a label read take the caption's labels not read, in reading order, when as many
+    are left as panels."""
+    labels = [label for label in caption_labels if label]
+    taken = {label_key(r, labels) for r in read if r}
+    rest = list(dict.fromkeys(label for label in labels if label_key(label, labels) not in taken))
+    if len(rest) != read.count(""):
+        return read
+    rest = iter(rest)
+    return [label or next(rest) for label in read]
 
 
 def _glyph_groups(pieces: list, max_pieces: int = 3) -> list[list]:
