@@ -25,7 +25,8 @@ def test_arrow_precision_recall_on_150_real_layouts(zou_composites):
     precision, recall = true_pos / max(n_pred, 1), true_pos / max(n_true, 1)
     print(f"arrows: precision {precision:.3f} recall {recall:.3f} ({true_pos} of {n_pred} found, {n_true} true)")
     assert n_true > 150
-    # Measured P 0.902, R 0.943 here (175 arrows); most misses are red arrows on the red fundus.
+    # Measured P 0.902, R 0.943 here (175 arrows); most misses are red arrows on the red fundus. With white
+    # and black arrows searched too (issue 16): P 0.887, R 0.943.
     assert precision >= 0.85 and recall >= 0.90
 
 
