@@ -8,15 +8,15 @@ from PIL import Image
 
 from annotate.captions import split_caption
 from annotate.config import AnnotateConfig
-from annotate.heuristic import SplitConfig, split_panels
-from annotate.labels import LabelConfig, read_labels
+from annotate.heuristic import SplitConfig, panel_units, split_panels
+from annotate.labels import LabelConfig, fill_in_order, read_labels
 from annotate.markers import MarkerConfig, find_markers
 from annotate.pipeline import Proposal
 
 
 class HeuristicBackend:
-    """XY-cut panels, labels read from the glyphs printed in them, solid-colour arrows found in each
-    panel (markers, which become 'marker' regions; no caption-phrase boxes)."""
+    """XY-cut panels grouped into labelled units, labels read from the glyphs printed in them, arrows
+    found in each panel (markers, which become 'marker' regions; no caption-phrase boxes)."""
     name = "heuristic"
     model_id = "xy-cut+glyph-labels+colour-arrows"
 
@@ -24,19 +24,29 @@ class HeuristicBackend:
                  marker_cfg: MarkerConfig = MarkerConfig()):
         self.split_cfg, self.label_cfg, self.marker_cfg = split_cfg, label_cfg, marker_cfg
 
-    def panel_boxes(self, image: Image.Image) -> list[list[float]]:
-        return split_panels(image, self.split_cfg)
+    def panel_boxes(self, image: Image.Image, caption: str = "") -> list[list[float]]:
+        """The labelled units; the caption's labels, where given, help read the glyphs."""
+        labels = [p["label"] for p in split_caption(caption) if p["label"]]
+        return split_panels(image, self.split_cfg, labels, self.label_cfg)
 
-    def proposal(self, image: Image.Image, caption: str, boxes: list[list[float]]) -> Proposal:
-        """Labels and markers of the panels `panel_boxes` found."""
-        labels = read_labels(image, boxes, [p["label"] for p in split_caption(caption)], self.label_cfg)
+    def proposal(self, image: Image.Image, caption: str, boxes: list[list[float]],
+                 labels: list[str] | None = None) -> Proposal:
+        """Labels (read here unless given) and markers of the panels `panel_boxes` found."""
+        caption_labels = [p["label"] for p in split_caption(caption)]
+        if labels is None:
+            labels = read_labels(image, boxes, caption_labels, self.label_cfg)
         markers = {k: found for k, box in enumerate(boxes) if (found := find_markers(image, box, self.marker_cfg))}
         return Proposal([{"box": box, "label": label, "score": 1.0} for box, label in zip(boxes, labels)],
                         markers=markers)
 
     def propose(self, images: list[Image.Image], captions: list[str]) -> list[Proposal]:
-        return [self.proposal(image, caption, self.panel_boxes(image))
-                for image, caption in zip(images, captions, strict=True)]
+        proposals = []
+        for image, caption in zip(images, captions, strict=True):
+            caption_labels = [p["label"] for p in split_caption(caption) if p["label"]]
+            units = panel_units(image, caption_labels, self.split_cfg, self.label_cfg)
+            proposals.append(self.proposal(image, caption, [box for box, _ in units],
+                                           fill_in_order([label for _, label in units], caption_labels)))
+        return proposals
 
 
 class PrefilteredBackend:

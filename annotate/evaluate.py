@@ -146,11 +146,11 @@ def _layout_keys(labels: list[str]) -> frozenset[str] | None:
 
 
 def layout_composites(layouts: list, entries: list[dict], seed: int = 0, per_caption: int = 1,
-                      medmnist=None) -> list[tuple]:
+                      medmnist=None, real_features: bool = True) -> list[tuple]:
     """(image, caption, truth) for real multi-panel captions drawn on real layouts whose panel labels are
     the caption's (every panel labelled, each label once, compared as `label_key` does), the letters
     drawn as the caption spells them; `per_caption` layouts each, picked by a seeded draw. The truth
-    has the caption dev set entry's id, split and caption."""
+    has the caption dev set entry's id, split and caption; `real_features` as `synth.render` takes it."""
     import numpy as np
     from annotate.synth import Layout, render
     by_keys: dict[frozenset, list] = {}
@@ -168,11 +168,12 @@ def layout_composites(layouts: list, entries: list[dict], seed: int = 0, per_cap
             own = [label for _, _, label in layout.panels]
             drawn = Layout(layout.name, layout.width, layout.height,
                            [(box, label_box, spelling[label_key(label, own)]) for box, label_box, label in layout.panels])
-            image, truth = render(drawn, rng, medmnist)
+            image, truth = render(drawn, rng, medmnist, real_features)
             markers = [{"kind": r["marker_kind"], "box": r["marker_box"]} for r in truth["regions"]]
             composites.append((image, entry["caption"], {
                 "id": f"{entry['id']}@{layout.name}", "split": entry["split"], "width": truth["width"],
-                "height": truth["height"], "single": False, "panels": truth["panels"], "markers": markers}))
+                "height": truth["height"], "single": False, "panels": truth["panels"], "markers": markers,
+                "text_strips": truth["text_strips"]}))
     return composites
 
 

@@ -1,9 +1,14 @@
-"""CPU panel splitter: recursive XY-cuts at background gutters or at straight panel boundaries.
+"""CPU panel splitter: recursive XY-cuts at background gutters or at straight panel boundaries, then
+the pieces grouped into labelled units.
 
 A cut goes where a band of rows (or columns) is all background — the gutter between panels — or,
 for panels that touch, where the change across one line stands far above the texture around it
 over content on both sides. Each piece is trimmed to its content and split again until nothing cuts.
-Panels come back in reading order; `annotate.labels` reads which caption label each one carries.
+The cuts make a tree whose leaves are sub-images; burned-in text strips (a caption under the figure)
+are dropped, `annotate.labels` reads the label printed at each leaf, and walking the tree, leaves with
+no label of their own join the labelled unit they sit beside in layout order (a grid of micrographs
+under one letter is one panel). Where no label is read, a figure stays one panel unless its parts
+are clearly separate pictures. Panels come back in reading order.
 """
 from __future__ import annotations
 
@@ -11,6 +16,10 @@ import dataclasses
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
+
+from annotate.captions import label_key
+from annotate.labels import LabelConfig, read_labels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +33,23 @@ class SplitConfig:
     min_panel_pixels: int = 24
     min_content_fraction: float = 0.02   # a piece with less foreground is a stray mark, not a panel
     max_depth: int = 6
+    # Parts of a figure without labels are separate pictures when a gutter parts them and each is a
+    # picture (content over this share of its box) of at least this share of the largest one's area.
+    picture_fill: float = 0.5
+    picture_area_ratio: float = 0.2
+    # A text strip (a burned-in caption, a line of the page): a leaf at the figure's top or bottom, this
+    # many times as wide as high, whose ink is glyphs of at most this height in pixels.
+    text_aspect: float = 3.0
+    text_max_glyph: int = 40
+
+
+@dataclasses.dataclass
+class Node:
+    """A piece of the XY-cut tree: its box, and the pieces a cut along `axis` (0: rows) made of it."""
+    box: tuple[int, int, int, int]
+    children: list["Node"] = dataclasses.field(default_factory=list)
+    axis: int | None = None
+    gutter: bool = False  # cut at background gutters, not at touching boundaries
 
 
 def _background_value(gray: np.ndarray) -> float:
@@ -79,10 +105,11 @@ class _Splitter:
                 cuts.append(cut)
         return [c for n, c in enumerate(cuts) if n == 0 or c - cuts[n - 1] > 1]
 
-    def split(self, box, depth=0) -> list[tuple[int, int, int, int]]:
+    def split(self, box, depth=0) -> Node | None:
+        """The XY-cut tree of a box, None where it holds no panel."""
         box = self.trim(box)
         if box is None:
-            return []
+            return None
         x0, y0, x1, y1 = box
         if depth < self.cfg.max_depth:
             fg, gray = self.foreground[y0:y1, x0:x1], self.gray[y0:y1, x0:x1]
@@ -94,20 +121,129 @@ class _Splitter:
                     bounds = [0, *cuts, (y1 - y0) if axis == 0 else (x1 - x0)]
                     pieces = [(x0, y0 + a, x1, y0 + b) if axis == 0 else (x0 + a, y0, x0 + b, y1)
                               for a, b in zip(bounds[:-1], bounds[1:])]
-                    return [leaf for piece in pieces for leaf in self.split(piece, depth + 1)]
+                    children = [node for piece in pieces if (node := self.split(piece, depth + 1))]
+                    if len(children) == 1:
+                        return children[0]
+                    return Node(box, children, axis, find == "gutter") if children else None
         if (x1 - x0) < self.min_w or (y1 - y0) < self.min_h:
-            return []
+            return None
         if self.foreground[y0:y1, x0:x1].mean() < self.cfg.min_content_fraction:
+            return None
+        return Node(box)
+
+    def is_text_strip(self, box, root) -> bool:
+        """A leaf at the top or bottom of the figure that is a line or two of text: wide, and its ink
+        (against its own background, a grey caption bar too) only glyph-sized pieces."""
+        x0, y0, x1, y1 = box
+        if not (y0 <= root[1] + 2 or y1 >= root[3] - 2) or (x1 - x0) < self.cfg.text_aspect * (y1 - y0):
+            return False
+        piece = self.gray[y0:y1, x0:x1]
+        ink = np.abs(piece - np.median(piece)) > 4 * self.cfg.background_tolerance
+        pieces = ndimage.find_objects(ndimage.label(ink)[0])
+        if len(pieces) < 4:
+            return False
+        return max(p[0].stop - p[0].start for p in pieces) <= min(self.cfg.text_max_glyph, 0.8 * (y1 - y0))
+
+    def is_picture(self, box) -> bool:
+        x0, y0, x1, y1 = box
+        return self.foreground[y0:y1, x0:x1].mean() >= self.cfg.picture_fill
+
+
+def _union(boxes):
+    return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
+
+
+def _area(box) -> float:
+    return (box[2] - box[0]) * (box[3] - box[1])
+
+
+def leaves(node: Node | None) -> list[tuple[int, int, int, int]]:
+    if node is None:
+        return []
+    return [node.box] if not node.children else [leaf for child in node.children for leaf in leaves(child)]
+
+
+class _Grouper:
+    """Leaves grouped into labelled units along the tree (module docstring)."""
+
+    def __init__(self, splitter: _Splitter, label_of: dict, keep_separate: bool):
+        # keep_separate: the caption names labels left unread, so separate parts stay apart even beside a
+        # labelled one (they may be the panels whose letters were missed).
+        self.splitter, self.label_of, self.keep_separate = splitter, label_of, keep_separate
+        self.among = [label for label in label_of.values() if label]
+
+    def separate(self, node: Node, parts: list[list]) -> bool:
+        """Whether the parts are separate pictures: parted by gutters, none much smaller than the largest,
+        and, in a figure that names no labels, each a picture (a diagram's parts are not)."""
+        boxes = [_union([u[0] for u in part]) for part in parts]
+        largest = max(_area(b) for b in boxes)
+        # Touching panels parted at a sharp boundary count where the caption says panels were missed.
+        return (node.gutter or self.keep_separate) and all(_area(b) >= self.splitter.cfg.picture_area_ratio * largest
+                                   and (self.keep_separate or self.splitter.is_picture(b)) for b in boxes)
+
+    def units(self, node: Node) -> list[list]:
+        """[box, label] of each unit in the node."""
+        if not node.children:
+            return [[node.box, self.label_of[node.box]]] if node.box in self.label_of else []
+        parts = [part for child in node.children if (part := self.units(child))]
+        if not parts:
             return []
-        return [box]
+        labelled = [n for n, part in enumerate(parts) if any(label for _, label in part)]
+        keys = {label_key(label, self.among) for n in labelled for _, label in parts[n]}
+        separate = self.separate(node, parts)
+        if len(keys) <= 1 and not (separate and (not keys or self.keep_separate)):
+            every = [u for part in parts for u in part]
+            return [[_union([u[0] for u in every]), next((label for _, label in every if label), "")]]
+        if not labelled or (separate and self.keep_separate):
+            return [u for part in parts for u in part]
+        # Unlabelled parts join the labelled part before them (the one after them when they come first),
+        # each of their units the unit it lines up with across the cut.
+        across = (0, 2) if node.axis == 0 else (1, 3)
+        result = []
+        for n, part in enumerate(parts):
+            if n in labelled:
+                result += part
+                continue
+            before = [m for m in labelled if m < n]
+            host = parts[before[-1] if before else labelled[0]]
+            for box, _ in part:
+                overlap = [min(box[across[1]], h[0][across[1]]) - max(box[across[0]], h[0][across[0]]) for h in host]
+                target = host[int(np.argmax(overlap))]
+                target[0] = _union([target[0], box])
+        return result
 
 
-def split_panels(image: Image.Image, cfg: SplitConfig = SplitConfig()) -> list[list[float]]:
-    """Panel boxes [x0, y0, x1, y1] in image pixels, in reading order."""
+def _expected(caption_labels, read_keys: set[str]) -> set[str]:
+    """The label keys a figure should show: the caption's, or where it names none, the letters up to the
+    last one read ("a", "d" read: a to d)."""
+    if named := {label_key(label, caption_labels) for label in caption_labels if label}:
+        return named
+    letters = [key for key in read_keys if len(key) == 1 and key.isalpha()]
+    return {chr(c) for c in range(ord("a"), ord(max(letters)) + 1)} if letters else set()
+
+
+def panel_units(image: Image.Image, caption_labels=(), cfg: SplitConfig = SplitConfig(),
+                label_cfg: LabelConfig = LabelConfig()) -> list[tuple[list[float], str]]:
+    """(box, label read) of each labelled unit, in reading order (module docstring)."""
     gray = np.asarray(image.convert("L"), dtype=np.float32)
     splitter = _Splitter(gray, cfg)
-    boxes = splitter.split((0, 0, gray.shape[1], gray.shape[0]))
-    return [[float(v) for v in box] for box in reading_order(boxes)]
+    tree = splitter.split((0, 0, gray.shape[1], gray.shape[0]))
+    if tree is None:
+        return []
+    boxes = [box for box in leaves(tree) if not splitter.is_text_strip(box, tree.box)]
+    labels = read_labels(image, boxes, list(caption_labels), label_cfg, in_order=False)
+    read_keys = {label_key(label, caption_labels) for label in labels if label}
+    grouper = _Grouper(splitter, dict(zip(boxes, labels)), keep_separate=not _expected(caption_labels, read_keys) <= read_keys)
+    units = grouper.units(tree)
+    by_box = {tuple(box): label for box, label in units}
+    return [([float(v) for v in box], by_box[tuple(box)]) for box in reading_order([tuple(b) for b, _ in units])]
+
+
+def split_panels(image: Image.Image, cfg: SplitConfig = SplitConfig(), caption_labels=(),
+                 label_cfg: LabelConfig = LabelConfig()) -> list[list[float]]:
+    """Panel boxes [x0, y0, x1, y1] in image pixels, in reading order: the labelled units of
+    `panel_units`."""
+    return [box for box, _ in panel_units(image, caption_labels, cfg, label_cfg)]
 
 
 def reading_order(boxes):

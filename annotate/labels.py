@@ -16,6 +16,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
+from skimage.morphology import convex_hull_image
+
+from annotate.captions import label_key
 
 GLYPH = 24  # side of the normalised glyph, in pixels
 GLYPH_BLUR = 1.5  # Gaussian sigma: forgives stroke-weight and serif differences between typefaces
@@ -28,9 +31,18 @@ class LabelConfig:
     min_height: int = 5              # glyph height in pixels…
     max_height_fraction: float = 0.3  # …and at most this share of the panel's shorter side
     max_width_ratio: float = 1.6     # of one character's width to its height
+    max_fill: float = 0.8            # share of its box a glyph's ink fills at most, unless it is a bar…
+    max_fill_width: float = 0.5      # …narrower than this share of its height ("I", "l", "1")
     ring: int = 1                    # background pixels required around a candidate
     ring_ink_fraction: float = 0.1   # ink allowed in that ring
-    min_score: float = 0.55          # correlation with the rendered label to accept a reading
+    min_score: float = 0.55          # correlation with the rendered label to accept a reading of a caption label…
+    confident_score: float = 0.75    # …and of a letter the caption does not name,
+    confident_margin: float = 0.05   # that far above its next best reading,
+    apart_margin: float = 0.3        # with background this share of its height all around…
+    apart_ink_fraction: float = 0.02  # …holding at most this share of ink
+    disc_fill: float = 0.7           # a circled label: its filled disc covers this share of its box…
+    disc_holes: float = 0.1          # …the letter's holes this share of the disc…
+    disc_letter_solidity: float = 0.7  # …and at most this share of their convex hull
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,8 +86,10 @@ def _edge_bands(box, width: int, height: int, cfg: LabelConfig):
         yield max(0, x0 - outside), max(0, top), min(width, x1 + outside), min(height, bottom)
 
 
-def glyph_candidates(gray: np.ndarray, box, cfg: LabelConfig = LabelConfig()) -> list[tuple[np.ndarray, tuple]]:
-    """(ink mask, centre x/y in the image) of each isolated glyph group in the box's edge bands."""
+def glyph_candidates(gray: np.ndarray, box, cfg: LabelConfig = LabelConfig()) -> list[tuple[np.ndarray, tuple, bool]]:
+    """(ink mask, centre x/y in the image, whether it stands well apart) of each isolated glyph group in
+    the box's edge bands. A light disc or square with dark holes (a circled label) gives its holes: the
+    letter, not the disc."""
     x0, y0, x1, y1 = box
     max_height = cfg.max_height_fraction * min(x1 - x0, y1 - y0)
     candidates = []
@@ -92,56 +106,131 @@ def glyph_candidates(gray: np.ndarray, box, cfg: LabelConfig = LabelConfig()) ->
                 found = _isolated_ink(ink, components, group, cfg)
                 if found is None:
                     continue
-                mask, (gy, gx) = found
+                mask, (gy, gx), apart = found
                 h, w = mask.shape
+                if h < cfg.min_height or w > cfg.max_width_ratio * h * len(group):
+                    continue  # neither a glyph nor a circled one
+                mask, (gy, gx) = _circled(mask, (gy, gx), cfg)
+                h, w = mask.shape
+                if mask.mean() > cfg.max_fill and w > cfg.max_fill_width * h:
+                    continue  # a filled patch (a label's backing box, a blob): no letter fills its box
                 if cfg.min_height <= h <= max_height and w <= cfg.max_width_ratio * h * len(group):
-                    candidates.append((mask, (wx0 + gx + w / 2, wy0 + gy + h / 2)))
+                    candidates.append((mask, (wx0 + gx + w / 2, wy0 + gy + h / 2), apart))
     return candidates
 
 
+def _circled(mask: np.ndarray, origin: tuple[int, int], cfg: LabelConfig):
+    """The letter inside a filled disc or square (its holes), else the mask itself; with its top-left.
+    The holes of a letter's own counters ("D", "o") are convex blobs; a letter's strokes are not."""
+    filled = ndimage.binary_fill_holes(mask)
+    letter = filled & ~mask & ~ndimage.binary_dilation(~filled)  # not the anti-aliased rim
+    if filled.mean() < cfg.disc_fill or letter.sum() < cfg.disc_holes * filled.sum():
+        return mask, origin
+    if letter.sum() > cfg.disc_letter_solidity * convex_hull_image(letter).sum():
+        return mask, origin
+    rows, cols = np.flatnonzero(letter.any(1)), np.flatnonzero(letter.any(0))
+    return (letter[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1],
+            (origin[0] + int(rows[0]), origin[1] + int(cols[0])))
+
+
 def _isolated_ink(ink: np.ndarray, components: np.ndarray, group: list, cfg: LabelConfig):
-    """The group's ink cropped to its extent, and that extent's top-left (y, x), when a ring of
-    background surrounds it."""
+    """The group's ink cropped to its extent, that extent's top-left (y, x), and whether a wide margin of
+    background surrounds it, when at least a thin ring of background does."""
     ys = slice(min(b[0].start for _, b in group), max(b[0].stop for _, b in group))
     xs = slice(min(b[1].start for _, b in group), max(b[1].stop for _, b in group))
     member = ink[ys, xs] & np.isin(components[ys, xs], [n for n, _ in group])
     rows, cols = np.flatnonzero(member.any(1)), np.flatnonzero(member.any(0))
     y0, y1, x0, x1 = ys.start + rows[0], ys.start + rows[-1] + 1, xs.start + cols[0], xs.start + cols[-1] + 1
-    r = cfg.ring
-    if y0 < r or x0 < r or y1 + r > ink.shape[0] or x1 + r > ink.shape[1]:
-        return None  # touches the band's edge: cannot tell it stands alone
-    outer = ink[y0 - r:y1 + r, x0 - r:x1 + r]
-    inner = ink[y0:y1, x0:x1]
-    if outer.sum() - inner.sum() > cfg.ring_ink_fraction * (outer.size - inner.size):
+    if _ring_ink(ink, (y0, y1, x0, x1), cfg.ring) > cfg.ring_ink_fraction:
         return None
-    return member[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1], (y0, x0)
+    margin = max(cfg.ring, int(round(cfg.apart_margin * (y1 - y0))))
+    apart = _ring_ink(ink, (y0, y1, x0, x1), margin) <= cfg.apart_ink_fraction
+    return member[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1], (y0, x0), apart
+
+
+def _ring_ink(ink: np.ndarray, extent, r: int) -> float:
+    """Share of ink in the ring `r` pixels wide around an extent; 1 where the ring leaves the window
+    (cannot tell it stands alone)."""
+    y0, y1, x0, x1 = extent
+    if y0 < r or x0 < r or y1 + r > ink.shape[0] or x1 + r > ink.shape[1]:
+        return 1.0
+    outer, inner = ink[y0 - r:y1 + r, x0 - r:x1 + r], ink[y0:y1, x0:x1]
+    return float(outer.sum() - inner.sum()) / max(outer.size - inner.size, 1)
+
+
+def label_vocabulary(caption_labels: list[str], panels: int) -> list[str]:
+    """What a glyph may read as: the caption's labels, and the first letters of the alphabet (as many as
+    panels, and two more) in the caption's case, or in both where its labels give none."""
+    letters = [c for c in caption_labels if c.isalpha() and len(c) == 1]
+    count = min(26, max(panels, len(caption_labels)) + 2)
+    first = [chr(ord("a") + n) for n in range(count)]
+    if letters and all(c.isupper() for c in letters):
+        cases = [first_.upper() for first_ in first]
+    elif letters and all(c.islower() for c in letters):
+        cases = first
+    else:
+        cases = first + [c.upper() for c in first]
+    return list(dict.fromkeys([*caption_labels, *cases]))
+
+
+def _owner(centre, corners: np.ndarray) -> int:
+    """The panel a glyph labels: one that contains it, else the one with a corner nearest to it (labels
+    sit at a panel's corner, inside or just outside it; a glyph between two panels is nearer the corner
+    of its own than the edge of the other)."""
+    cx, cy = centre
+    inside = (corners[:, 0] <= cx) & (cx <= corners[:, 2]) & (corners[:, 1] <= cy) & (cy <= corners[:, 3])
+    if inside.any():
+        return int(np.argmax(inside))
+    xs, ys = corners[:, [0, 2]] - cx, corners[:, [1, 3]] - cy
+    return int(np.argmin(np.hypot(np.abs(xs).min(axis=1), np.abs(ys).min(axis=1))))
 
 
 def read_labels(image: Image.Image, boxes: list, caption_labels: list[str],
-                cfg: LabelConfig = LabelConfig()) -> list[str]:
-    """The caption label printed in each panel ("" where none is read). A glyph counts for the panel
-    that contains it, else the nearest one (bands reach outside panels). Panels whose glyph matches
-    no label confidently take the remaining labels in reading order when the counts agree."""
+                cfg: LabelConfig = LabelConfig(), in_order: bool = True) -> list[str]:
+    """The label printed in each panel ("" where none is read). Each glyph labels one panel (`_owner`).
+    A glyph reads as one of the caption's labels when it matches it well enough, or as another letter
+    (`label_vocabulary`) when it matches that confidently and stands well apart: a clear glyph wins over
+    the caption. Labels are assigned one to one; with `in_order`, panels left without one take the
+    caption's remaining labels in reading order when the counts agree (`fill_in_order`)."""
     labels = list(dict.fromkeys(label for label in caption_labels if label))
-    if not labels or not boxes:
-        return [""] * len(boxes)
+    if not boxes:
+        return []
+    vocabulary = label_vocabulary(labels, len(boxes))
+    keys = [label_key(label, labels) for label in vocabulary]
+    named = np.array([label in labels for label in vocabulary])
     gray = np.asarray(image.convert("L"))
-    scores = np.zeros((len(boxes), len(labels)))
+    scores = np.full((len(boxes), len(vocabulary)), -1.0)
     corners = np.asarray(boxes, dtype=np.float64)
-    for i, box in enumerate(boxes):
-        for ink, (cx, cy) in glyph_candidates(gray, box, cfg):
-            distance = np.hypot(np.maximum(0, np.maximum(corners[:, 0] - cx, cx - corners[:, 2])),
-                                np.maximum(0, np.maximum(corners[:, 1] - cy, cy - corners[:, 3])))
-            if distance[i] <= distance.min():
-                scores[i] = np.maximum(scores[i], label_scores(ink, labels))
+    seen = set()
+    for box in boxes:
+        for ink, centre, apart in glyph_candidates(gray, box, cfg):
+            if (where := (round(centre[0]), round(centre[1]), ink.shape)) in seen:
+                continue  # found again from a neighbour's bands
+            seen.add(where)
+            read = np.asarray(label_scores(ink, vocabulary))
+            order = np.argsort(-read)
+            runner_up = next((read[j] for j in order[1:] if keys[j] != keys[order[0]]), -1.0)
+            confident = apart and read[order[0]] >= cfg.confident_score and read[order[0]] - runner_up >= cfg.confident_margin
+            read = np.where(named | (confident & (np.arange(len(read)) == order[0])), read, -1.0)
+            owner = _owner(centre, corners)
+            scores[owner] = np.maximum(scores[owner], read)
     read = [""] * len(boxes)
     for i, j in zip(*linear_sum_assignment(-scores)):
-        if scores[i, j] >= cfg.min_score:
-            read[i] = labels[j]
-    if len(labels) == len(boxes):
-        rest = iter([label for label in labels if label not in read])
-        read = [label or next(rest) for label in read]
-    return read
+        if scores[i, j] >= cfg.min_score and label_key(vocabulary[j], labels) not in {label_key(r, labels) for r in read}:
+            read[i] = vocabulary[j]
+    return fill_in_order(read, labels) if in_order else read
+
+
+def fill_in_order(read: list[str], caption_labels: list[str]) -> list[str]:
+    """Panels without a label read take the caption's labels not read, in reading order, when as many
+    are left as panels."""
+    labels = [label for label in caption_labels if label]
+    taken = {label_key(r, labels) for r in read if r}
+    rest = list(dict.fromkeys(label for label in labels if label_key(label, labels) not in taken))
+    if len(rest) != read.count(""):
+        return read
+    rest = iter(rest)
+    return [label or next(rest) for label in read]
 
 
 def _glyph_groups(pieces: list, max_pieces: int = 3) -> list[list]:

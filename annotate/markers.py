@@ -1,7 +1,9 @@
-"""CPU marker finder: solid-colour arrows in a panel (path A of the region mining, DESIGN.md §10).
+"""CPU marker finder: solid-colour, white and black arrows in a panel (path A of the region mining,
+DESIGN.md §10).
 
-Authors draw arrows in one saturated colour that stands out from the picture. So: pixels that are
-strongly saturated, grouped into connected components of one hue; a component is an arrow when it
+Authors draw arrows in one saturated colour that stands out from the picture, or in white or black on
+grey images. So: pixels that are strongly saturated, grouped into connected components of one hue, and
+near-white and near-black grey pixels grouped apart; a component is an arrow when it
 is about one colour, elongated, and its width along the principal axis is clearly larger at one end
 (the head) than along the rest (the shaft). That width asymmetry is what tells an arrow from a bar,
 a chart line or a stained patch of tissue, whatever way the arrow points (so charts need no
@@ -21,7 +23,12 @@ from skimage.measure import label, regionprops
 
 @dataclasses.dataclass(frozen=True)
 class MarkerConfig:
-    min_chroma: int = 80                  # max-min of R, G, B: grey, white and black pixels are never a marker
+    min_chroma: int = 80                  # max-min of R, G, B: grey, white and black pixels are not a colour marker…
+    max_grey_chroma: int = 30             # …but pixels this close to grey and as light or dark as these
+    white_level: int = 225                # are white and black markers
+    black_level: int = 30
+    contrast_ring: int = 3                # pixels around a white or black component…
+    min_contrast: int = 70                # …that are on average this much darker or lighter than it
     min_saturation: float = 0.65          # chroma / max channel: pastel and brownish tissue stays out
     hue_bins: int = 12                    # components are of one hue bin; bins are centred on pure hues (red, yellow…)
     min_length: float = 15.0              # pixels along the principal axis, at least
@@ -99,6 +106,19 @@ def _arrow_score(region, pixels: np.ndarray, panel_short: float, panel_long: flo
     return float(uniform * min(1.0, ratio / (2 * cfg.min_head_ratio))), tip
 
 
+def _stands_out(region, value: np.ndarray, lightness: int, cfg: MarkerConfig) -> bool:
+    """A white (lightness 1) or black (-1) component is drawn on the picture, not a light or dark patch
+    of it, when the pixels just around it are far darker (lighter) than it."""
+    top, left, bottom, right = region.bbox
+    r = cfg.contrast_ring
+    y0, x0 = max(0, top - r), max(0, left - r)
+    window = value[y0:bottom + r, x0:right + r]
+    inside = np.zeros(window.shape, bool)
+    inside[top - y0:bottom - y0, left - x0:right - x0] = region.image
+    ring = ndimage.binary_dilation(inside, iterations=r) & ~inside
+    return bool(ring.any()) and lightness * (window[inside].mean() - window[ring].mean()) >= cfg.min_contrast
+
+
 def find_markers(image: Image.Image, panel_box, cfg: MarkerConfig = MarkerConfig()) -> list[dict]:
     """Arrows in one panel: {"box": [x0, y0, x1, y1] and "tip": [x, y] in image pixels, "kind": "arrow",
     "score"}."""
@@ -111,19 +131,25 @@ def find_markers(image: Image.Image, panel_box, cfg: MarkerConfig = MarkerConfig
     code |= coarse[..., 1].astype(np.uint32) << 6
     code |= coarse[..., 2]
     hues = _colour_table(cfg)[code]
-    if np.count_nonzero(hues) < cfg.min_area:
-        return []
-    components = label(hues, background=0, connectivity=2)
-    # Components too small to be an arrow are dropped before regionprops measures anything.
-    keep = np.bincount(components.ravel()) >= cfg.min_area
-    keep[0] = False
-    components *= keep[components]
+    # White and black arrows, as on grey radiographs and MRI: near-white or near-black pixels without
+    # colour, each its own layer (they never join a hue's component).
+    grey = pixels.astype(np.int16)
+    achromatic = (grey.max(axis=-1) - grey.min(axis=-1)) <= cfg.max_grey_chroma
+    value = grey.mean(axis=-1)
+    layers = [(label(hues, background=0, connectivity=2), 0),
+              (label(achromatic & (value >= cfg.white_level), connectivity=2), 1),
+              (label(achromatic & (value <= cfg.black_level), connectivity=2), -1)]
     short, long = min(x1 - x0, y1 - y0), max(x1 - x0, y1 - y0)
     markers = []
-    for region in regionprops(components):
-        score, tip = _arrow_score(region, pixels, short, long, cfg)
-        if score > 0:
-            top, left, bottom, right = region.bbox
-            markers.append({"box": [float(x0 + left), float(y0 + top), float(x0 + right), float(y0 + bottom)],
-                            "tip": [float(x0 + tip[1]), float(y0 + tip[0])], "kind": "arrow", "score": score})
+    for components, lightness in layers:
+        # Components too small to be an arrow are dropped before regionprops measures anything.
+        keep = np.bincount(components.ravel()) >= cfg.min_area
+        keep[0] = False
+        components *= keep[components]
+        for region in regionprops(components):
+            score, tip = _arrow_score(region, pixels, short, long, cfg)
+            if score > 0 and (lightness == 0 or _stands_out(region, value, lightness, cfg)):
+                top, left, bottom, right = region.bbox
+                markers.append({"box": [float(x0 + left), float(y0 + top), float(x0 + right), float(y0 + bottom)],
+                                "tip": [float(x0 + tip[1]), float(y0 + tip[0])], "kind": "arrow", "score": score})
     return markers

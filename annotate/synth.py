@@ -7,6 +7,11 @@ Panels are filled with real pictures that ship inside scikit-image (IHC stain, f
 fundus, microaneurysms, a CT phantom), optional MedMNIST arrays, or procedurally drawn charts; panel
 letters are drawn in their label boxes; arrows point at objects; and each caption says what is drawn
 (kind, stain, colour, count), so a model can learn from it.
+
+What real figures hold and one picture per panel would hide is drawn too: a labelled panel made of
+two or three sub-images (one letter for them all), plots with axes, ticks and tick labels, white and
+black arrows on grey pictures, circled labels (a letter in a disc), and a burned-in caption strip
+under the panels (`text_strips` in the truth: text, not a panel).
 """
 from __future__ import annotations
 
@@ -26,6 +31,10 @@ COLOURS = {"red": (200, 40, 40), "blue": (40, 70, 200), "green": (40, 150, 60), 
            "purple": (120, 50, 160), "yellow": (255, 235, 0), "cyan": (0, 210, 230)}
 # Arrows in colours that stand out on the pictures; region texts name the colour and what is under it.
 ARROW_COLOURS = ("yellow", "cyan", "red", "green")
+GREY_ARROW_COLOURS = {"white": (255, 255, 255), "black": (0, 0, 0)}  # on grey pictures, as on MRI and X-ray
+SUB_IMAGES = 0.25      # share of photo panels made of several sub-images
+CIRCLED_LABELS = 0.3   # share of figures whose letters sit in discs
+CAPTION_STRIP = 0.3    # share of figures with a burned-in caption strip under the panels
 
 
 @dataclasses.dataclass
@@ -134,12 +143,20 @@ def _fill_picture(rng, picture: np.ndarray, size: tuple[int, int]) -> Image.Imag
     return Image.fromarray(picture[y:y + ch, x:x + cw]).convert("RGB").resize((w, h), Image.BILINEAR)
 
 
-def _draw_chart(rng, size: tuple[int, int]) -> tuple[Image.Image, str]:
+def _draw_chart(rng, size: tuple[int, int], ticks: bool = True) -> tuple[Image.Image, str]:
+    """A bar chart or line plot with axes, and with ticks and tick labels unless told not to."""
     w, h = size
     image = Image.new("RGB", (w, h), "white")
     draw = ImageDraw.Draw(image)
-    left, top, right, bottom = int(w * 0.1), int(h * 0.08), int(w * 0.96), int(h * 0.9)
-    draw.line([(left, top), (left, bottom), (right, bottom)], fill="black", width=max(1, w // 150))
+    left, top, right, bottom = ((int(w * 0.16), int(h * 0.08), int(w * 0.96), int(h * 0.84)) if ticks
+                                else (int(w * 0.1), int(h * 0.08), int(w * 0.96), int(h * 0.9)))
+    axis = max(1, w // 150)
+    draw.line([(left, top), (left, bottom), (right, bottom)], fill="black", width=axis)
+    tick_font, _ = _font("DejaVuSans.ttf", max(8, min(w, h) // 18))
+    for n in range(5 if ticks else 0):  # y ticks 0, 25, ... 100
+        y = bottom - n * (bottom - top) / 4
+        draw.line([(left - 4, y), (left, y)], fill="black", width=axis)
+        draw.text((left - 6, y), str(25 * n), fill="black", anchor="rm", font=tick_font)
     colour = str(rng.choice(list(COLOURS)))
     count = int(rng.integers(2, 7))
     if rng.random() < 0.5:
@@ -148,11 +165,67 @@ def _draw_chart(rng, size: tuple[int, int]) -> tuple[Image.Image, str]:
             bar_top = bottom - (bottom - top) * rng.uniform(0.2, 0.95)
             draw.rectangle([left + n * step + step * 0.2, bar_top, left + (n + 1) * step - step * 0.2, bottom],
                            fill=COLOURS[colour])
+            if ticks:
+                draw.text((left + (n + 0.5) * step, bottom + 4), str(n + 1), fill="black", anchor="mt", font=tick_font)
         return image, f"bar chart of {count} groups in {colour}"
     xs = np.linspace(left + 4, right, count + 2)
     ys = bottom - (bottom - top) * rng.uniform(0.1, 0.95, size=count + 2)
     draw.line(list(zip(xs, ys)), fill=COLOURS[colour], width=max(2, w // 100))
+    for n, x in enumerate(xs if ticks else []):
+        draw.line([(x, bottom), (x, bottom + 4)], fill="black", width=axis)
+        draw.text((x, bottom + 6), str(n), fill="black", anchor="mt", font=tick_font)
     return image, f"line plot of {count + 2} time points in {colour}"
+
+
+def _sub_images(rng, picture: np.ndarray, size: tuple[int, int], gap: int = 4) -> tuple[Image.Image, int]:
+    """Two or three crops of the picture side by side (or stacked), parted by white gutters; and how many."""
+    w, h = size
+    count = int(rng.integers(2, 4))
+    across = w >= h
+    panel = Image.new("RGB", size, "white")
+    length = ((w if across else h) - gap * (count - 1)) // count
+    for n in range(count):
+        offset = n * (length + gap)
+        crop = _fill_picture(rng, picture, (length, h) if across else (w, length))
+        panel.paste(crop, (offset, 0) if across else (0, offset))
+    return panel, count
+
+
+def _is_grey(picture: np.ndarray) -> bool:
+    return picture.ndim == 2 or bool(np.ptp(picture.astype(np.int16), axis=-1).max() <= 8)
+
+
+def _draw_label(draw: ImageDraw.ImageDraw, rng, label_box, label: str, circled: bool) -> str:
+    """The letter in its label box, on a white patch or in a white disc; the font's name."""
+    lx0, ly0, lx1, ly1 = label_box
+    font, font_name = _font(LABEL_FONTS[int(rng.integers(len(LABEL_FONTS)))],
+                            int((ly1 - ly0) * (0.65 if circled else 0.9)))
+    if circled:
+        side = max(lx1 - lx0, ly1 - ly0)
+        cx, cy = (lx0 + lx1) / 2, (ly0 + ly1) / 2
+        draw.ellipse([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2], fill="white", outline="black")
+    else:
+        draw.rectangle([lx0, ly0, lx1, ly1], fill="white")
+    draw.text(((lx0 + lx1) / 2, (ly0 + ly1) / 2), label, fill="black", anchor="mm", font=font)
+    return font_name
+
+
+def _caption_strip(image: Image.Image, caption: str) -> tuple[Image.Image, list[float]]:
+    """The figure with its caption's first words burned in under it, as PDF-extracted figures have."""
+    size = max(10, image.width // 45)
+    font, _ = _font("DejaVuSans.ttf", size)
+    strip = int(size * 2.6)
+    out = Image.new("RGB", (image.width, image.height + strip), "white")
+    out.paste(image, (0, 0))
+    draw = ImageDraw.Draw(out)
+    words, line = caption.split(), ""
+    for word in words:  # one line of the caption, as far as it fits
+        if draw.textlength(f"{line} {word}", font=font) > image.width - 2 * size:
+            break
+        line = f"{line} {word}".strip()
+    draw.text((size, image.height + size // 2), line, fill="black", font=font)
+    left, top, right, bottom = draw.textbbox((size, image.height + size // 2), line, font=font)
+    return out, [float(left), float(top), float(right), float(bottom)]
 
 
 def _draw_arrow(draw: ImageDraw.ImageDraw, tip, length: float, colour) -> list[float]:
@@ -166,55 +239,67 @@ def _draw_arrow(draw: ImageDraw.ImageDraw, tip, length: float, colour) -> list[f
     return [tail[0] - width, tail[1] - width, tx + width, ty + width]
 
 
-def render(layout: Layout, rng: np.random.Generator, medmnist: np.ndarray | None = None) -> tuple[Image.Image, dict]:
-    """The figure image and its ground truth (panels with label, kind, text; regions; caption)."""
+def render(layout: Layout, rng: np.random.Generator, medmnist: np.ndarray | None = None,
+           real_features: bool = True) -> tuple[Image.Image, dict]:
+    """The figure image and its ground truth (panels with label, kind, text; regions; caption; the
+    boxes of burned-in text strips). Without `real_features`, one picture per panel, plain charts and
+    coloured arrows only, drawn as before they were added (the same figures from the same seed)."""
     image = Image.new("RGB", (layout.width, layout.height), "white")
     draw = ImageDraw.Draw(image)
     pictures = _pictures()
+    circled = real_features and rng.random() < CIRCLED_LABELS
     panels, regions, clauses = [], [], []
     for panel_id, (box, label_box, label) in enumerate(layout.panels):
         x0, y0, x1, y1 = (int(round(v)) for v in box)
         size = (max(1, x1 - x0), max(1, y1 - y0))
+        grey, sub_images = False, 1
         if rng.random() < 0.3:
-            content, description = _draw_chart(rng, size)
+            content, description = _draw_chart(rng, size, ticks=real_features)
             kind = "chart"
         elif medmnist is not None and rng.random() < 0.25:
             content = Image.fromarray(medmnist[int(rng.integers(len(medmnist)))]).convert("RGB").resize(size)
-            description, kind = "chest radiograph", "photo"
+            description, kind, grey = "chest radiograph", "photo", True
         else:
             name = str(rng.choice(sorted(pictures)))
             picture, description = pictures[name]
-            content, kind = _fill_picture(rng, picture, size), "photo"
+            kind, grey = "photo", _is_grey(picture)
+            if real_features and min(size) >= 120 and rng.random() < SUB_IMAGES:
+                content, sub_images = _sub_images(rng, picture, size)
+                description = f"{sub_images} views of {description}"
+            else:
+                content = _fill_picture(rng, picture, size)
         image.paste(content, (x0, y0))
         text = description
         if kind == "photo" and min(size) >= 60 and rng.random() < 0.6:
             target = (x0 + size[0] * rng.uniform(0.45, 0.8), y0 + size[1] * rng.uniform(0.45, 0.8))
             length = min(size) * 0.18
-            colour = ARROW_COLOURS[int(rng.integers(len(ARROW_COLOURS)))]
-            marker_box = _draw_arrow(draw, target, length, COLOURS[colour])
+            palette = (GREY_ARROW_COLOURS if real_features and grey and rng.random() < 0.5
+                       else {c: COLOURS[c] for c in ARROW_COLOURS})
+            colour = list(palette)[int(rng.integers(len(palette)))]
+            marker_box = _draw_arrow(draw, target, length, palette[colour])
             side = min(size) * 0.2
             region_box = [target[0] - side / 2, target[1] - side / 2, target[0] + side / 2, target[1] + side / 2]
             regions.append({"panel_id": panel_id, "box": [float(v) for v in region_box],
                             "marker_box": [float(v) for v in marker_box], "marker_kind": "arrow",
                             "text_sub": f"{description}, marked by a {colour} arrow"})
             text += f"; a {colour} arrow marks the {description}"  # as real captions say what arrows mark
-        font_name = None
-        if label_box is not None:
-            lx0, ly0, lx1, ly1 = label_box
-            draw.rectangle([lx0, ly0, lx1, ly1], fill="white")
-            font, font_name = _font(LABEL_FONTS[int(rng.integers(len(LABEL_FONTS)))], int((ly1 - ly0) * 0.9))
-            draw.text(((lx0 + lx1) / 2, (ly0 + ly1) / 2), label, fill="black", anchor="mm", font=font)
+        font_name = _draw_label(draw, rng, label_box, label, circled) if label_box is not None else None
         panels.append({"panel_id": panel_id, "label": label, "box": [float(x0), float(y0), float(x1), float(y1)],
-                       "kind": kind, "text": text, "label_font": font_name})
+                       "kind": kind, "text": text, "label_font": font_name, "circled": circled and label_box is not None,
+                       "sub_images": sub_images})
         clauses.append(f"({label}) {text[0].upper()}{text[1:]}." if label else f"{text[0].upper()}{text[1:]}.")
     caption = "Representative biomedical images and measurements. " + " ".join(clauses)
-    return image, {"panels": panels, "regions": regions, "caption": caption,
-                   "width": layout.width, "height": layout.height}
+    strips = []
+    if real_features and rng.random() < CAPTION_STRIP:
+        image, strip = _caption_strip(image, f"Figure {int(rng.integers(1, 9))}. {caption}")
+        strips.append(strip)
+    return image, {"panels": panels, "regions": regions, "caption": caption, "text_strips": strips,
+                   "width": image.width, "height": image.height}
 
 
 def synthesize(out: Path, num: int, seed: int, layouts_csv: str | None = None,
-               medmnist_npz: str | None = None) -> Path:
-    """Write out/images/*.png, out/manifest.jsonl (for `annotate run`) and out/gt.jsonl."""
+               medmnist_npz: str | None = None, real_features: bool = False) -> Path:
+    """Write out/images/*.png, out/manifest.jsonl (for `annotate run`) and out/gt.jsonl (`render`)."""
     rng = np.random.default_rng(seed)
     (out / "images").mkdir(parents=True, exist_ok=True)
     medmnist = np.load(medmnist_npz)["train_images"] if medmnist_npz else None
@@ -227,7 +312,7 @@ def synthesize(out: Path, num: int, seed: int, layouts_csv: str | None = None,
     with open(out / "manifest.jsonl", "w") as manifest, open(out / "gt.jsonl", "w") as gt:
         for n, layout in enumerate(layouts):
             figure_id = f"synth-{seed}-{n:05d}"
-            image, truth = render(layout, rng, medmnist)
+            image, truth = render(layout, rng, medmnist, real_features)
             image.save(out / "images" / f"{figure_id}.png")
             manifest.write(json.dumps({"id": figure_id, "image": f"images/{figure_id}.png",
                                        "caption": truth["caption"], "layout": layout.name}) + "\n")

@@ -6,7 +6,9 @@
   F1@0.5, label accuracy, marker recall, single-panel figures kept single);
 - composites: real layouts (zou_train.csv) paired with the real multi-panel captions of
   tests/data/caption_devset.jsonl whose labels fit them, rendered by annotate.synth with real pictures
-  (PneumoniaMNIST and scikit-image's), per slice of the caption dev set (tune, heldout).
+  (PneumoniaMNIST and scikit-image's), per slice of the caption dev set (tune, heldout): "plain" with one
+  picture per panel, "real" with what real figures hold (sub-images, ticks, circled labels, white and
+  black arrows, caption strips).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from conftest import DATA  # noqa: E402
 
 def row(name: str, scores: dict, seconds: float) -> str:
     p, m, s = scores["panels"], scores["markers"], scores["single"]
-    return (f"{name:<22} figures {p['figures']:>4}  panels {p['panels']:>4}  P {p['precision']:.3f}  R {p['recall']:.3f}"
+    return (f"{name:<26} figures {p['figures']:>4}  panels {p['panels']:>4}  P {p['precision']:.3f}  R {p['recall']:.3f}"
             f"  F1 {p['f1']:.3f}  label acc {p['label_accuracy']:.3f} ({p['labelled_panels']})"
             f"  marker R {m['recall']:.3f} P {m['precision']:.3f} ({m['markers']})"
             f"  single {s['kept_single']}/{s['figures']}  {seconds:.1f}s")
@@ -52,12 +54,14 @@ def main() -> None:
         layouts = load_layouts(DATA / "layouts" / "zou_train.csv")
         entries = [e for e in load_caption_devset(TESTS / "data" / "caption_devset.jsonl") if is_multi_panel(e)]
         medmnist = np.load(DATA / "medmnist" / "pneumoniamnist.npz")["train_images"]
-        for split in ("tune", "heldout"):
-            start = time.perf_counter()
-            figures = layout_composites(layouts, [e for e in entries if e["split"] == split],
-                                        per_caption=args.per_caption, medmnist=medmnist)
-            report[f"composites/{split}"] = evaluate_backend(backend, figures)
-            print(row(f"composites/{split}", report[f"composites/{split}"], time.perf_counter() - start))
+        for kind in ("plain", "real"):
+            for split in ("tune", "heldout"):
+                start = time.perf_counter()
+                figures = layout_composites(layouts, [e for e in entries if e["split"] == split], per_caption=args.per_caption,
+                                            medmnist=medmnist, real_features=kind == "real")
+                name = f"composites/{kind}/{split}"
+                report[name] = evaluate_backend(backend, figures)
+                print(row(name, report[name], time.perf_counter() - start))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
 
