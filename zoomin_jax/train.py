@@ -46,8 +46,9 @@ def build_text_cache(config, run: "Setup", directory: epath.Path) -> str:
         share = np.array_split(np.arange(len(source)), jax.process_count())[jax.process_index()]
         records = tqdm(share, desc="text cache: reading records", unit="record", mininterval=10,
                        disable=jax.process_index() != 0)
+        context = config.data.get("context_text_prob", 0) > 0
         texts = (text for n in records if (record := source[int(n)]) is not None
-                 for text in text_cache.record_texts(record))
+                 for text in text_cache.record_texts(record, context))
         encoder = CLIPEncoder(run.model_cfg, merge(run.state["params"], run.frozen),
                               run_dir.preprocess_cfg(config, run.model_cfg), run.mesh, batch_size=256)
         built = text_cache.build(directory, texts, lambda chunk: encoder.encode_text_share(tokenize(chunk)),

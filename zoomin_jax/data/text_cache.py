@@ -82,12 +82,13 @@ def open_cache(directory: str) -> TextCache:
     return TextCache(directory)
 
 
-def record_texts(record: dict) -> Iterable[str]:
-    """Every text a record can put in a batch: the caption, the citing paragraphs (figure texts
-    with data.context_text_prob), panel texts and LVLM descriptions, region texts (a region without
-    any falls back to the caption)."""
+def record_texts(record: dict, context: bool = False) -> Iterable[str]:
+    """Every text a record can put in a batch: the caption, with `context` the citing paragraphs
+    (figure texts when data.context_text_prob > 0; long, so embedded only then), panel texts and
+    LVLM descriptions, region texts (a region without any falls back to the caption)."""
     yield record["caption"]
-    yield from (text for text in record["context"] if text)
+    if context:
+        yield from (text for text in record["context"] if text)
     for panel in record["panels"]:
         yield panel["text"]
         if panel["text_lvlm"]:
