@@ -182,11 +182,27 @@ def _text(element) -> str:
     return " ".join("".join(element.itertext()).split()) if element is not None else ""
 
 
+def _parse_jats(data: bytes) -> tuple[ET.Element, list[str]]:
+    """The article's root element, and the notes every figure of it carries. Scraped articles hold
+    bytes that are not UTF-8 and control characters, which no XML parser accepts: such an article is
+    read again with them replaced (text.py), so its figures are kept and say what changed."""
+    try:
+        return ET.fromstring(data), []
+    except ET.ParseError as err:
+        text, problems = clean_text(data.decode("utf-8", "surrogateescape"))
+        if not problems:
+            raise
+        try:
+            return ET.fromstring(text), [note("article", problems)]
+        except ET.ParseError:
+            raise err from None
+
+
 def read_jats(path: Path) -> Iterator[Figure | InputFailure]:
     """Figures of one PMC article: caption (title + paragraphs), the paragraphs citing each figure,
     and the graphic file next to the article (any usual image extension)."""
     try:
-        root = ET.parse(path).getroot()
+        root, notes = _parse_jats(path.read_bytes())
     except (ET.ParseError, OSError) as err:
         yield InputFailure(str(path), str(path), FILE_STAGE, f"JATS XML unreadable: {err}")
         return
@@ -209,7 +225,7 @@ def read_jats(path: Path) -> Iterator[Figure | InputFailure]:
             candidates = [path.parent / href] + [path.parent / (href + ext) for ext in _IMAGE_EXTENSIONS]
             image_path = next((c for c in candidates if c.is_file()), None)
         yield Figure(f"{article_id}/{fig_id}", f"{path}#{fig_id}", caption, citing.get(fig_id, []), license_,
-                     image_path=image_path)
+                     image_path=image_path, notes=list(notes))
 
 
 def _reader(path: Path, fields: TarFields = TarFields()):

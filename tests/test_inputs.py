@@ -35,6 +35,21 @@ def test_real_jats_articles(tmp_path):
     assert len({f.figure_id for f in figures}) == 17
 
 
+def test_a_jats_article_with_bytes_that_are_not_utf8_keeps_its_figures(tmp_path):
+    """Scraped articles hold stray bytes (0xff, a Latin-1 0xe9) and control characters that no XML
+    parser takes: the article is read with them replaced, and its figure says so."""
+    data = (DATA / "jats" / "pone.0000217.nxml").read_bytes()
+    start = data.index(b"<caption>") + len(b"<caption>")
+    (tmp_path / "bad.nxml").write_bytes(data[:start] + b"caf\xe9 \xff\x01" + data[start:])
+    figures = list(iter_inputs([tmp_path / "bad.nxml"]))
+    assert len(figures) == 3 and all(isinstance(f, Figure) for f in figures)  # as read without the bytes
+    assert figures[0].caption.startswith("caf\ufffd \ufffd Fisher's geometric model")
+    assert all(f.notes == [f"article: text normalised: {SURROGATES} and {CONTROLS} replaced"] for f in figures)
+    (tmp_path / "cut.nxml").write_bytes(data[:start] + b"\xff")  # still not XML once replaced
+    (failure,) = iter_inputs([tmp_path / "cut.nxml"])
+    assert isinstance(failure, InputFailure) and failure.stage == FILE_STAGE and "JATS XML unreadable" in failure.reason
+
+
 def test_manifest_lines_and_failures(tmp_path):
     (tmp_path / "img").mkdir()
     (tmp_path / "img" / "a.png").write_bytes(png_bytes())
