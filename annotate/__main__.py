@@ -18,7 +18,7 @@
   captions --input captions.jsonl --out out.jsonl
       lines {"id", "caption"} -> lines {"id", "panels": [{"label", "text"}]}; a line that cannot be
       read goes to OUT.failures.jsonl with its line number and reason, never silently dropped.
-  synth --out DIR --num N --seed S [--layouts CSV] [--medmnist NPZ] [--truth-records]
+  synth --out DIR --num N --seed S [--layouts CSV] [--medmnist NPZ] [--real-features] [--truth-records]
       compound figures with ground truth: DIR/images/*.png, DIR/manifest.jsonl, DIR/gt.jsonl; the
       layouts from a zou_train.csv (labelled panels) or clef2016_train.csv (no labels) shaped CSV.
   eval --pred DIR --gt GT.jsonl
@@ -183,7 +183,7 @@ def cmd_merge(args) -> int:
 
 def cmd_synth(args) -> int:
     from annotate.synth import synthesize, write_truth_records
-    out = synthesize(Path(args.out), args.num, args.seed, args.layouts, args.medmnist)
+    out = synthesize(Path(args.out), args.num, args.seed, args.layouts, args.medmnist, args.real_features)
     print(f"synth: {args.num} figures in {out}", file=sys.stderr)
     if args.truth_records:
         print(f"synth: ground-truth records in {write_truth_records(out)}", file=sys.stderr)
@@ -271,6 +271,9 @@ def main(argv=None) -> int:
                                      "label box and letter lx1,ly1,lx2,ly2,label or (clef2016_train.csv) nothing; "
                                      "default: random grids")
     p.add_argument("--medmnist", help="MedMNIST .npz whose train_images also fill panels")
+    p.add_argument("--real-features", action="store_true",
+                   help="draw what real figures hold: sub-image grids in a panel, tick labels, white/black arrows and "
+                        "asterisks, circled labels, a burned-in caption strip (default: one picture per panel)")
     p.add_argument("--truth-records", action="store_true",
                    help="also write the ground truth as records (DIR/truth/records-*.array_record), for evaluation")
     p = sub.add_parser("eval", help="score records against ground truth")

@@ -1,5 +1,5 @@
-"""CPU marker finder: solid-colour, white and black arrows in a panel (path A of the region mining,
-DESIGN.md §10).
+"""CPU marker finder: solid-colour, white and black arrows and asterisks in a panel (path A of the
+region mining, DESIGN.md §10).
 
 Authors draw arrows in one saturated colour that stands out from the picture, or in white or black on
 grey images. So: pixels that are strongly saturated, grouped into connected components of one hue, and
@@ -7,7 +7,10 @@ near-white and near-black grey pixels grouped apart; a component is an arrow whe
 is about one colour, elongated, and its width along the principal axis is clearly larger at one end
 (the head) than along the rest (the shaft). That width asymmetry is what tells an arrow from a bar,
 a chart line or a stained patch of tissue, whatever way the arrow points (so charts need no
-special case: on the synthetic figures, skipping chart panels changed nothing).
+special case: on the synthetic figures, skipping chart panels changed nothing). A component that is
+not an arrow is an asterisk when it is small, about as wide as high, and a circle around its centre
+crosses five to eight strokes, evenly spaced, that meet there (letters and digits cross fewer, or
+unevenly, or not at their centre). An asterisk has no tip: its region is the area around it.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ class MarkerConfig:
     min_length: float = 15.0              # pixels along the principal axis, at least
     min_length_fraction: float = 0.03     # of the panel's shorter side, at least…
     max_length_fraction: float = 0.6      # …and of its longer side, at most
-    min_area: int = 40                    # pixels; fewer cannot show a shaft and a head
+    min_area: int = 40                    # pixels; fewer cannot show a shaft and a head, or five strokes
     colour_tolerance: int = 24            # a pixel is the marker's colour within this of its median (per channel)
     min_inside: int = 8                   # pixels off the outline needed to judge colour there, else all count
     min_uniform_fraction: float = 0.85    # share of those pixels that is the marker's colour
@@ -46,6 +49,12 @@ class MarkerConfig:
     min_head_ratio: float = 1.8           # head width / shaft width
     max_shaft_width: float = 0.3          # shaft width / length: thicker is a blob, not an arrow
     max_shaft_variation: float = 1.6      # widest / narrowest shaft sample: a shaft is a straight stroke
+    min_asterisk_side: int = 8            # pixels: smaller cannot show its strokes…
+    max_asterisk_fraction: float = 0.2    # …and at most this share of the panel's shorter side
+    max_asterisk_aspect: float = 1.5      # longer / shorter side of its box
+    asterisk_arms: tuple[int, int] = (5, 8)  # strokes a circle around its centre crosses
+    asterisk_circle: float = 0.65         # that circle's radius, as a share of half the box's longer side
+    max_arm_gap_ratio: float = 1.8        # widest / narrowest gap between strokes: evenly spaced
 
 
 @functools.lru_cache(maxsize=4)
@@ -96,19 +105,56 @@ def _arrow_score(region, pixels: np.ndarray, panel_short: float, panel_long: flo
     if (ratio < cfg.min_head_ratio or shaft > cfg.max_shaft_width * span
             or stroke.max() > cfg.max_shaft_variation * max(stroke.min(), 0.5)):
         return 0.0, None
-    # Colour is judged inside the outline: JPEG smears a marker's edge pixels into the background.
-    inside = ndimage.binary_erosion(region.image)
-    colours = pixels[top:bottom, left:right][inside if inside.sum() >= cfg.min_inside else region.image]
-    colours = colours.astype(np.int16)
-    uniform = (np.abs(colours - np.median(colours, axis=0)).max(axis=1) <= cfg.colour_tolerance).mean()
+    uniform = _uniform_share(region, pixels, cfg)
     if uniform < cfg.min_uniform_fraction or region.solidity > cfg.max_solidity:
         return 0.0, None
     return float(uniform * min(1.0, ratio / (2 * cfg.min_head_ratio))), tip
 
 
+def _uniform_share(region, pixels: np.ndarray, cfg: MarkerConfig) -> float:
+    """The share of the component's pixels that are its median colour. Colour is judged inside the
+    outline: JPEG smears a marker's edge pixels into the background."""
+    top, left, bottom, right = region.bbox
+    inside = ndimage.binary_erosion(region.image)
+    colours = pixels[top:bottom, left:right][inside if inside.sum() >= cfg.min_inside else region.image]
+    colours = colours.astype(np.int16)
+    return float((np.abs(colours - np.median(colours, axis=0)).max(axis=1) <= cfg.colour_tolerance).mean())
+
+
+def _asterisk_score(region, pixels: np.ndarray, panel_short: float, cfg: MarkerConfig) -> float:
+    """0 when the component is not an asterisk, else a confidence in (0, 1]."""
+    height, width = region.image.shape
+    if not cfg.min_asterisk_side <= max(height, width) <= cfg.max_asterisk_fraction * panel_short:
+        return 0.0
+    if max(height, width) > cfg.max_asterisk_aspect * min(height, width):
+        return 0.0
+    # The pixels' centroid, not the box's centre: an odd number of strokes sits off-centre in its box.
+    centre_row, centre_col = region.centroid_local
+    if not region.image[round(centre_row), round(centre_col)]:
+        return 0.0  # the strokes meet at the centre
+    radius = cfg.asterisk_circle * max(height, width) / 2
+    angles = np.linspace(0, 2 * np.pi, 96, endpoint=False)
+    rows = np.clip(np.round(centre_row + radius * np.sin(angles)).astype(int), 0, height - 1)
+    cols = np.clip(np.round(centre_col + radius * np.cos(angles)).astype(int), 0, width - 1)
+    on = region.image[rows, cols]
+    if on.all():
+        return 0.0
+    on = np.roll(on, -int(np.argmin(on)))  # start off a stroke, so no stroke wraps around
+    starts, ends = np.flatnonzero(on & ~np.roll(on, 1)), np.flatnonzero(on & ~np.roll(on, -1))
+    if not cfg.asterisk_arms[0] <= len(starts) <= cfg.asterisk_arms[1]:
+        return 0.0
+    middles = (starts + ends) / 2  # each stroke's direction, as a sample index
+    gaps = np.diff(np.append(middles, middles[0] + len(angles)))
+    if gaps.max() > cfg.max_arm_gap_ratio * gaps.min():
+        return 0.0
+    uniform = _uniform_share(region, pixels, cfg)
+    return uniform if uniform >= cfg.min_uniform_fraction else 0.0
+
+
 def _stands_out(region, value: np.ndarray, lightness: int, cfg: MarkerConfig) -> bool:
     """A white (lightness 1) or black (-1) component is drawn on the picture, not a light or dark patch
-    of it, when the pixels just around it are far darker (lighter) than it."""
+    of it, when the pixels just around it are far darker (lighter) than it; black on white paper is
+    text or line art (tick labels, letters, a diagram's lines), not a marker on a picture."""
     top, left, bottom, right = region.bbox
     r = cfg.contrast_ring
     y0, x0 = max(0, top - r), max(0, left - r)
@@ -116,12 +162,14 @@ def _stands_out(region, value: np.ndarray, lightness: int, cfg: MarkerConfig) ->
     inside = np.zeros(window.shape, bool)
     inside[top - y0:bottom - y0, left - x0:right - x0] = region.image
     ring = ndimage.binary_dilation(inside, iterations=r) & ~inside
-    return bool(ring.any()) and lightness * (window[inside].mean() - window[ring].mean()) >= cfg.min_contrast
+    if not ring.any() or (lightness < 0 and np.median(window[ring]) >= cfg.white_level):
+        return False
+    return lightness * (window[inside].mean() - window[ring].mean()) >= cfg.min_contrast
 
 
 def find_markers(image: Image.Image, panel_box, cfg: MarkerConfig = MarkerConfig()) -> list[dict]:
-    """Arrows in one panel: {"box": [x0, y0, x1, y1] and "tip": [x, y] in image pixels, "kind": "arrow",
-    "score"}."""
+    """Arrows and asterisks in one panel: {"box": [x0, y0, x1, y1] and "tip" in image pixels ([x, y];
+    None for an asterisk), "kind": "arrow" or "asterisk", "score"}."""
     x0, y0, x1, y1 = (int(round(v)) for v in panel_box)
     if x1 - x0 < 2 or y1 - y0 < 2:
         return []
@@ -148,8 +196,12 @@ def find_markers(image: Image.Image, panel_box, cfg: MarkerConfig = MarkerConfig
         components *= keep[components]
         for region in regionprops(components):
             score, tip = _arrow_score(region, pixels, short, long, cfg)
+            kind = "arrow" if score > 0 else "asterisk"
+            if kind == "asterisk":
+                score = _asterisk_score(region, pixels, short, cfg)
             if score > 0 and (lightness == 0 or _stands_out(region, value, lightness, cfg)):
                 top, left, bottom, right = region.bbox
                 markers.append({"box": [float(x0 + left), float(y0 + top), float(x0 + right), float(y0 + bottom)],
-                                "tip": [float(x0 + tip[1]), float(y0 + tip[0])], "kind": "arrow", "score": score})
+                                "tip": None if tip is None else [float(x0 + tip[1]), float(y0 + tip[0])],
+                                "kind": kind, "score": score})
     return markers

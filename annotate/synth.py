@@ -10,8 +10,8 @@ letters are drawn in their label boxes; arrows point at objects; and each captio
 
 What real figures hold and one picture per panel would hide is drawn too: a labelled panel made of
 two or three sub-images (one letter for them all), plots with axes, ticks and tick labels, white and
-black arrows on grey pictures, circled labels (a letter in a disc), and a burned-in caption strip
-under the panels (`text_strips` in the truth: text, not a panel).
+black arrows on grey pictures, asterisks beside what they mark, circled labels (a letter in a disc),
+and a burned-in caption strip under the panels (`text_strips` in the truth: text, not a panel).
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import csv
 import dataclasses
 import functools
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ GREY_ARROW_COLOURS = {"white": (255, 255, 255), "black": (0, 0, 0)}  # on grey p
 SUB_IMAGES = 0.25      # share of photo panels made of several sub-images
 CIRCLED_LABELS = 0.3   # share of figures whose letters sit in discs
 CAPTION_STRIP = 0.3    # share of figures with a burned-in caption strip under the panels
+ASTERISKS = 0.3        # share of markers that are asterisks beside the object rather than arrows at it
 
 
 @dataclasses.dataclass
@@ -239,6 +241,18 @@ def _draw_arrow(draw: ImageDraw.ImageDraw, tip, length: float, colour) -> list[f
     return [tail[0] - width, tail[1] - width, tx + width, ty + width]
 
 
+def _draw_asterisk(draw: ImageDraw.ImageDraw, centre, radius: float, colour, arms: int) -> list[float]:
+    """An asterisk of `arms` strokes from `centre`, one pointing up; returns its bounding box."""
+    cx, cy = centre
+    width = max(2, int(round(radius / 3)))
+    ends = [(cx + radius * math.sin(2 * math.pi * k / arms), cy - radius * math.cos(2 * math.pi * k / arms))
+            for k in range(arms)]
+    for end in ends:
+        draw.line([(cx, cy), end], fill=colour, width=width)
+    xs, ys = [x for x, _ in ends], [y for _, y in ends]
+    return [min(xs) - width / 2, min(ys) - width / 2, max(xs) + width / 2, max(ys) + width / 2]
+
+
 def render(layout: Layout, rng: np.random.Generator, medmnist: np.ndarray | None = None,
            real_features: bool = True) -> tuple[Image.Image, dict]:
     """The figure image and its ground truth (panels with label, kind, text; regions; caption; the
@@ -276,13 +290,19 @@ def render(layout: Layout, rng: np.random.Generator, medmnist: np.ndarray | None
             palette = (GREY_ARROW_COLOURS if real_features and grey and rng.random() < 0.5
                        else {c: COLOURS[c] for c in ARROW_COLOURS})
             colour = list(palette)[int(rng.integers(len(palette)))]
-            marker_box = _draw_arrow(draw, target, length, palette[colour])
+            marker = "asterisk" if real_features and rng.random() < ASTERISKS else "arrow"
+            if marker == "asterisk":  # just above and left of what it marks
+                radius = max(6.0, min(size) * 0.035)
+                centre = (target[0] - 1.2 * radius, target[1] - 1.2 * radius)
+                marker_box = _draw_asterisk(draw, centre, radius, palette[colour], int(rng.integers(5, 7)))
+            else:
+                marker_box = _draw_arrow(draw, target, length, palette[colour])
             side = min(size) * 0.2
             region_box = [target[0] - side / 2, target[1] - side / 2, target[0] + side / 2, target[1] + side / 2]
             regions.append({"panel_id": panel_id, "box": [float(v) for v in region_box],
-                            "marker_box": [float(v) for v in marker_box], "marker_kind": "arrow",
-                            "text_sub": f"{description}, marked by a {colour} arrow"})
-            text += f"; a {colour} arrow marks the {description}"  # as real captions say what arrows mark
+                            "marker_box": [float(v) for v in marker_box], "marker_kind": marker,
+                            "text_sub": f"{description}, marked by a {colour} {marker}"})
+            text += f"; a {colour} {marker} marks the {description}"  # as real captions say what markers mark
         font_name = _draw_label(draw, rng, label_box, label, circled) if label_box is not None else None
         panels.append({"panel_id": panel_id, "label": label, "box": [float(x0), float(y0), float(x1), float(y1)],
                        "kind": kind, "text": text, "label_font": font_name, "circled": circled and label_box is not None,

@@ -90,3 +90,59 @@ def test_white_and_black_arrows_on_a_grey_picture(colour):
     xs, ys = [p[0] for p in polygon], [p[1] for p in polygon]
     assert len(found) == 1 and match_boxes([found[0]["box"]], [[min(xs), min(ys), max(xs), max(ys)]], iou_threshold=0.7)
 
+
+
+def draw_asterisk(image, centre, radius, colour, arms):
+    from annotate.synth import _draw_asterisk
+    return _draw_asterisk(ImageDraw.Draw(image), centre, radius, colour, arms)
+
+
+@pytest.mark.parametrize("arms,colour,grey", [(5, RED, False), (6, (255, 255, 255), True), (8, (0, 0, 0), True),
+                                              (6, (0, 200, 230), False)])
+def test_an_asterisk_is_found_and_its_region_is_around_it(arms, colour, grey):
+    image = photo_like(np.random.default_rng(arms))
+    image = image.convert("L").convert("RGB") if grey else image
+    drawn = draw_asterisk(image, (100, 130), 9, colour, arms)
+    found = find_markers(image, [0, 0, 240, 240])
+    assert [(m["kind"], m["tip"]) for m in found] == [("asterisk", None)] and 0 < found[0]["score"] <= 1
+    assert match_boxes([found[0]["box"]], [drawn], iou_threshold=0.6)
+
+
+def test_letters_digits_and_text_on_paper_are_not_markers():
+    """Black glyphs on white (tick labels, panel letters, a chart's text): neither arrows nor
+    asterisks, at the sizes figures print them; a glyph asterisk is text there too."""
+    from PIL import ImageFont
+    chars = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+#%&*"
+    for font_name in ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf"):
+        for size in (14, 28, 40):
+            image = Image.new("RGB", (len(chars) * size + 40, size * 3), "white")
+            ImageDraw.Draw(image).text((20, size), " ".join(chars), fill="black",
+                                       font=ImageFont.truetype(font_name, size))
+            assert find_markers(image, [0, 0, image.width, image.height]) == [], (font_name, size)
+
+
+def test_asterisk_precision_recall_on_real_layouts_with_real_features(tmp_path):
+    """Composites of real layouts drawn with what real figures hold (annotate synth --real-features):
+    asterisks beside objects, in colour and in white or black on grey pictures, among arrows, tick
+    labels and sub-image grids. Measured (seed 3, 150 layouts): asterisks P 0.955 R 0.894, arrows
+    P 0.866 R 0.752 (0.74 precision before black on white paper stopped counting)."""
+    from annotate.synth import synthesize
+    from conftest import DATA
+    out = synthesize(tmp_path, num=150, seed=3, layouts_csv=str(DATA / "layouts" / "zou_train.csv"),
+                     medmnist_npz=str(DATA / "medmnist" / "pneumoniamnist.npz"), real_features=True)
+    counts = {kind: [0, 0, 0] for kind in ("arrow", "asterisk")}  # matched, found, true
+    for truth in map(json.loads, (out / "gt.jsonl").read_text().splitlines()):
+        image = Image.open(out / "images" / f"{truth['id']}.png").convert("RGB")
+        for panel in truth["panels"]:
+            found = find_markers(image, panel["box"])
+            for kind, count in counts.items():
+                boxes = [m["box"] for m in found if m["kind"] == kind]
+                true = [r["marker_box"] for r in truth["regions"]
+                        if r["panel_id"] == panel["panel_id"] and r["marker_kind"] == kind]
+                count[0] += len(match_boxes(boxes, true, iou_threshold=0.3))
+                count[1], count[2] = count[1] + len(boxes), count[2] + len(true)
+    print({kind: (round(m / max(f, 1), 3), round(m / max(t, 1), 3), t) for kind, (m, f, t) in counts.items()})
+    (matched, found, true) = counts["asterisk"]
+    assert true >= 30 and matched / found >= 0.9 and matched / true >= 0.85
+    (matched, found, true) = counts["arrow"]
+    assert true >= 100 and matched / found >= 0.8 and matched / true >= 0.7
