@@ -28,6 +28,9 @@ def get_config(arg=None):
     config.total_steps = 450
     config.mesh = (("data", -1),)
     config.remat = "none"  # or "dots" / "full": recompute the trainable blocks' activations in the backward pass
+    config.compute_dtype = "float32"  # bf16 is slower on CPU; see configs/zoomin_vitl14.py
+    config.attention = "xla"
+    config.scan_layers = False
     config.partition_rules = ((".*", "fsdp"),)
     # (regex over param names, lr multiplier or None = frozen); first match wins. The tiny model
     # trains everything after its first vision block.

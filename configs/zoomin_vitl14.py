@@ -34,6 +34,12 @@ def get_config(arg=None):
     # which an 80 GB GPU holds), "dots" (keep matmul outputs, redo the rest) or "full" (keep nothing)
     # where memory is short.
     config.remat = "none"
+    # "bfloat16" on GPU/TPU: bf16 matmuls from float32 params and optimizer state (float32 matches open_clip's
+    # numbers); "cudnn" attention is cuDNN's fused kernel (GPU with bf16 only); scan_layers compiles one block
+    # per run of blocks instead of 24 (see README, Performance).
+    config.compute_dtype = "float32"
+    config.attention = "xla"
+    config.scan_layers = False
     config.partition_rules = ((".*", "fsdp"),)
     config.train_rules = (("visual/transformer/resblocks/(19|2[0-3])/.*", 1.0), ("visual/(ln_post|proj)(/.*)?", 1.0),
                           ("logit_scale", 1.0), (".*", None))

@@ -68,3 +68,23 @@ def test_bf16_compute_keeps_float32_state_and_stays_near_the_float32_loss(plain)
     assert {leaf.dtype for leaf in jax.tree.leaves(state["opt_state"]) if jnp.issubdtype(leaf.dtype, jnp.floating)} \
         == {jnp.dtype(jnp.float32)}
     assert metrics["loss"].dtype == jnp.float32 and np.isfinite(float(metrics["loss"]))
+
+
+def test_attention_implementation_is_checked_against_the_platform():
+    """cuDNN's fused attention exists only on GPU in bf16: asked for anywhere else, the run stops at
+    start-up naming the key, rather than in the middle of compiling a step."""
+    import ml_collections
+    import jax.numpy as jnp
+    from zoomin_jax.errors import UserError
+    from zoomin_jax.train import attention_of
+    config = ml_collections.ConfigDict({"attention": "xla"})
+    assert attention_of(config, None) == "xla" and attention_of(ml_collections.ConfigDict(), jnp.bfloat16) == "xla"
+    config.attention = "cudnn"
+    if jax.default_backend() != "gpu":
+        with pytest.raises(UserError, match="config.attention='cudnn' needs a GPU"):
+            attention_of(config, jnp.bfloat16)
+    with pytest.raises(UserError, match="config.compute_dtype='bfloat16'"):
+        attention_of(config, None)
+    config.attention = "flash"
+    with pytest.raises(UserError, match="is not one of xla, cudnn"):
+        attention_of(config, None)

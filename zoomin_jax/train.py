@@ -245,6 +245,21 @@ def compute_dtype_of(config):
     return COMPUTE_DTYPES[name]
 
 
+ATTENTION = ("xla", "cudnn")
+
+
+def attention_of(config, compute_dtype) -> str:
+    """config.attention: "xla" (the default, every platform) or "cudnn" (cuDNN's fused attention:
+    GPU with bfloat16 compute only, where it is what makes attention fast)."""
+    name = config.get("attention", "xla")
+    if name not in ATTENTION:
+        raise UserError(f"config.attention={name!r} is not one of {', '.join(ATTENTION)}")
+    if name == "cudnn" and (jax.default_backend() != "gpu" or compute_dtype is None):
+        raise UserError(f"config.attention='cudnn' needs a GPU and config.compute_dtype='bfloat16' (found "
+                        f"{jax.default_backend()}, {config.get('compute_dtype', 'float32')}): use config.attention='xla'")
+    return name
+
+
 def setup(config) -> Setup:
     """Mesh, params split and placed by the rules, optimizer state, and one jitted step per level."""
     mesh = sharding.config_mesh(config)
@@ -263,8 +278,10 @@ def setup(config) -> Setup:
     schedule = trainer.lr_schedule(optim)
     cycle = trainer.Cycle(tuple((level, int(steps)) for level, steps in config.cycle))
     compute_dtype = compute_dtype_of(config)
+    attention = attention_of(config, compute_dtype)
     steps = {level: trainer.jit_train_step(trainer.make_train_step(model_cfg, level, loss_cfg, tx, schedule,
-                                                                   compute_dtype, config.get("scan_layers", False)),
+                                                                   compute_dtype, config.get("scan_layers", False),
+                                                                   attention),
                                            state)
              for level, _ in cycle.levels}
     return Setup(mesh, model_cfg, part, state, frozen, cycle, steps)

@@ -91,16 +91,17 @@ def make_optimizer(cfg: OptimConfig, part: Partition) -> optax.GradientTransform
 
 
 def make_train_step(model_cfg: CLIPConfig, level: str, loss_cfg: LossConfig, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, compute_dtype=None, scan_layers: bool = False):
+                    schedule: optax.Schedule, compute_dtype=None, scan_layers: bool = False,
+                    attention: str = "xla"):
     """step(state, frozen, batch) -> (state, metrics); for JOINT, batch = {level: batch}. The model
     computes in `compute_dtype` (None: float32) from float32 params, whose gradients, updates and
-    optimizer state stay float32; `scan_layers`: see models.clip.Transformer.
+    optimizer state stay float32; `scan_layers` and `attention`: see models.clip.CLIP.
     state = {"params", "opt_state", "step",
     "skipped"}; an update whose loss or gradient is not finite is skipped (state kept, `skipped`
     counts the run of them, reset by the next good step)."""
 
     def loss_fn(trainable, frozen, batch):
-        model = from_params(model_cfg, merge(trainable, frozen), compute_dtype, scan_layers)
+        model = from_params(model_cfg, merge(trainable, frozen), compute_dtype, scan_layers, attention)
         if level != JOINT:
             return level_losses(model, batch, level, loss_cfg)
         totals, terms = zip(*(level_losses(model, batch[name], name, loss_cfg) for name in LEVELS))

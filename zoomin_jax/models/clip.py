@@ -39,8 +39,8 @@ def _normal(std):
 class Attention(nnx.Module):
     """torch.nn.MultiheadAttention: fused q|k|v `in_proj`, then `out_proj`."""
 
-    def __init__(self, width: int, heads: int, layers: int, dtype, rngs: nnx.Rngs):
-        self.heads = heads
+    def __init__(self, width: int, heads: int, layers: int, dtype, rngs: nnx.Rngs, implementation: str = "xla"):
+        self.heads, self.implementation = heads, implementation
         self.in_proj = nnx.Linear(width, 3 * width, kernel_init=_normal(width ** -0.5), dtype=dtype, rngs=rngs)
         self.out_proj = nnx.Linear(width, width, kernel_init=_normal(width ** -0.5 * (2 * layers) ** -0.5),
                                    dtype=dtype, rngs=rngs)
@@ -48,7 +48,8 @@ class Attention(nnx.Module):
     def __call__(self, x, causal: bool):
         batch, length, width = x.shape
         qkv = self.in_proj(x).reshape(batch, length, 3, self.heads, width // self.heads)
-        out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], is_causal=causal)
+        out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], is_causal=causal,
+                                           implementation=self.implementation)
         return self.out_proj(out.reshape(batch, length, width))
 
 
@@ -65,9 +66,9 @@ class MLP(nnx.Module):
 
 class ResidualAttentionBlock(nnx.Module):
     def __init__(self, width: int, heads: int, mlp_ratio: float, layers: int, activation, dtype,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, attention: str = "xla"):
         self.ln_1 = _layer_norm(width, dtype, rngs)
-        self.attn = Attention(width, heads, layers, dtype, rngs)
+        self.attn = Attention(width, heads, layers, dtype, rngs, attention)
         self.ln_2 = _layer_norm(width, dtype, rngs)
         self.mlp = MLP(width, int(width * mlp_ratio), layers, activation, dtype, rngs)
 
@@ -89,10 +90,10 @@ def remat_policy(name: str):
 
 class Transformer(nnx.Module):
     def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, activation, dtype,
-                 rngs: nnx.Rngs, scan: bool = False):
+                 rngs: nnx.Rngs, scan: bool = False, attention: str = "xla"):
         self.scan = scan
         self.resblocks = nnx.List([
-            ResidualAttentionBlock(width, heads, mlp_ratio, layers, activation, dtype, rngs)
+            ResidualAttentionBlock(width, heads, mlp_ratio, layers, activation, dtype, rngs, attention)
             for _ in range(layers)])
 
     def __call__(self, x, causal: bool, frozen_blocks: int = 0, remat: str = "none"):
@@ -127,7 +128,8 @@ class Transformer(nnx.Module):
 
 
 class VisionTransformer(nnx.Module):
-    def __init__(self, cfg: VisionConfig, embed_dim: int, activation, dtype, rngs: nnx.Rngs, scan: bool = False):
+    def __init__(self, cfg: VisionConfig, embed_dim: int, activation, dtype, rngs: nnx.Rngs, scan: bool = False,
+                 attention: str = "xla"):
         scale = cfg.width ** -0.5
         self.conv1 = nnx.Conv(3, cfg.width, (cfg.patch_size, cfg.patch_size), strides=cfg.patch_size,
                               padding="VALID", use_bias=False, dtype=dtype, rngs=rngs)
@@ -136,7 +138,7 @@ class VisionTransformer(nnx.Module):
             scale * jax.random.normal(rngs.params(), (cfg.grid ** 2 + 1, cfg.width)))
         self.ln_pre = _layer_norm(cfg.width, dtype, rngs)
         self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, activation, dtype, rngs,
-                                       scan)
+                                       scan, attention)
         self.ln_post = _layer_norm(cfg.width, dtype, rngs)
         self.proj = nnx.Param(scale * jax.random.normal(rngs.params(), (cfg.width, embed_dim)))
 
@@ -161,19 +163,20 @@ class VisionTransformer(nnx.Module):
 
 class CLIP(nnx.Module):
     """`dtype`: the compute dtype (None: the params' float32); `scan`: each tower's blocks as lax.scan
-    loops (see Transformer). Neither changes the params."""
+    loops (see Transformer); `attention`: jax.nn.dot_product_attention's implementation ("xla", or
+    "cudnn": cuDNN's fused attention, GPU and bf16 only). None changes the params."""
 
-    def __init__(self, cfg: CLIPConfig, *, rngs: nnx.Rngs, dtype=None, scan: bool = False):
+    def __init__(self, cfg: CLIPConfig, *, rngs: nnx.Rngs, dtype=None, scan: bool = False, attention: str = "xla"):
         self.config = cfg
         activation = quick_gelu if cfg.quick_gelu else exact_gelu
         text = cfg.text
-        self.visual = VisionTransformer(cfg.vision, cfg.embed_dim, activation, dtype, rngs, scan)
+        self.visual = VisionTransformer(cfg.vision, cfg.embed_dim, activation, dtype, rngs, scan, attention)
         self.token_embedding = nnx.Embed(text.vocab_size, text.width, embedding_init=_normal(0.02),
                                          dtype=dtype, rngs=rngs)
         self.positional_embedding = nnx.Param(0.01 * jax.random.normal(rngs.params(),
                                                                        (text.context_length, text.width)))
         self.transformer = Transformer(text.width, text.layers, text.heads, text.mlp_ratio, activation,
-                                       dtype, rngs, scan)
+                                       dtype, rngs, scan, attention)
         self.ln_final = _layer_norm(text.width, dtype, rngs)
         self.text_projection = nnx.Param(
             text.width ** -0.5 * jax.random.normal(rngs.params(), (text.width, cfg.embed_dim)))
@@ -201,9 +204,9 @@ class CLIP(nnx.Module):
 
 
 @functools.lru_cache(maxsize=8)
-def _abstract_split(cfg: CLIPConfig, dtype, scan: bool = False) -> tuple[nnx.GraphDef, nnx.State]:
+def _abstract_split(cfg: CLIPConfig, dtype, scan: bool = False, attention: str = "xla") -> tuple[nnx.GraphDef, nnx.State]:
     # Cached: tracing the initialisers of ViT-L-14 takes seconds.
-    return nnx.split(nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(0), dtype=dtype, scan=scan)))
+    return nnx.split(nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(0), dtype=dtype, scan=scan, attention=attention)))
 
 
 def abstract_params(cfg: CLIPConfig) -> dict[tuple, jax.ShapeDtypeStruct]:
@@ -228,9 +231,9 @@ def merge(trainable: dict, frozen: dict) -> dict:
     return traverse_util.unflatten_dict(flat)
 
 
-def from_params(cfg: CLIPConfig, params: dict, dtype=None, scan: bool = False) -> CLIP:
+def from_params(cfg: CLIPConfig, params: dict, dtype=None, scan: bool = False, attention: str = "xla") -> CLIP:
     """A CLIP holding `params` (nested dict as nnx.to_pure_dict), never initialising weights."""
-    graphdef, abstract = _abstract_split(cfg, dtype, scan)
+    graphdef, abstract = _abstract_split(cfg, dtype, scan, attention)
     state = jax.tree.map(lambda leaf: leaf, abstract)  # a fresh State: the cached one stays abstract
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
