@@ -21,8 +21,10 @@ def inputs():
     return images, captions, zoomin_jax.tokenize(captions)
 
 
-# (preset, open_clip name, export file suffix): one case per numerics family.
-CASES = [("ViT-B-16", ".bin"), ("ViT-B-16-quickgelu", ".safetensors"), ("ViT-L-14", ".safetensors")]
+# (preset, export file suffix): one case per activation (QuickGELU, exact GELU: the product's
+# ViT-L-14), each export file form once. A plain ViT-B-16 case added nothing ViT-L-14 does not check
+# and 90 s of CI.
+CASES = [("ViT-B-16-quickgelu", ".bin"), ("ViT-L-14", ".safetensors")]
 
 
 @pytest.mark.parametrize("preset,suffix", CASES)
