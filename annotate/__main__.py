@@ -272,7 +272,8 @@ def main(argv=None) -> int:
                                      "default: random grids")
     p.add_argument("--medmnist", help="MedMNIST .npz whose train_images also fill panels")
     p.add_argument("--real-features", action="store_true",
-                   help="draw what real figures hold: sub-image grids in a panel, tick labels, white/black arrows and "
+                   help="draw what real figures hold: sub-image grids in a panel, tick labels, diagrams joined by arrows, "
+                        "white/black arrows (the one that stands out) and "
                         "asterisks, circled labels, a burned-in caption strip (default: one picture per panel)")
     p.add_argument("--truth-records", action="store_true",
                    help="also write the ground truth as records (DIR/truth/records-*.array_record), for evaluation")

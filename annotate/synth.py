@@ -9,9 +9,10 @@ letters are drawn in their label boxes; arrows point at objects; and each captio
 (kind, stain, colour, count), so a model can learn from it.
 
 What real figures hold and one picture per panel would hide is drawn too: a labelled panel made of
-two or three sub-images (one letter for them all), plots with axes, ticks and tick labels, white and
-black arrows on grey pictures, asterisks beside what they mark, circled labels (a letter in a disc),
-and a burned-in caption strip under the panels (`text_strips` in the truth: text, not a panel).
+two or three sub-images (one letter for them all), plots with axes, ticks and tick labels, diagrams
+whose boxes are joined by black arrows (line art, not markers), white and black arrows on grey
+pictures, asterisks beside what they mark, circled labels (a letter in a disc), and a burned-in
+caption strip under the panels (`text_strips` in the truth: text, not a panel).
 """
 from __future__ import annotations
 
@@ -37,6 +38,9 @@ SUB_IMAGES = 0.25      # share of photo panels made of several sub-images
 CIRCLED_LABELS = 0.3   # share of figures whose letters sit in discs
 CAPTION_STRIP = 0.3    # share of figures with a burned-in caption strip under the panels
 ASTERISKS = 0.3        # share of markers that are asterisks beside the object rather than arrows at it
+DIAGRAMS = 0.1         # share of panels that are diagrams: boxes joined by arrows
+DIAGRAM_WORDS = ("ligand", "receptor", "kinase", "transcription", "cytokine", "inflammation", "fibrosis",
+                 "apoptosis", "stem cell", "progenitor", "neuron", "T cell")
 
 
 @dataclasses.dataclass
@@ -179,6 +183,38 @@ def _draw_chart(rng, size: tuple[int, int], ticks: bool = True) -> tuple[Image.I
     return image, f"line plot of {count + 2} time points in {colour}"
 
 
+def _draw_diagram(rng, size: tuple[int, int]) -> tuple[Image.Image, str]:
+    """Two to four labelled boxes in a row (or a column), each joined to the next by a black arrow."""
+    w, h = size
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    words = [str(word) for word in rng.choice(DIAGRAM_WORDS, size=int(rng.integers(2, 5)), replace=False)]
+    across = w >= h
+    slot = (w if across else h) / len(words)
+    font, _ = _font("DejaVuSans.ttf", max(8, int(min(w, h) / 14)))
+    line = max(2, int(min(w, h) / 80))
+    boxes = []
+    for n, word in enumerate(words):
+        if across:
+            box = [n * slot + slot * 0.12, h * 0.35, (n + 1) * slot - slot * 0.12, h * 0.65]
+        else:
+            box = [w * 0.2, n * slot + slot * 0.15, w * 0.8, (n + 1) * slot - slot * 0.15]
+        draw.rectangle(box, outline="black", width=line)
+        draw.text(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), word, fill="black", anchor="mm", font=font)
+        boxes.append(box)
+    for start, end in zip(boxes, boxes[1:]):
+        if across:
+            tail, tip = (start[2] + line, (start[1] + start[3]) / 2), (end[0] - line, (end[1] + end[3]) / 2)
+        else:
+            tail, tip = ((start[0] + start[2]) / 2, start[3] + line), ((end[0] + end[2]) / 2, end[1] - line)
+        draw.line([tail, tip], fill="black", width=line)
+        head = max(4.0, 3.0 * line)
+        (dx, dy) = (1, 0) if across else (0, 1)
+        draw.polygon([tip, (tip[0] - head * dx - head * 0.6 * dy, tip[1] - head * dy - head * 0.6 * dx),
+                      (tip[0] - head * dx + head * 0.6 * dy, tip[1] - head * dy + head * 0.6 * dx)], fill="black")
+    return image, "diagram of " + " to ".join(words)
+
+
 def _sub_images(rng, picture: np.ndarray, size: tuple[int, int], gap: int = 4) -> tuple[Image.Image, int]:
     """Two or three crops of the picture side by side (or stacked), parted by white gutters; and how many."""
     w, h = size
@@ -267,7 +303,10 @@ def render(layout: Layout, rng: np.random.Generator, medmnist: np.ndarray | None
         x0, y0, x1, y1 = (int(round(v)) for v in box)
         size = (max(1, x1 - x0), max(1, y1 - y0))
         grey, sub_images = False, 1
-        if rng.random() < 0.3:
+        if real_features and min(size) >= 100 and rng.random() < DIAGRAMS:
+            content, description = _draw_diagram(rng, size)
+            kind = "other"
+        elif rng.random() < 0.3:
             content, description = _draw_chart(rng, size, ticks=real_features)
             kind = "chart"
         elif medmnist is not None and rng.random() < 0.25:
@@ -290,6 +329,10 @@ def render(layout: Layout, rng: np.random.Generator, medmnist: np.ndarray | None
             palette = (GREY_ARROW_COLOURS if real_features and grey and rng.random() < 0.5
                        else {c: COLOURS[c] for c in ARROW_COLOURS})
             colour = list(palette)[int(rng.integers(len(palette)))]
+            if palette is GREY_ARROW_COLOURS:  # as authors do: white where the picture is dark there, else black
+                cx, cy, reach = int(target[0] - x0), int(target[1] - y0), max(4, int(length))
+                around = np.asarray(content.convert("L"))[max(0, cy - reach):cy + 1, max(0, cx - reach):cx + 1]
+                colour = "white" if around.mean() < 128 else "black"
             marker = "asterisk" if real_features and rng.random() < ASTERISKS else "arrow"
             if marker == "asterisk":  # just above and left of what it marks
                 radius = max(6.0, min(size) * 0.035)

@@ -69,6 +69,7 @@ def test_synth_draws_what_real_figures_hold(zou_layouts):
     assert any(t["text_strips"] for t in truths)
     assert any("white arrow" in r["text_sub"] or "black arrow" in r["text_sub"] for t in truths for r in t["regions"])
     assert any(r["marker_kind"] == "asterisk" for t in truths for r in t["regions"])
+    assert any(p["text"].startswith("diagram of ") and p["kind"] == "other" for p in panels)
     # Without them, the generator draws as it did (one picture per panel, coloured arrows, plain charts).
     plain = [render(layout, rng, medmnist, real_features=False)[1] for layout in zou_layouts[:60]]
     assert not any(t["text_strips"] or any(p["sub_images"] > 1 or p["circled"] for p in t["panels"]) for t in plain)
@@ -125,3 +126,15 @@ def test_circled_labels_at_the_bottom_left_are_read():
         canvas.paste(textured(rng, (200, 200)), tuple(box[:2]))
         letter(draw, (box[0] + 20, 178), text, circled=True)  # bottom-left, in a disc
     assert read_labels(canvas, boxes, ["A", "B"]) == ["B", "A"]
+
+
+@pytest.mark.parametrize("size", [(300, 150), (150, 320), (640, 200)])
+def test_a_diagram_joined_by_arrows_stays_one_panel_without_markers(size):
+    """Boxes joined by black line-art arrows: the arrows bridge the gutters, so no cut parts the
+    boxes, and arrows on white paper are not markers pointing at anything."""
+    from annotate.markers import find_markers
+    from annotate.synth import _draw_diagram
+    image, description = _draw_diagram(np.random.default_rng(size[0]), size)
+    assert description.count(" to ") >= 1
+    (panel,) = split_panels(image)
+    assert find_markers(image, panel) == []
