@@ -195,10 +195,11 @@ def _draw_diagram(rng, size: tuple[int, int]) -> tuple[Image.Image, str]:
     line = max(2, int(min(w, h) / 80))
     boxes = []
     for n, word in enumerate(words):
+        # The boxes fill most of the panel, as a drawn diagram does: its extent is the panel's.
         if across:
-            box = [n * slot + slot * 0.12, h * 0.35, (n + 1) * slot - slot * 0.12, h * 0.65]
+            box = [n * slot + slot * 0.1, h * 0.1, (n + 1) * slot - slot * 0.1, h * 0.9]
         else:
-            box = [w * 0.2, n * slot + slot * 0.15, w * 0.8, (n + 1) * slot - slot * 0.15]
+            box = [w * 0.1, n * slot + slot * 0.1, w * 0.9, (n + 1) * slot - slot * 0.1]
         draw.rectangle(box, outline="black", width=line)
         draw.text(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), word, fill="black", anchor="mm", font=font)
         boxes.append(box)
