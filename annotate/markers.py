@@ -196,9 +196,9 @@ def find_markers(image: Image.Image, panel_box, cfg: MarkerConfig = MarkerConfig
         components *= keep[components]
         for region in regionprops(components):
             score, tip = _arrow_score(region, pixels, short, long, cfg)
-            kind = "arrow" if score > 0 else "asterisk"
-            if kind == "asterisk":
-                score = _asterisk_score(region, pixels, short, cfg)
+            kind = "arrow"
+            if not score:
+                score, kind = _asterisk_score(region, pixels, short, cfg), "asterisk"
             if score > 0 and (lightness == 0 or _stands_out(region, value, lightness, cfg)):
                 top, left, bottom, right = region.bbox
                 markers.append({"box": [float(x0 + left), float(y0 + top), float(x0 + right), float(y0 + bottom)],

@@ -327,20 +327,21 @@ def render(layout: Layout, rng: np.random.Generator, medmnist: np.ndarray | None
         if kind == "photo" and min(size) >= 60 and rng.random() < 0.6:
             target = (x0 + size[0] * rng.uniform(0.45, 0.8), y0 + size[1] * rng.uniform(0.45, 0.8))
             length = min(size) * 0.18
-            palette = (GREY_ARROW_COLOURS if real_features and grey and rng.random() < 0.5
-                       else {c: COLOURS[c] for c in ARROW_COLOURS})
-            colour = list(palette)[int(rng.integers(len(palette)))]
-            if palette is GREY_ARROW_COLOURS:  # as authors do: white where the picture is dark there, else black
+            if real_features and grey and rng.random() < 0.5:  # as authors do: white where the picture is dark
                 cx, cy, reach = int(target[0] - x0), int(target[1] - y0), max(4, int(length))
                 around = np.asarray(content.convert("L"))[max(0, cy - reach):cy + 1, max(0, cx - reach):cx + 1]
                 colour = "white" if around.mean() < 128 else "black"
+                rgb = GREY_ARROW_COLOURS[colour]
+            else:
+                colour = ARROW_COLOURS[int(rng.integers(len(ARROW_COLOURS)))]
+                rgb = COLOURS[colour]
             marker = "asterisk" if real_features and rng.random() < ASTERISKS else "arrow"
             if marker == "asterisk":  # just above and left of what it marks
                 radius = max(6.0, min(size) * 0.035)
                 centre = (target[0] - 1.2 * radius, target[1] - 1.2 * radius)
-                marker_box = _draw_asterisk(draw, centre, radius, palette[colour], int(rng.integers(5, 7)))
+                marker_box = _draw_asterisk(draw, centre, radius, rgb, int(rng.integers(5, 7)))
             else:
-                marker_box = _draw_arrow(draw, target, length, palette[colour])
+                marker_box = _draw_arrow(draw, target, length, rgb)
             side = min(size) * 0.2
             region_box = [target[0] - side / 2, target[1] - side / 2, target[0] + side / 2, target[1] + side / 2]
             regions.append({"panel_id": panel_id, "box": [float(v) for v in region_box],
