@@ -4,8 +4,8 @@ the pieces grouped into labelled units.
 A cut goes where a band of rows (or columns) is all background — the gutter between panels — or,
 for panels that touch, where the change across one line stands far above the texture around it
 over content on both sides. Each piece is trimmed to its content and split again until nothing cuts.
-The cuts make a tree whose leaves are sub-images; burned-in text strips (a caption under the figure)
-are dropped, `annotate.labels` reads the label printed at each leaf, and walking the tree, leaves with
+Lines of text at the figure's top and bottom (a burned-in caption) are peeled off first. The cuts
+make a tree whose leaves are sub-images; `annotate.labels` reads the label printed at each leaf, and walking the tree, leaves with
 no label of their own join the labelled unit they sit beside in layout order (a grid of micrographs
 under one letter is one panel). Where no label is read, a figure stays one panel unless its parts
 are clearly separate pictures. Panels come back in reading order.
@@ -37,9 +37,11 @@ class SplitConfig:
     # picture (content over this share of its box) of at least this share of the largest one's area.
     picture_fill: float = 0.5
     picture_area_ratio: float = 0.2
-    # A text strip (a burned-in caption, a line of the page): a leaf at the figure's top or bottom, this
-    # many times as wide as high, whose ink is glyphs of at most this height in pixels.
+    # A text strip (a burned-in caption, a line of the page) at the figure's top or bottom: this many times
+    # as wide as high, ink in at least this share of its columns, in glyphs of at most this height, most
+    # of them shorter than the line.
     text_aspect: float = 3.0
+    text_fill: float = 0.4
     text_max_glyph: int = 40
 
 
@@ -131,18 +133,41 @@ class _Splitter:
             return None
         return Node(box)
 
-    def is_text_strip(self, box, root) -> bool:
-        """A leaf at the top or bottom of the figure that is a line or two of text: wide, and its ink
-        (against its own background, a grey caption bar too) only glyph-sized pieces."""
+    def without_text_strips(self, box):
+        """The figure's box less the lines of text at its top and bottom (a burned-in caption, a running
+        head), peeled one line at a time, however thin: the cuts' minimum panel size would leave them on
+        the panels beside them."""
+        box = self.trim(box)
+        while box is not None:
+            x0, y0, x1, y1 = box
+            gutters = _runs(~self.foreground[y0:y1, x0:x1].any(axis=1))
+            if not gutters:
+                return box
+            (first_start, first_end), (last_start, last_end) = gutters[0], gutters[-1]
+            if self.is_text_strip(self.trim((x0, y0 + last_end, x1, y1))):
+                box = self.trim((x0, y0, x1, y0 + last_start))
+            elif self.is_text_strip(self.trim((x0, y0, x1, y0 + first_start))):
+                box = self.trim((x0, y0 + first_end, x1, y1))
+            else:
+                return box
+        return None
+
+    def is_text_strip(self, box, root=None) -> bool:
+        """A line of text (at the top or bottom of `root`, where given): wide, its ink (against its own background, a grey caption bar too) only
+        glyph-sized pieces, and those close together, as letters are (a row of tick labels is sparse)."""
         x0, y0, x1, y1 = box
-        if not (y0 <= root[1] + 2 or y1 >= root[3] - 2) or (x1 - x0) < self.cfg.text_aspect * (y1 - y0):
+        if root is not None and not (y0 <= root[1] + 2 or y1 >= root[3] - 2):
+            return False
+        if (x1 - x0) < self.cfg.text_aspect * (y1 - y0):
             return False
         piece = self.gray[y0:y1, x0:x1]
         ink = np.abs(piece - np.median(piece)) > 4 * self.cfg.background_tolerance
         pieces = ndimage.find_objects(ndimage.label(ink)[0])
-        if len(pieces) < 4:
+        if len(pieces) < 4 or ink.any(axis=0).mean() < self.cfg.text_fill:
             return False
-        return max(p[0].stop - p[0].start for p in pieces) <= min(self.cfg.text_max_glyph, 0.8 * (y1 - y0))
+        heights = [p[0].stop - p[0].start for p in pieces]
+        # Most letters stand shorter than their line (ascenders and descenders set its height).
+        return max(heights) <= self.cfg.text_max_glyph and np.median(heights) <= 0.8 * (y1 - y0)
 
     def is_picture(self, box) -> bool:
         x0, y0, x1, y1 = box
@@ -227,7 +252,8 @@ def panel_units(image: Image.Image, caption_labels=(), cfg: SplitConfig = SplitC
     """(box, label read) of each labelled unit, in reading order (module docstring)."""
     gray = np.asarray(image.convert("L"), dtype=np.float32)
     splitter = _Splitter(gray, cfg)
-    tree = splitter.split((0, 0, gray.shape[1], gray.shape[0]))
+    body = splitter.without_text_strips((0, 0, gray.shape[1], gray.shape[0]))
+    tree = splitter.split(body) if body is not None else None
     if tree is None:
         return []
     boxes = [box for box in leaves(tree) if not splitter.is_text_strip(box, tree.box)]

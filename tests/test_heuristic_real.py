@@ -117,6 +117,22 @@ def test_a_single_picture_with_a_small_inset_stays_one_panel():
     assert split_panels(canvas) == [[0, 0, 570, 400]]
 
 
+def test_a_thin_caption_strip_under_the_panels_is_no_part_of_them():
+    """Two lines of burned-in caption, each thinner than the smallest panel the cuts allow, under two
+    lettered pictures: the lines are peeled off, not kept on the panels above them."""
+    rng = np.random.default_rng(3)
+    canvas = Image.new("RGB", (600, 330), "white")
+    canvas.paste(textured(rng, (290, 280)), (0, 0))
+    canvas.paste(textured(rng, (290, 280)), (310, 0))
+    draw = ImageDraw.Draw(canvas)
+    letter(draw, (18, 18), "A")
+    letter(draw, (328, 18), "B")
+    font = ImageFont.load_default(size=14)
+    draw.text((4, 290), "Figure 2. (A) Axial T2-weighted image of the pelvis; (B) the same level after", fill="black", font=font)
+    draw.text((4, 310), "contrast, arrows at the lesion. Scale bar, 1 cm.", fill="black", font=font)
+    assert split_panels(canvas, caption_labels=["A", "B"]) == [[0, 0, 290, 280], [310, 0, 600, 280]]
+
+
 def test_circled_labels_at_the_bottom_left_are_read():
     rng = np.random.default_rng(2)
     canvas = Image.new("RGB", (420, 200), "white")
