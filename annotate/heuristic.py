@@ -70,7 +70,8 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
 class _Splitter:
     def __init__(self, gray: np.ndarray, cfg: SplitConfig):
         self.gray, self.cfg = gray, cfg
-        self.foreground = np.abs(gray - _background_value(gray)) > cfg.background_tolerance
+        self.background = _background_value(gray)
+        self.foreground = np.abs(gray - self.background) > cfg.background_tolerance
         h, w = gray.shape
         self.min_w = max(cfg.min_panel_pixels, cfg.min_panel_fraction * w)
         self.min_h = max(cfg.min_panel_pixels, cfg.min_panel_fraction * h)
@@ -238,6 +239,17 @@ class _Grouper:
         return result
 
 
+def _blank_outside_rows(image: Image.Image, body, background: float) -> Image.Image:
+    """The image with the rows above and below the body (the peeled lines of text) painted background:
+    a caption's "(A)" is no panel's letter. Blanked rather than cropped, so a letter at the figure's edge
+    still has the background around it that reading asks for."""
+    if body[1] == 0 and body[3] == image.height:
+        return image
+    pixels = np.array(image.convert("RGB"))
+    pixels[:body[1]] = pixels[body[3]:] = int(background)
+    return Image.fromarray(pixels)
+
+
 def _expected(caption_labels, read_keys: set[str]) -> set[str]:
     """The label keys a figure should show: the caption's, or where it names none, the letters up to the
     last one read ("a", "d" read: a to d)."""
@@ -257,7 +269,8 @@ def panel_units(image: Image.Image, caption_labels=(), cfg: SplitConfig = SplitC
     if tree is None:
         return []
     boxes = [box for box in leaves(tree) if not splitter.is_text_strip(box, tree.box)]
-    labels = read_labels(image, boxes, list(caption_labels), label_cfg, in_order=False)
+    labels = read_labels(_blank_outside_rows(image, body, splitter.background), boxes, list(caption_labels),
+                         label_cfg, in_order=False)
     read_keys = {label_key(label, caption_labels) for label in labels if label}
     grouper = _Grouper(splitter, dict(zip(boxes, labels)), keep_separate=not _expected(caption_labels, read_keys) <= read_keys)
     units = grouper.units(tree)

@@ -9,7 +9,7 @@ from PIL import Image, ImageDraw, ImageFont
 from annotate.backends import HeuristicBackend
 from annotate.evaluate import (evaluate_backend, is_multi_panel, layout_composites, load_caption_devset,
                                load_figure_truth, medicat_figures)
-from annotate.heuristic import split_panels
+from annotate.heuristic import panel_units, split_panels
 from annotate.labels import read_labels
 from annotate.synth import load_layouts, render
 from conftest import DATA, REPO
@@ -131,6 +131,12 @@ def test_a_thin_caption_strip_under_the_panels_is_no_part_of_them():
     draw.text((4, 290), "Figure 2. (A) Axial T2-weighted image of the pelvis; (B) the same level after", fill="black", font=font)
     draw.text((4, 310), "contrast, arrows at the lesion. Scale bar, 1 cm.", fill="black", font=font)
     assert split_panels(canvas, caption_labels=["A", "B"]) == [[0, 0, 290, 280], [310, 0, 600, 280]]
+    # Nor are the caption's letters read as panel labels: B's letter unprinted, the "(B)" under it is text.
+    unlettered = canvas.copy()
+    unlettered.paste((90, 90, 90), (310, 0, 600, 280))  # a flat picture: no texture to read a B in
+    ImageDraw.Draw(unlettered).rectangle([0, 284, 600, 330], fill="white")
+    ImageDraw.Draw(unlettered).text((330, 296), "(B) after contrast.", fill="black", font=ImageFont.load_default(size=22))
+    assert [label for _, label in panel_units(unlettered, ["A", "B"])] == ["A", ""]
 
 
 def test_circled_labels_at_the_bottom_left_are_read():
