@@ -33,6 +33,10 @@ class SplitConfig:
     min_panel_pixels: int = 24
     min_content_fraction: float = 0.02   # a piece with less foreground is a stray mark, not a panel
     max_depth: int = 6
+    # A gutter this thin (pixels) is crossed, not a cut, where the ink along one side of it is at most this
+    # share of the ink along the other, and faces it (`_Splitter._bridged`).
+    bridge_gap: int = 3
+    bridge_share: float = 0.2
     # Parts of a figure without labels are separate pictures when a gutter parts them and each is a
     # picture (content over this share of its box) of at least this share of the largest one's area.
     picture_fill: float = 0.5
@@ -88,7 +92,18 @@ class _Splitter:
         empty = ~fg.any(axis=1 - axis)  # axis 0: rows of background
         length = len(empty)
         return [(a + b) // 2 for a, b in _runs(empty)
-                if b - a >= self.cfg.min_gutter and a >= min_size and length - b >= min_size]
+                if b - a >= self.cfg.min_gutter and a >= min_size and length - b >= min_size
+                and not self._bridged(fg, axis, a, b)]
+
+    def _bridged(self, fg: np.ndarray, axis: int, start: int, end: int) -> bool:
+        """A thin gutter that a connector crosses (a diagram's arrow stopping short of its box): on one side
+        the ink along it is a short stretch (the arrow's end) facing ink across from it (the box's edge),
+        where pictures parted by a thin line meet along their whole edges."""
+        if end - start > self.cfg.bridge_gap:
+            return False
+        before, after = (fg[start - 1], fg[end]) if axis == 0 else (fg[:, start - 1], fg[:, end])
+        shorter, longer = sorted((int(before.sum()), int(after.sum())))
+        return bool((before & after).any()) and shorter <= self.cfg.bridge_share * longer
 
     def _edge_cuts(self, gray: np.ndarray, fg: np.ndarray, axis: int, min_size: float) -> list[int]:
         """Lines where two touching panels meet: across them the change between neighbouring lines

@@ -160,3 +160,18 @@ def test_a_diagram_joined_by_arrows_stays_one_panel_without_markers(size):
     assert description.count(" to ") >= 1
     (panel,) = split_panels(image)
     assert find_markers(image, panel) == []
+
+
+@pytest.mark.parametrize("size", [(300, 150), (150, 320)])
+def test_a_diagram_stays_one_panel_where_the_caption_says_letters_were_missed(size):
+    """The arrows stop short of their boxes, leaving thin gutters. Beside a picture whose letter the
+    caption names but nobody printed, separate-looking parts are kept apart as possibly missed panels;
+    a gutter an arrow crosses is no such part."""
+    from annotate.synth import _draw_diagram
+    diagram, _ = _draw_diagram(np.random.default_rng(size[0]), size)
+    canvas = Image.new("RGB", (size[0] + 20 + 200, max(size[1], 200)), "white")
+    canvas.paste(diagram, (0, 0))
+    canvas.paste(textured(np.random.default_rng(4), (200, 200)), (size[0] + 20, 0))
+    (x0, y0, x1, y1), picture = split_panels(canvas, caption_labels=["A", "B"])
+    assert x0 <= 0.1 * size[0] and x1 >= 0.9 * size[0] and y0 <= 0.1 * size[1] and y1 >= 0.9 * size[1]
+    assert picture == [size[0] + 20, 0, size[0] + 220, 200]
