@@ -47,17 +47,21 @@ def zou_layouts():
     return load_layouts(DATA / "layouts" / "zou_train.csv")
 
 
-def test_heuristic_backend_on_real_layouts_with_real_captions(zou_layouts):
+@pytest.mark.parametrize("real_features, floors", [(False, (0.93, 0.83)), (True, (0.80, 0.78))])
+def test_heuristic_backend_on_real_layouts_with_real_captions(zou_layouts, real_features, floors):
     """A fixed small sample of the composites measure (tests/bench/heuristic_real.py runs all of it):
     the caption dev set's first 40 multi-panel captions, each on one real layout whose labels are its
-    own; the caption split is part of what is measured. Measured F1 0.983, label accuracy 0.933 (37 figures)."""
+    own; the caption split is part of what is measured. Measured (37 figures): one picture per panel,
+    F1 0.983, label accuracy 0.933; with what real figures hold (sub-images, diagrams, circled labels,
+    caption strips), F1 0.840, label accuracy 0.833 (0.781 and 0.800 before text strips were peeled
+    and arrow-crossed gutters kept)."""
     entries = [e for e in load_caption_devset(REPO / "tests" / "data" / "caption_devset.jsonl") if is_multi_panel(e)]
     medmnist = np.load(DATA / "medmnist" / "pneumoniamnist.npz")["train_images"]
-    figures = layout_composites(zou_layouts, entries[:40], medmnist=medmnist, real_features=False)
+    figures = layout_composites(zou_layouts, entries[:40], medmnist=medmnist, real_features=real_features)
     scores = evaluate_backend(HeuristicBackend(), figures)["panels"]
     print(scores)
     assert scores["figures"] >= 30
-    assert scores["f1"] >= 0.93 and scores["label_accuracy"] >= 0.83
+    assert scores["f1"] >= floors[0] and scores["label_accuracy"] >= floors[1]
 
 
 def test_synth_draws_what_real_figures_hold(zou_layouts):
