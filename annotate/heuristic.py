@@ -8,7 +8,8 @@ Lines of text at the figure's top and bottom (a burned-in caption) are peeled of
 make a tree whose leaves are sub-images; `annotate.labels` reads the label printed at each leaf, and walking the tree, leaves with
 no label of their own join the labelled unit they sit beside in layout order (a grid of micrographs
 under one letter is one panel). Where no label is read, a figure stays one panel unless its parts
-are clearly separate pictures. Panels come back in reading order.
+are clearly separate pictures; where the caption names letters that were not read, separate parts
+stay apart (as the panels of the missed letters) when that comes nearer the caption's count. Panels come back in reading order.
 """
 from __future__ import annotations
 
@@ -287,8 +288,14 @@ def panel_units(image: Image.Image, caption_labels=(), cfg: SplitConfig = SplitC
     labels = read_labels(_blank_outside_rows(image, body, splitter.background), boxes, list(caption_labels),
                          label_cfg, in_order=False)
     read_keys = {label_key(label, caption_labels) for label in labels if label}
-    grouper = _Grouper(splitter, dict(zip(boxes, labels)), keep_separate=not _expected(caption_labels, read_keys) <= read_keys)
-    units = grouper.units(tree)
+    label_of, expected = dict(zip(boxes, labels)), _expected(caption_labels, read_keys)
+    units = _Grouper(splitter, label_of, keep_separate=False).units(tree)
+    if not expected <= read_keys:
+        # Letters were missed: separate parts may be their panels. Kept apart where that comes nearer
+        # the number of panels the caption names (a labelled panel's sub-images are no missed panels).
+        apart = _Grouper(splitter, label_of, keep_separate=True).units(tree)
+        if abs(len(apart) - len(expected)) < abs(len(units) - len(expected)):
+            units = apart
     by_box = {tuple(box): label for box, label in units}
     return [([float(v) for v in box], by_box[tuple(box)]) for box in reading_order([tuple(b) for b, _ in units])]
 
