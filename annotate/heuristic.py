@@ -4,12 +4,13 @@ the pieces grouped into labelled units.
 A cut goes where a band of rows (or columns) is all background — the gutter between panels — or,
 for panels that touch, where the change across one line stands far above the texture around it
 over content on both sides. Each piece is trimmed to its content and split again until nothing cuts.
-Lines of text at the figure's top and bottom (a burned-in caption) are peeled off first. The cuts
-make a tree whose leaves are sub-images; `annotate.labels` reads the label printed at each leaf, and walking the tree, leaves with
-no label of their own join the labelled unit they sit beside in layout order (a grid of micrographs
-under one letter is one panel). Where no label is read, a figure stays one panel unless its parts
-are clearly separate pictures; where the caption names letters that were not read, separate parts
-stay apart (as the panels of the missed letters) when that comes nearer the caption's count. Panels come back in reading order.
+Lines of text at the figure's top and bottom (a burned-in caption) are peeled off first. The cuts make a
+tree whose leaves are sub-images; `annotate.labels` reads the label printed at each leaf, and walking
+the tree, leaves with no label of their own join the labelled unit they sit beside in layout order (a
+grid of micrographs under one letter is one panel). Where no label is read, a figure stays one panel
+unless its parts are clearly separate pictures; where the caption names letters that were not read,
+separate parts stay apart (as the panels of the missed letters) when that comes nearer the caption's
+count. Panels come back in reading order.
 """
 from __future__ import annotations
 
