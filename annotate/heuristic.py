@@ -171,8 +171,9 @@ class _Splitter:
         return None
 
     def is_text_strip(self, box, root=None) -> bool:
-        """A line of text (at the top or bottom of `root`, where given): wide, its ink (against its own background, a grey caption bar too) only
-        glyph-sized pieces, and those close together, as letters are (a row of tick labels is sparse)."""
+        """A line of text (at the top or bottom of `root`, where given): wide, its ink (against its own
+        background, a grey caption bar too) only glyph-sized pieces, and those close together, as letters
+        are (a row of tick labels is sparse)."""
         x0, y0, x1, y1 = box
         if root is not None and not (y0 <= root[1] + 2 or y1 >= root[3] - 2):
             return False
@@ -256,14 +257,15 @@ class _Grouper:
         return result
 
 
-def _blank_outside_rows(image: Image.Image, body, background: float) -> Image.Image:
+def _blank_outside_rows(image: Image.Image, body, splitter: _Splitter) -> Image.Image:
     """The image with the rows above and below the body (the peeled lines of text) painted background:
     a caption's "(A)" is no panel's letter. Blanked rather than cropped, so a letter at the figure's edge
-    still has the background around it that reading asks for."""
-    if body[1] == 0 and body[3] == image.height:
+    still has the background around it that reading asks for; the image itself where nothing was peeled
+    (no copy per figure)."""
+    if not (splitter.foreground[:body[1]].any() or splitter.foreground[body[3]:].any()):
         return image
     pixels = np.array(image.convert("RGB"))
-    pixels[:body[1]] = pixels[body[3]:] = int(background)
+    pixels[:body[1]] = pixels[body[3]:] = int(splitter.background)
     return Image.fromarray(pixels)
 
 
@@ -286,7 +288,7 @@ def panel_units(image: Image.Image, caption_labels=(), cfg: SplitConfig = SplitC
     if tree is None:
         return []
     boxes = [box for box in leaves(tree) if not splitter.is_text_strip(box, tree.box)]
-    labels = read_labels(_blank_outside_rows(image, body, splitter.background), boxes, list(caption_labels),
+    labels = read_labels(_blank_outside_rows(image, body, splitter), boxes, list(caption_labels),
                          label_cfg, in_order=False)
     read_keys = {label_key(label, caption_labels) for label in labels if label}
     label_of, expected = dict(zip(boxes, labels)), _expected(caption_labels, read_keys)
