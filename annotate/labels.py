@@ -174,15 +174,16 @@ def label_vocabulary(caption_labels: list[str], panels: int) -> list[str]:
 
 
 def _owner(centre, corners: np.ndarray) -> int:
-    """The panel a glyph labels: one that contains it, else the one with a corner nearest to it (labels
-    sit at a panel's corner, inside or just outside it; a glyph between two panels is nearer the corner
-    of its own than the edge of the other)."""
+    """The panel a glyph labels: one that contains it, else the one whose top-left corner is nearest. A
+    label outside its panel sits above or left of that corner, in the gutter it shares with the panel
+    before it, often nearer the other's bottom-left corner (a chart trimmed to its axes leaves its label
+    out): of the real zou layouts' label boxes outside every unit found (composites' tune slice), the
+    top-left corner names the right panel for 118 of 149, the nearest corner of any for 88."""
     cx, cy = centre
     inside = (corners[:, 0] <= cx) & (cx <= corners[:, 2]) & (corners[:, 1] <= cy) & (cy <= corners[:, 3])
     if inside.any():
         return int(np.argmax(inside))
-    xs, ys = corners[:, [0, 2]] - cx, corners[:, [1, 3]] - cy
-    return int(np.argmin(np.hypot(np.abs(xs).min(axis=1), np.abs(ys).min(axis=1))))
+    return int(np.argmin(np.hypot(corners[:, 0] - cx, corners[:, 1] - cy)))
 
 
 def read_labels(image: Image.Image, boxes: list, caption_labels: list[str],
