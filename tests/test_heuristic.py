@@ -22,9 +22,9 @@ def test_panel_f1_and_labels_on_600_real_layouts(zou_composites):
     scores = panel_scores(predicted, [t["panels"] for t in truths])
     print(scores)
     assert scores["figures"] == 600 and scores["panels"] > 1500
-    # Measured F1 0.926 and label accuracy 0.888 (2026-12-01; 0.935 and 0.891 at issue 16's start); before the labelled units (XY-cut leaves,
-    # labels read among the caption's only) 0.90+ and 0.891: the units trade a little recall on zou's
-    # unlabelled panels for real figures' sub-images.
+    # Measured F1 0.926 and label accuracy 0.888 (2026-12-01; 0.935 / 0.891 when first measured for
+    # issue 16); before the labelled units (XY-cut leaves, labels read among the caption's only) 0.90+
+    # and 0.891: the units trade a little recall on zou's unlabelled panels for real figures' sub-images.
     assert scores["f1"] >= 0.90
     assert scores["label_accuracy"] >= 0.85
 
