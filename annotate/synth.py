@@ -23,6 +23,7 @@ import functools
 import json
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -51,16 +52,23 @@ class Layout:
     panels: list[tuple[list[float], list[float] | None, str]]  # (panel box, label box, label)
 
 
+class Picture(NamedTuple):
+    pixels: np.ndarray
+    description: str
+    grey: bool  # decided once per picture: testing the whole picture per panel was a third of synthesis
+
+
 @functools.lru_cache(maxsize=1)
-def _pictures() -> dict[str, tuple[np.ndarray, str]]:
+def _pictures() -> dict[str, Picture]:
     from skimage import data
     from skimage.data import shepp_logan_phantom
     phantom = (shepp_logan_phantom() * 255).astype(np.uint8)
-    return {"ihc": (data.immunohistochemistry(), "immunohistochemistry of tissue with brown DAB stain"),
-            "cells": (data.cell(), "phase-contrast micrograph of cells"),
-            "fundus": (data.retina(), "fundus photograph of the retina"),
-            "microaneurysms": (data.microaneurysms(), "fundus detail with microaneurysms"),
-            "phantom": (phantom, "axial CT slice of a head phantom")}
+    pictures = {"ihc": (data.immunohistochemistry(), "immunohistochemistry of tissue with brown DAB stain"),
+                "cells": (data.cell(), "phase-contrast micrograph of cells"),
+                "fundus": (data.retina(), "fundus photograph of the retina"),
+                "microaneurysms": (data.microaneurysms(), "fundus detail with microaneurysms"),
+                "phantom": (phantom, "axial CT slice of a head phantom")}
+    return {name: Picture(pixels, description, _is_grey(pixels)) for name, (pixels, description) in pictures.items()}
 
 
 _LAYOUT_FIELDS = {6: "path,x1,y1,x2,y2,panel", 11: "path,x1,y1,x2,y2,panel,lx1,ly1,lx2,ly2,label"}
@@ -315,8 +323,8 @@ def render(layout: Layout, rng: np.random.Generator, medmnist: np.ndarray | None
             description, kind, grey = "chest radiograph", "photo", True
         else:
             name = str(rng.choice(sorted(pictures)))
-            picture, description = pictures[name]
-            kind, grey = "photo", _is_grey(picture)
+            picture, description, grey = pictures[name]
+            kind = "photo"
             if real_features and min(size) >= 120 and rng.random() < SUB_IMAGES:
                 content, sub_images = _sub_images(rng, picture, size)
                 description = f"{sub_images} views of {description}"
@@ -378,7 +386,8 @@ def synthesize(out: Path, num: int, seed: int, layouts_csv: str | None = None,
         for n, layout in enumerate(layouts):
             figure_id = f"synth-{seed}-{n:05d}"
             image, truth = render(layout, rng, medmnist, real_features)
-            image.save(out / "images" / f"{figure_id}.png")
+            # zlib level 1: the same pixels, and encoding at the default level was a third of synthesis.
+            image.save(out / "images" / f"{figure_id}.png", compress_level=1)
             manifest.write(json.dumps({"id": figure_id, "image": f"images/{figure_id}.png",
                                        "caption": truth["caption"], "layout": layout.name}) + "\n")
             gt.write(json.dumps({"id": figure_id, **truth}) + "\n")
