@@ -40,7 +40,7 @@ def get_config(arg=None):
     config.optim = dict(lr=1e-3, warmup_steps=6, weight_decay=0.05, b1=0.9, b2=0.95)  # cosine to total_steps
     config.loss_weights = dict(figure=1.0, figure_panel_image=0.5, figure_panel_text=0.5, panel=1.0,
                                panel_region_image=0.5, panel_region_text=0.5, roi=0.5, region=1.0)
-    config.data = dict(records=args["records"], batch_size=dict(figure=16, panel=16, region=16), workers=1,
+    config.data = dict(records=args["records"], batch_size=dict(figure=16, panel=16, region=16),
                        strict=False, max_panels=6, max_regions=4, region_margin=0.1, lvlm_text_prob=0.0,
                        context_text_prob=0.0, drop_panel_kinds=(), min_box_side=8.0, min_visible=0.5,
                        crop_scale=(0.9, 1.0),  # data.samples.SampleConfig says why these
@@ -51,8 +51,13 @@ def get_config(arg=None):
         config.evals.heldout = dict(type="retrieval", records=args["eval_records"],
                                     levels=("figure", "panel", "region"), every=225, batch_size=64)
     apply_variant(config, args["variant"])
+    # A second worker where one level is trained alone (figure_only): its steps are short enough that
+    # one worker kept it waiting (0.048 s of each 0.060 s step in make demo; with two, 0.004 of 0.039).
+    config.data.workers = 1 if len(config.cycle) > 1 else 2
     config.log_every = 10
-    config.checkpoint_every = 20
+    # A save blocked the zoom-in run ~1.3 s (state and three levels' data positions); every 20 steps
+    # that was 28 s of a 93 s run. Every 150: at most a third of a 2-minute run redone after a kill.
+    config.checkpoint_every = 150
     config.keep_checkpoints = 3
     config.max_bad_steps = 10
     return config
