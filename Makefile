@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO := out/demo
 
-.PHONY: install demo test
+.PHONY: install demo test test-quick
 
 install: $(VENV)/.installed
 
@@ -21,7 +21,18 @@ $(VENV)/.installed: pyproject.toml requirements.txt requirements-test.txt annota
 demo: install
 	$(PY) -m zoomin_jax.demo --out $(DEMO)
 
-# No JAX_COMPILATION_CACHE_DIR: it halved the suite's time, but with jax 0.10.2 an executable
-# loaded from it on 8 virtual CPU devices deadlocked in its all-gather (rendezvous timeout, abort).
+# 8 virtual XLA devices for the sharding tests; two pytest-xdist workers, a test file each (JAX's
+# compiles are mostly single-threaded, and many tests wait on subprocesses); one persistent
+# compilation cache for every test process and the programs they start (absolute: some tests run
+# commands from other directories), so the many runs of the same tiny steps compile once.
+# The files with slow tests go first (tests/conftest.py; xdist would otherwise start the files with
+# the most tests first); tests/README.md lists the slow tests and what each alone covers; test-quick
+# runs the rest.
+TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.cache/jax
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25
+
 test: install
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q --durations=25 tests
+	$(TEST_ENV) $(PYTEST) tests
+
+test-quick: install
+	$(TEST_ENV) $(PYTEST) -m "not slow" tests

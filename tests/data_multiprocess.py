@@ -10,13 +10,15 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import AxisType  # noqa: E402
 
+from zoomin_jax import sharding  # noqa: E402
 from zoomin_jax.data.device import to_global  # noqa: E402
 from zoomin_jax.data.pipeline import make_dataset  # noqa: E402
 from zoomin_jax.data.samples import SampleConfig  # noqa: E402
 
 
-def main(pattern: str, port: str, process_id: int, out: str) -> None:
-    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
+def main(pattern: str, out: str) -> None:
+    sharding.initialize_distributed()
+    process_id = jax.process_index()
     mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
     local = make_dataset(pattern, "panel", 4, seed=2, process_index=jax.process_index(),
                          process_count=jax.process_count(), cfg=SampleConfig(image_size=32, patch_size=8))[0]
@@ -32,4 +34,4 @@ def main(pattern: str, port: str, process_id: int, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    main(*sys.argv[1:])

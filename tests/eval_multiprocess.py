@@ -19,8 +19,9 @@ from zoomin_jax.models.clip import CLIP  # noqa: E402
 from zoomin_jax.models.config import get_preset  # noqa: E402
 
 
-def main(pattern: str, level: str, zeroshot_spec: str, port: str, process_id: int, out: str) -> None:
-    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
+def main(pattern: str, level: str, zeroshot_spec: str, out: str) -> None:
+    sharding.initialize_distributed()
+    process_id = jax.process_index()
     cfg = get_preset("test-tiny")
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(CLIP(cfg, rngs=nnx.Rngs(0)), nnx.Param)))
     encoder = CLIPEncoder(cfg, params, default_preprocess_cfg(cfg), sharding.make_mesh((("data", -1),)), batch_size=16)
@@ -39,4 +40,4 @@ def main(pattern: str, level: str, zeroshot_spec: str, port: str, process_id: in
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6])
+    main(*sys.argv[1:])

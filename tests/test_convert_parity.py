@@ -1,4 +1,6 @@
 """open_clip -> (CLI) -> Flax parity, and Flax -> (CLI) -> open_clip bit-exact round trips."""
+import json
+
 import numpy as np
 import open_clip
 import pytest
@@ -8,6 +10,7 @@ from safetensors.torch import load_file
 import zoomin_jax
 from conftest import real_images, roco_captions, run_cli
 from zoomin_jax.convert import reference
+from zoomin_jax.convert.__main__ import main as convert_main
 from zoomin_jax.convert.reference import save_bmc_shaped_checkpoint
 
 ATOL, MIN_COS = 1e-4, 0.99999
@@ -21,14 +24,25 @@ def inputs():
     return images, captions, zoomin_jax.tokenize(captions)
 
 
-# (preset, export file suffix): one case per activation (QuickGELU, exact GELU: the product's
-# ViT-L-14), each export file form once. A plain ViT-B-16 case added nothing ViT-L-14 does not check
-# and 90 s of CI.
-CASES = [("ViT-B-16-quickgelu", ".bin"), ("ViT-L-14", ".safetensors")]
+# (preset, export file suffix): one case per activation — QuickGELU on the tiny preset (an activation
+# and a file form are the same code at any width; ViT-B-16-quickgelu here cost 60-120 s), exact GELU
+# on ViT-L-14, the product's model at its real size — and each export file form once.
+CASES = [("test-tiny-quickgelu", ".bin"), ("ViT-L-14", ".safetensors")]
 
 
+@pytest.fixture(scope="module")
+def open_clip_knows_the_tiny_presets(tmp_path_factory):
+    """open_clip's model configs with the tiny presets added (as a user's own config JSON would be), so
+    that open_clip builds and loads them by name like its own."""
+    directory = tmp_path_factory.mktemp("open_clip_configs")
+    for preset in (preset for preset, _ in CASES if preset not in open_clip.list_models()):
+        (directory / f"{preset}.json").write_text(json.dumps(zoomin_jax.get_preset(preset).open_clip_cfg))
+    open_clip.add_model_config(directory)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("preset,suffix", CASES)
-def test_open_clip_to_flax_to_open_clip(tmp_path, inputs, preset, suffix):
+def test_open_clip_to_flax_to_open_clip(tmp_path, inputs, preset, suffix, open_clip_knows_the_tiny_presets):
     images, captions, tokens = inputs
     torch.manual_seed(0)
     model = open_clip.create_model(preset, pretrained=None).eval()
@@ -40,9 +54,10 @@ def test_open_clip_to_flax_to_open_clip(tmp_path, inputs, preset, suffix):
             "--out", str(tmp_path / "flax"))
     # Batches of 16: the 14 images padded to the default 64 cost ViT-L-14 fifty forward passes for nothing.
     clip = zoomin_jax.load_clip(tmp_path / "flax").with_batch_size(16)
-    ours_image = np.asarray(clip.encode_image(np.stack([zoomin_jax.preprocess(im) for im in images])))
+    ours_image = np.asarray(clip.encode_image(np.stack([clip.preprocess(im) for im in images])))
     ours_text = np.asarray(clip.encode_text(tokens))
-    ref_image, ref_text = reference.encode(model, images, tokens, open_clip.image_transform(224, is_train=False))
+    ref_image, ref_text = reference.encode(model, images, tokens,
+                                           open_clip.image_transform(model.visual.image_size, is_train=False))
     for ours, ref in ((ours_image, ref_image), (ours_text, ref_text)):
         max_abs, min_cos = reference.differences(ours, ref)
         print(f"{preset}: max_abs={max_abs:.2e} min_cos={min_cos:.9f}")
@@ -66,19 +81,23 @@ def test_open_clip_to_flax_to_open_clip(tmp_path, inputs, preset, suffix):
         "QuickGELU" if preset.endswith("quickgelu") else "GELU")
 
 
-def test_verify_cli_reports_differences(tmp_path):
+def test_verify_cli_reports_differences(tmp_path, capsys):
+    """The command line's own main() in this process: its report and exit status are what is tested
+    here (the test above starts the real commands), without three more starts of torch and jax."""
     torch.manual_seed(1)
     model = open_clip.CLIP(**zoomin_jax.get_preset("test-tiny").open_clip_cfg)
     torch.save(model.state_dict(), tmp_path / "tiny.bin")
-    run_cli("-m", "zoomin_jax.convert", "import", "--src", str(tmp_path / "tiny.bin"), "--model", "test-tiny",
-            "--out", str(tmp_path / "flax"))
+    assert convert_main(["import", "--src", str(tmp_path / "tiny.bin"), "--model", "test-tiny",
+                         "--out", str(tmp_path / "flax")]) == 0
     (tmp_path / "captions.txt").write_text("\n".join(roco_captions()[:16]))
-    ok = run_cli("-m", "zoomin_jax.convert", "verify", "--flax", str(tmp_path / "flax"), "--open-clip",
-                 str(tmp_path / "tiny.bin"), "--model", "test-tiny", "--texts", str(tmp_path / "captions.txt"))
-    assert "image: n=4" in ok.stdout and "text: n=16" in ok.stdout and "FAIL" not in ok.stdout
+    capsys.readouterr()
+    assert convert_main(["verify", "--flax", str(tmp_path / "flax"), "--open-clip", str(tmp_path / "tiny.bin"),
+                         "--model", "test-tiny", "--texts", str(tmp_path / "captions.txt")]) == 0
+    ok = capsys.readouterr().out
+    assert "image: n=4" in ok and "text: n=16" in ok and "FAIL" not in ok
 
     torch.manual_seed(2)  # other weights: verify must fail
     torch.save(open_clip.CLIP(**zoomin_jax.get_preset("test-tiny").open_clip_cfg).state_dict(), tmp_path / "other.bin")
-    bad = run_cli("-m", "zoomin_jax.convert", "verify", "--flax", str(tmp_path / "flax"), "--open-clip",
-                  str(tmp_path / "other.bin"), "--model", "test-tiny", check=False)
-    assert bad.returncode == 1 and "FAIL" in bad.stdout
+    assert convert_main(["verify", "--flax", str(tmp_path / "flax"), "--open-clip", str(tmp_path / "other.bin"),
+                         "--model", "test-tiny"]) == 1
+    assert "FAIL" in capsys.readouterr().out

@@ -1,9 +1,12 @@
 """The README's main command at a small size: every stage runs, the table and the files it names exist."""
 import json
 
+import pytest
+
 from conftest import run_cli
 
 
+@pytest.mark.slow
 def test_demo_end_to_end_small(tmp_path):
     out = tmp_path / "demo"
     result = run_cli("-m", "zoomin_jax.demo", "--out", str(out), "--seeds", "0", "--figures", "40",

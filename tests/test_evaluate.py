@@ -110,6 +110,7 @@ def test_zeroshot_evaluator_from_the_config():
     assert 0 <= metrics["pneumonia/balanced_accuracy"] <= 1 and 0 <= metrics["pneumonia/top1"] <= 1
 
 
+@pytest.mark.slow
 def test_trained_run_evaluate_and_export(tmp_path, truth_records):
     workdir = tmp_path / "run"
     run_cli("-m", "zoomin_jax.train", f"--config=configs/demo_cpu.py:records={truth_records},"

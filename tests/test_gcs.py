@@ -103,6 +103,7 @@ def run(spec) -> str:
     return finished(subprocess.Popen(**spec, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
 
 
+@pytest.mark.slow
 def test_training_run_in_a_bucket(emulator, records, local):
     straight, killed = epath.Path(f"gs://{BUCKET}/straight"), epath.Path(f"gs://{BUCKET}/run")
     # Beside the run to kill: compiling is mostly single-threaded, so two runs share the cores well.

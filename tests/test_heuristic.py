@@ -9,8 +9,11 @@ from annotate.backends import HeuristicBackend
 from annotate.heuristic import panel_kind, reading_order, split_panels
 from annotate.labels import label_scores, read_labels
 from annotate.metrics import panel_scores
+from annotate.synth import synthesize
+from conftest import DATA
 
 
+@pytest.mark.slow
 def test_panel_f1_and_labels_on_600_real_layouts(zou_composites):
     """The backend as `annotate run` calls it: panels grouped into labelled units with the caption's
     labels, then labels read. A third of zou's figures have panels without a letter, which the backend
@@ -124,8 +127,12 @@ def test_label_score_prefers_the_printed_letter():
     assert max(scores, key=scores.get) == "b" and scores["b"] > 0.9
 
 
-def test_panel_kind(zou_composites):
-    truth = next(json.loads(line) for line in (zou_composites / "gt.jsonl").read_text().splitlines()
+def test_panel_kind(tmp_path):
+    """On a composite of a real layout with a photo and a chart (a few figures, not the 600 above: this
+    test runs in make test-quick)."""
+    figures = synthesize(tmp_path, num=12, seed=0, layouts_csv=str(DATA / "layouts" / "zou_train.csv"),
+                         medmnist_npz=str(DATA / "medmnist" / "pneumoniamnist.npz"))
+    truth = next(json.loads(line) for line in (figures / "gt.jsonl").read_text().splitlines()
                  if {p["kind"] for p in json.loads(line)["panels"]} == {"photo", "chart"})
-    image = Image.open(zou_composites / "images" / f"{truth['id']}.png")
+    image = Image.open(figures / "images" / f"{truth['id']}.png")
     assert [panel_kind(image, p["box"]) for p in truth["panels"]] == [p["kind"] for p in truth["panels"]]

@@ -72,6 +72,7 @@ exit $status
 """
 
 
+@pytest.mark.slow
 def test_slurm_train_runs_two_tasks_that_find_each_other_through_slurm(tmp_path):
     records = write_truth_records(synthesize(tmp_path / "synth", num=24, seed=2))
     bin_dir = tmp_path / "bin"

@@ -11,6 +11,7 @@ from annotate.metrics import match_boxes
 from annotate.pipeline import marker_clause
 
 
+@pytest.mark.slow
 def test_arrow_precision_recall_on_150_real_layouts(zou_composites):
     """Searched in the true panel boxes, so this measures the marker finder alone. A found box matches
     a true marker box one-to-one at IoU >= 0.3."""
@@ -121,6 +122,7 @@ def test_letters_digits_and_text_on_paper_are_not_markers():
             assert find_markers(image, [0, 0, image.width, image.height]) == [], (font_name, size)
 
 
+@pytest.mark.slow
 def test_asterisk_precision_recall_on_real_layouts_with_real_features(tmp_path):
     """Composites of real layouts drawn with what real figures hold (annotate synth --real-features):
     asterisks beside objects, in colour and in white or black on grey pictures, among arrows, tick

@@ -2,11 +2,7 @@
 platform check, command-line overrides of optional config fields, and a model directory restored
 straight into mesh shardings, on one process (8 fake CPU devices) and on two."""
 import dataclasses
-import json
 import os
-import socket
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -17,7 +13,7 @@ from jax._src.clusters import cloud_tpu_cluster
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 from ml_collections import ConfigDict, config_flags
 
-from conftest import REPO
+from conftest import REPO, two_processes
 from zoomin_jax import model_dir, sharding
 from zoomin_jax.errors import UserError
 from zoomin_jax.models.config import get_preset
@@ -293,18 +289,7 @@ def test_two_processes_restore_their_own_shards(tiny_model, tmp_path):
     fsdp shardings over all 8 devices and holds exactly its own devices' shards of the saved params."""
     directory, cfg, saved = tiny_model
     np.savez(tmp_path / "saved.npz", **saved)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("SLURM_", "ZOOMIN_"))} | {
-        "ZOOMIN_COORDINATOR": f"127.0.0.1:{port}", "ZOOMIN_NUM_PROCESSES": "2", "JAX_PLATFORMS": "cpu"}
-    script = REPO / "tests" / "model_dir_multiprocess.py"
-    processes = [subprocess.Popen([sys.executable, str(script), str(directory), str(tmp_path / "saved.npz"),
-                                   str(tmp_path)], env=env | {"ZOOMIN_PROCESS_ID": str(i)}, cwd=REPO,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outputs = [process.communicate(timeout=300)[0] for process in processes]
-    assert [process.returncode for process in processes] == [0, 0], "\n".join(output[-3000:] for output in outputs)
-    results = [json.loads((tmp_path / f"process{i}.json").read_text()) for i in range(2)]
+    results = two_processes("model_dir_multiprocess.py", str(directory), str(tmp_path / "saved.npz"), out=tmp_path)
     assert [(r["process"], r["processes"], r["local_devices"]) for r in results] == [(0, 2, 4), (1, 2, 4)]
     # Every leaf has one shard per device: 4 on each process, none of them the other's.
     assert [r["shards"] for r in results] == [4 * len(saved)] * 2

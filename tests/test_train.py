@@ -47,10 +47,21 @@ def tensorboard_scalars(directory) -> dict[str, list[int]]:
     return series
 
 
-def test_demo_loss_goes_down(tmp_path, records):
-    subprocess.run(train_command(records, tmp_path, "--config.total_steps=45"), env=ENV, check=True,
-                   capture_output=True, cwd=REPO)
-    logs = logged(tmp_path)
+# One straight run serves the loss test and, as the run that never stopped, the kill -9 test: a
+# training run is mostly its compiles here.
+STRAIGHT = ("--config.total_steps=45", "--config.checkpoint_every=5")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, records):
+    workdir = tmp_path_factory.mktemp("straight")
+    subprocess.run(train_command(records, workdir, *STRAIGHT), env=ENV, check=True, capture_output=True, cwd=REPO)
+    return workdir
+
+
+@pytest.mark.slow
+def test_demo_loss_goes_down(straight):
+    logs = logged(straight)
     assert [entry["step"] for entry in logs] == list(range(1, 46))
     for level in ("figure", "panel", "region"):
         values = [entry[level] for entry in logs if entry["level"] == level]
@@ -58,7 +69,7 @@ def test_demo_loss_goes_down(tmp_path, records):
     assert all(entry["update_skipped"] == 0 and entry["skipped_records"] == 1 for entry in logs)
 
     # TensorBoard: one series per level for every per-level scalar, each at that level's steps only.
-    series = tensorboard_scalars(tmp_path / "tensorboard")
+    series = tensorboard_scalars(straight / "tensorboard")
     for level in ("figure", "panel", "region"):
         steps = [entry["step"] for entry in logs if entry["level"] == level]
         for key in ("loss", "grad_norm", "lr", level):
@@ -78,27 +89,25 @@ def final_params(workdir, step):
         return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]["params"]
 
 
-def test_kill_9_then_resume_is_bit_identical(tmp_path, records):
-    overrides = ("--config.total_steps=20", "--config.checkpoint_every=5")
-    straight = tmp_path / "straight"
-    subprocess.run(train_command(records, straight, *overrides), env=ENV, check=True, capture_output=True, cwd=REPO)
-
+@pytest.mark.slow
+def test_kill_9_then_resume_is_bit_identical(tmp_path, records, straight):
     killed = tmp_path / "killed"
-    process = subprocess.Popen(train_command(records, killed, *overrides), env=ENV, cwd=REPO,
+    process = subprocess.Popen(train_command(records, killed, *STRAIGHT), env=ENV, cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     before_kill = kill_when_logged(process, killed, 12)
-    assert before_kill[-1]["step"] < 20
-    subprocess.run(train_command(records, killed, *overrides), env=ENV, check=True, capture_output=True, cwd=REPO)
+    assert before_kill[-1]["step"] < 45
+    subprocess.run(train_command(records, killed, *STRAIGHT), env=ENV, check=True, capture_output=True, cwd=REPO)
 
     reference = {entry["step"]: entry for entry in logged(straight)}
     for entry in logged(killed):  # steps logged twice (after the last checkpoint) agree too
         for key in ("loss", "grad_norm", entry["level"]):
             assert entry[key] == reference[entry["step"]][key], (entry["step"], key)
-    expected, got = final_params(straight, 20), final_params(killed, 20)
+    expected, got = final_params(straight, 45), final_params(killed, 45)
     for path, leaf in ocp.tree.to_flat_dict(expected).items():
         assert np.array_equal(np.asarray(leaf), np.asarray(ocp.tree.to_flat_dict(got)[path])), path
 
 
+@pytest.mark.slow
 def test_non_finite_updates_are_skipped_then_training_stops(tmp_path, records):
     """A learning rate of 1e30 blows the weights up after one update; from then on every loss is
     non-finite: those updates are skipped and counted, and training stops with the last good
@@ -136,6 +145,7 @@ def test_paper_config_batch_is_per_device_and_its_length_is_in_epochs():
         global_batch_sizes(config)
 
 
+@pytest.mark.slow
 def test_paper_config_runs_one_step_per_level_with_vit_l14(tmp_path, records):
     """configs/zoomin_vitl14.py as written (random init: no BMC-CLIP here), at a tiny batch, on one
     device: compiling ViT-L-14's three steps for 8 fake devices cost this test 100 s more, and
@@ -162,6 +172,7 @@ def test_paper_config_runs_one_step_per_level_with_vit_l14(tmp_path, records):
         ("visual", "ln_post"), ("visual", "proj"), ("logit_scale",)}
 
 
+@pytest.mark.slow
 def test_frozen_text_tower_uses_the_text_cache_and_gives_the_same_losses(tmp_path, records):
     from configs.demo_cpu import get_config
     from zoomin_jax.train import train

@@ -58,6 +58,7 @@ def one_device():
     return run(sharding.make_mesh((("data", 1),), jax.devices()[:1]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("axes", [(("data", 2), ("fsdp", 4)), (("data", 8),)])
 def test_same_losses_and_params_on_any_mesh(one_device, axes):
     _, _, reference, reference_logs, _ = one_device
@@ -96,6 +97,7 @@ def test_frozen_leaves_are_untouched_and_have_no_optimizer_state(one_device):
             "panel_region_text", "roi", "region"} <= set().union(*logs)
 
 
+@pytest.mark.slow
 def test_text_terms_train_logit_scale_when_the_text_tower_is_frozen():
     """The paper's case: text tower frozen, logit_scale trained. The text-side message-passing term
     is computed and logged, and it is part of logit_scale's gradient (the vision blocks', whose
@@ -122,6 +124,7 @@ def test_text_terms_train_logit_scale_when_the_text_tower_is_frozen():
             np.testing.assert_allclose(with_text[path], grad, rtol=1e-6, atol=1e-8, err_msg=str(path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("axes,min_size", [((("data", 8),), 0), ((("data", 1), ("fsdp", 8)), 2 ** 14)])
 def test_no_recompilation_after_the_first_cycle(axes, min_size):
     """Also with small leaves replicated beside fsdp-split ones, where XLA's own choice of output

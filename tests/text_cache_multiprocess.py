@@ -11,15 +11,15 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from etils import epath  # noqa: E402
 
-from zoomin_jax import train  # noqa: E402
+from zoomin_jax import run_dir, sharding, train  # noqa: E402
 from zoomin_jax.data import text_cache  # noqa: E402
 from zoomin_jax.encoder import CLIPEncoder  # noqa: E402
 from zoomin_jax.models.clip import merge  # noqa: E402
-from zoomin_jax import run_dir  # noqa: E402
 
 
-def main(records: str, port: str, process_id: int, out: str) -> None:
-    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
+def main(records: str, out: str) -> None:
+    sharding.initialize_distributed()
+    process_id = jax.process_index()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, for configs/
     from configs.demo_cpu import get_config
     config = get_config(f"records={records}")
@@ -44,4 +44,4 @@ def main(records: str, port: str, process_id: int, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    main(*sys.argv[1:])
