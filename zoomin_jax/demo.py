@@ -3,9 +3,9 @@
 The whole method on a laptop-class CPU, each stage through its real command line:
 synthetic compound figures (real layouts and MedMNIST pictures when ../shared/data is there) ->
 `annotate run --backend heuristic` -> records and an overlay gallery -> for each seed, train the
-zoom-in demo config and the figure-only ablation from the same init -> retrieval at figure, panel
-and region level on held-out figures (ground-truth annotations) -> export the zoom-in model to
-open_clip and verify it -> one results table (also OUT/results.json).
+zoom-in demo config and the figure-only ablation from the same init, the two at once -> retrieval
+at figure, panel and region level on held-out figures (ground-truth annotations) -> export the
+zoom-in model to open_clip and verify it -> one results table (also OUT/results.json).
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,24 +25,36 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("ZOOMIN_SHARED_DATA", REPO.parent / "shared" / "data"))
 VARIANTS = (("figure_only", "figure-only"), ("zoomin", "zoom-in"))
 KS = (1, 5)
+ANNOTATE_SHARDS = 2
 
 
 class Stages:
-    """Runs commands one after another, printing each with its elapsed time."""
+    """Runs the demo's commands, printing each with the elapsed time; their output goes to the log."""
 
     def __init__(self, log: Path):
         self.start = time.perf_counter()
         self.log = log
 
-    def run(self, title: str, *args: str, env: dict | None = None) -> None:
-        print(f"[{time.perf_counter() - self.start:6.0f} s] {title}: {' '.join(args)}", flush=True)
-        with open(self.log, "a") as log:
-            log.write(f"$ {' '.join(args)}\n")
-            log.flush()
-            result = subprocess.run([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                                    env=os.environ | (env or {}))
-        if result.returncode:
-            sys.exit(f"demo: `{' '.join(args)}` failed (exit {result.returncode}); its output is in {self.log}")
+    def run(self, *commands: tuple[str, list[str]], env: dict | None = None) -> None:
+        """(title, args) commands, all at once: stages that need none of each other's output share the
+        2 cores (each is partly single-threaded: start-up, compiling, drawing figures). Their output
+        goes to the log one command after another, once all have finished."""
+        started = []
+        for title, args in commands:
+            print(f"[{self.elapsed():6.0f} s] {title}: {' '.join(args)}", flush=True)
+            output = tempfile.TemporaryFile("w+")
+            started.append((args, output, subprocess.Popen([sys.executable, *args], stdout=output,
+                                                           stderr=subprocess.STDOUT, cwd=REPO,
+                                                           env=os.environ | (env or {}))))
+        for args, output, process in started:
+            process.wait()
+            output.seek(0)
+            with open(self.log, "a") as log:
+                log.write(f"$ {' '.join(args)}\n{output.read()}")
+            output.close()
+        for args, _, process in started:
+            if process.returncode:
+                sys.exit(f"demo: `{' '.join(args)}` failed (exit {process.returncode}); its output is in {self.log}")
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -91,35 +104,42 @@ def main(argv=None) -> int:
     stages = Stages(out / "demo.log")
     print(f"zoom-in demo in {out} (commands and their output: {stages.log})", flush=True)
 
-    stages.run("synthetic training figures", *synth_args(out / "synth", args.figures, seed=100))
-    stages.run("synthetic held-out figures", *synth_args(out / "heldout", args.heldout, seed=200), "--truth-records")
-    stages.run("annotate (heuristic backend)", "-m", "annotate", "run",
-               "--input", str(out / "synth" / "manifest.jsonl"), "--out", str(out / "records"),
-               "--backend", "heuristic")
-    stages.run("annotation quality", "-m", "annotate", "eval", "--pred", str(out / "records"),
-               "--gt", str(out / "synth" / "gt.jsonl"))
-    stages.run("overlay gallery", "-m", "annotate", "show", "--records", str(out / "records"),
-               "--out", str(out / "gallery"), "--limit", "40")
+    stages.run(("synthetic training figures", synth_args(out / "synth", args.figures, seed=100)),
+               ("synthetic held-out figures", [*synth_args(out / "heldout", args.heldout, seed=200), "--truth-records"]))
+    # Two shards at once, as a cluster's array tasks run them (the heuristic backend uses one core),
+    # each decoding in its own process; merge checks that every figure is in one of them.
+    manifest = str(out / "synth" / "manifest.jsonl")
+    stages.run(*((f"annotate (heuristic backend), shard {shard} of {ANNOTATE_SHARDS}",
+                  ["-m", "annotate", "run", "--input", manifest, "--out", str(out / "records"), "--backend",
+                   "heuristic", "--num-shards", str(ANNOTATE_SHARDS), "--shard-index", str(shard),
+                   "--shard-by", "figure", "--decode-workers", "0"]) for shard in range(ANNOTATE_SHARDS)))
+    stages.run(("merge the shards", ["-m", "annotate", "merge", "--out", str(out / "records"), "--input", manifest]))
+    stages.run(("annotation quality", ["-m", "annotate", "eval", "--pred", str(out / "records"),
+                                       "--gt", str(out / "synth" / "gt.jsonl")]),
+               ("overlay gallery", ["-m", "annotate", "show", "--records", str(out / "records"),
+                                    "--out", str(out / "gallery"), "--limit", "40"]))
 
     records = out / "records" / "records-*.array_record"
     heldout = out / "heldout" / "truth" / "records-*.array_record"
-    # Every run compiles the same three steps: the persistent cache compiles them once.
+    # Every seed's runs compile the same steps: the persistent cache compiles them once.
     cache = {"JAX_COMPILATION_CACHE_DIR": str(out / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     results = {variant: {} for variant, _ in VARIANTS}
     for seed in seeds:
-        for variant, name in VARIANTS:
-            workdir = out / "runs" / f"{variant}-seed{seed}"
-            stages.run(f"train {name}, seed {seed}", "-m", "zoomin_jax.train",
-                       f"--config=configs/demo_cpu.py:records={records},eval_records={heldout},variant={variant},"
-                       f"seed={seed}", f"--workdir={workdir}",
-                       *([f"--config.total_steps={args.steps}"] if args.steps else []), env=cache)
+        workdirs = {variant: out / "runs" / f"{variant}-seed{seed}" for variant, _ in VARIANTS}
+        stages.run(*((f"train {name}, seed {seed}",
+                      ["-m", "zoomin_jax.train", f"--config=configs/demo_cpu.py:records={records},"
+                       f"eval_records={heldout},variant={variant},seed={seed}", f"--workdir={workdirs[variant]}",
+                       *([f"--config.total_steps={args.steps}"] if args.steps else [])])
+                     for variant, name in VARIANTS), env=cache)
+        for variant, workdir in workdirs.items():
             results[variant][seed] = final_eval(workdir)
 
     zoomin = out / "runs" / f"zoomin-seed{seeds[0]}"
-    stages.run("export zoom-in to open_clip", "-m", "zoomin_jax.convert", "export", "--src", str(zoomin),
-               "--out", str(out / "open_clip"), env=cache)
-    stages.run("verify the export in open_clip", "-m", "zoomin_jax.convert", "verify", "--flax", str(zoomin),
-               "--open-clip", str(out / "open_clip"), "--model", "test-tiny", env=cache)
+    stages.run(("export zoom-in to open_clip", ["-m", "zoomin_jax.convert", "export", "--src", str(zoomin),
+                                                "--out", str(out / "open_clip")]), env=cache)
+    stages.run(("verify the export in open_clip", ["-m", "zoomin_jax.convert", "verify", "--flax", str(zoomin),
+                                                   "--open-clip", str(out / "open_clip"), "--model", "test-tiny"]),
+               env=cache)
 
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     print(f"\nheld-out retrieval, R@k = mean of image->text and text->image "
