@@ -11,6 +11,7 @@ from flax import nnx, traverse_util
 from annotate.synth import synthesize, write_truth_records
 from conftest import DATA, REPO, run_cli, two_processes
 from zoomin_jax import run_dir, sharding
+from zoomin_jax.convert.__main__ import main as convert_main
 from zoomin_jax.encoder import CLIPEncoder
 from zoomin_jax.evaluators import recall_at_k, retrieval, retrieval_metrics, run_evaluators, zeroshot_eval
 from zoomin_jax.models.clip import CLIP
@@ -111,7 +112,7 @@ def test_zeroshot_evaluator_from_the_config():
 
 
 @pytest.mark.slow
-def test_trained_run_evaluate_and_export(tmp_path, truth_records):
+def test_trained_run_evaluate_and_export(tmp_path, truth_records, capsys):
     workdir = tmp_path / "run"
     run_cli("-m", "zoomin_jax.train", f"--config=configs/demo_cpu.py:records={truth_records},"
             f"eval_records={truth_records}", f"--workdir={workdir}", "--config.total_steps=6",
@@ -128,11 +129,13 @@ def test_trained_run_evaluate_and_export(tmp_path, truth_records):
 
     # Export: trained leaves from the checkpoint, frozen ones from the init; open_clip loads it
     # strictly and its embeddings match the Flax model's.
+    # (The conversion command's main() in this process: tests/test_convert_parity.py starts the commands.)
     exported = tmp_path / "exported.safetensors"
-    run_cli("-m", "zoomin_jax.convert", "export", "--src", str(workdir / "6"), "--out", str(exported))
-    verified = run_cli("-m", "zoomin_jax.convert", "verify", "--flax", str(workdir), "--open-clip", str(exported),
-                       "--model", "test-tiny")
-    assert verified.stdout.count(" ok") == 2, verified.stdout
+    assert convert_main(["export", "--src", str(workdir / "6"), "--out", str(exported)]) == 0
+    capsys.readouterr()
+    assert convert_main(["verify", "--flax", str(workdir), "--open-clip", str(exported), "--model", "test-tiny"]) == 0
+    verified = capsys.readouterr().out
+    assert verified.count(" ok") == 2, verified
     trained = traverse_util.flatten_dict(run_dir.load(workdir).params)
     init = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(CLIP(get_preset("test-tiny"), rngs=nnx.Rngs(0)),
                                                                    nnx.Param)))
