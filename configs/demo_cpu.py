@@ -52,11 +52,12 @@ def get_config(arg=None):
                                     levels=("figure", "panel", "region"), every=225, batch_size=64)
     apply_variant(config, args["variant"])
     # A second worker where one level is trained alone (figure_only): its steps are short enough that
-    # one worker kept it waiting (0.048 s of each 0.060 s step in make demo; with two, 0.004 of 0.039).
+    # one worker kept it waiting (make demo, medians over 3 seeds: 0.047 s of each 0.062 s step; with
+    # two, 0.016 of 0.042).
     config.data.workers = 1 if len(config.cycle) > 1 else 2
     config.log_every = 10
     # A save blocked the zoom-in run ~1.3 s (state and three levels' data positions); every 20 steps
-    # that was 28 s of a 93 s run. Every 150: at most a third of a 2-minute run redone after a kill.
+    # that was 29-30 s of a 90-120 s run. Every 150: 4 s, and at most a third of a run redone after a kill.
     config.checkpoint_every = 150
     config.keep_checkpoints = 3
     config.max_bad_steps = 10

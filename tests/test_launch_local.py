@@ -92,8 +92,8 @@ def test_killing_one_process_stops_the_other(tmp_path, records):
 @pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_at_one_saved_step_and_they_resume_like_one(tmp_path, records,
                                                                                    one_process):
-    """2 processes x 4 devices, one launch per property would cost a ViT step's compile each, so one
-    scenario checks them all: SIGTERM to process 1 alone (a spot VM's notice reaches one host) makes both
+    """One scenario for what took a launch per property (each launch compiles every step again), on
+    2 processes x 4 devices: SIGTERM to process 1 alone (a spot VM's notice reaches one host) makes both
     processes agree on one step through JAX's preemption service, both save it (each its own data
     iterator state) and exit 0; the rerun resumes from it; and every step of the two launches has the
     losses of 1 process x 8 devices trained straight through."""

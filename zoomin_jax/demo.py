@@ -105,9 +105,11 @@ def main(argv=None) -> int:
     print(f"zoom-in demo in {out} (commands and their output: {stages.log})", flush=True)
 
     stages.run(("synthetic training figures", synth_args(out / "synth", args.figures, seed=100)),
-               ("synthetic held-out figures", [*synth_args(out / "heldout", args.heldout, seed=200), "--truth-records"]))
-    # Two shards at once, as a cluster's array tasks run them (the heuristic backend uses one core),
-    # each decoding in its own process; merge checks that every figure is in one of them.
+               ("synthetic held-out figures",
+                [*synth_args(out / "heldout", args.heldout, seed=200), "--truth-records"]))
+    # Two shards at once, as a cluster's array tasks run them: the heuristic backend uses one core, so
+    # each shard decodes in its own process (no decode worker) and the two fill the 2 cores; merge
+    # checks that every figure is in exactly one of them.
     manifest = str(out / "synth" / "manifest.jsonl")
     stages.run(*((f"annotate (heuristic backend), shard {shard} of {ANNOTATE_SHARDS}",
                   ["-m", "annotate", "run", "--input", manifest, "--out", str(out / "records"), "--backend",
