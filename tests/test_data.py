@@ -10,6 +10,7 @@ from PIL import Image
 from annotate.synth import synthesize, write_truth_records
 from conftest import run_cli, two_processes
 from zoomin_jax import records
+from zoomin_jax.batch_layout import batch_arrays
 from zoomin_jax.data import samples
 from zoomin_jax.data.pipeline import build_index, item_rows, make_dataset
 from zoomin_jax.data.source import RecordSource
@@ -30,6 +31,12 @@ def shards(tmp_path_factory):
 
 
 def test_one_batch_per_level(shards):
+    """Every level's batch is what batch_layout describes: the same keys, shapes and dtypes."""
+    dims = samples.dims(CFG)
+    for level, source in (("figure", "heuristic"), ("panel", "truth"), ("region", "truth")):
+        batch = make_dataset(shards[source], level, 4, cfg=CFG)[0]
+        layout = {key: (array.shape, array.dtype) for key, array in batch_arrays(level, 4, dims).items()}
+        assert {key: (value.shape, value.dtype) for key, value in batch.items()} == layout, level
     figure = make_dataset(shards["heuristic"], "figure", 4, cfg=CFG)[0]
     assert figure["image"].shape == (4, 64, 64, 3) and figure["image"].dtype == np.uint8
     assert figure["panel_images"].shape == (4, 3, 64, 64, 3) and figure["panel_tokens"].shape == (4, 3, 77)

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from zoomin_jax import flops, losses, trainer
+from zoomin_jax.batch_layout import Dims
 from zoomin_jax.bench_train import random_batch
 from zoomin_jax.models.clip import CLIP
 from zoomin_jax.models.config import TextConfig, VisionConfig, get_preset
@@ -39,9 +40,10 @@ def test_the_hand_count_matches_xla_on_a_training_step(vision_layers, rules, lev
     loss_cfg = losses.LossConfig(text_frozen=part.text_frozen, frozen_blocks=part.frozen_blocks)
     step = trainer.make_train_step(cfg, level, loss_cfg, tx, trainer.lr_schedule(optim))
     batch, children = 8, 3
-    host = random_batch(level, np.random.default_rng(0), batch, 32, children, cfg.embed_dim if text_cached else None)
+    dims = Dims.of(32, children, children, cfg.embed_dim if text_cached else None)
+    host = random_batch(level, np.random.default_rng(0), batch, dims)
     xla = jax.jit(step).lower(state, frozen, host).compile().cost_analysis()["flops"]
-    shape = flops.step_shape(cfg, level, batch, children, part.frozen_blocks, part.text_frozen, text_cached, "none")
+    shape = flops.step_shape(cfg, level, batch, dims, part.frozen_blocks, part.text_frozen, "none")
     assert shape.images == batch * (1 if level == "region" else 1 + children)
     assert shape.texts == (0 if text_cached else batch)
     hand = flops.step_flops(cfg, shape)

@@ -7,9 +7,12 @@ from flax import nnx, traverse_util
 from jax.sharding import NamedSharding, PartitionSpec
 
 from zoomin_jax import losses, sharding, trainer
+from zoomin_jax.batch_layout import Dims
 from zoomin_jax.bench_train import random_batch
 from zoomin_jax.models.clip import CLIP
 from zoomin_jax.models.config import get_preset
+
+TINY_DIMS = Dims.of(32, max_panels=3, max_regions=3)  # 32-pixel crops, 3 child slots, token ids
 
 MODEL = get_preset("test-tiny")
 # Last vision block + head + logit_scale (the paper's recipe, scaled down) and, for the text-side
@@ -47,7 +50,7 @@ def run(mesh, num_steps=5, rules=RULES, min_size=0):
     logged = []
     for step in range(num_steps):
         level = cycle.level_at(step)
-        batch = jax.device_put(with_text_ids(random_batch(level, rng, batch=8, size=32), rng), batch_sharding)
+        batch = jax.device_put(with_text_ids(random_batch(level, rng, 8, TINY_DIMS), rng), batch_sharding)
         state, metrics = steps[level](state, frozen, batch)
         logged.append({k: float(v) for k, v in metrics.items()})
     return params, part, jax.device_get(state), logged, steps
@@ -108,7 +111,7 @@ def test_text_terms_train_logit_scale_when_the_text_tower_is_frozen():
     assert {"figure_panel_text", "panel_region_text"} <= set().union(*logs)
     params = nnx.to_pure_dict(nnx.state(CLIP(MODEL, rngs=nnx.Rngs(0)), nnx.Param))
     trainable, frozen = trainer.split(params, part)
-    batch = random_batch("figure", np.random.default_rng(1), batch=4, size=32)
+    batch = random_batch("figure", np.random.default_rng(1), 4, TINY_DIMS)
 
     def grads(text_weight):
         cfg = losses.LossConfig(weights=(("figure_panel_text", text_weight),), text_frozen=True,

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from zoomin_jax import flops
 from zoomin_jax.recipes import JOINT, LEVELS
 from zoomin_jax.sharding import match_rules
-from zoomin_jax.train import global_batch_sizes
+from zoomin_jax.run_setup import run_dims
 
 
 class Reference:
@@ -38,10 +38,9 @@ class Reference:
                                            weight_decay=optim["weight_decay"], fused=True)
         self.frozen_blocks = run.part.frozen_blocks
         self.text_cached = bool(config.data.get("text_cache"))
-        batch = global_batch_sizes(config)[LEVELS[0] if level == JOINT else level]
-        children = config.data.max_panels if level == "figure" else config.data.max_regions
-        self.shape = flops.step_shape(cfg, level, batch, children, run.part.frozen_blocks, run.part.text_frozen,
-                                      self.text_cached, config.get("remat", "none"))
+        batch = config.data.batch_size[LEVELS[0] if level == JOINT else level]
+        self.shape = flops.step_shape(cfg, level, batch, run_dims(config, cfg), run.part.frozen_blocks,
+                                      run.part.text_frozen, config.get("remat", "none"))
         self.size, self.embed_dim, self.context = cfg.vision.image_size, cfg.embed_dim, cfg.text.context_length
         self.text_frozen = run.part.text_frozen
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from zoomin_jax.batch_layout import Dims, images_per_example
 from zoomin_jax.models.config import CLIPConfig
 from zoomin_jax.recipes import JOINT, LEVELS
 
@@ -30,17 +31,16 @@ class StepShape:
     remat: bool                 # trainable blocks' forward recomputed in the backward pass
 
 
-def step_shape(cfg: CLIPConfig, level: str, batch: int, children: int, frozen_blocks: int, text_frozen: bool,
-               text_cached: bool, remat: str) -> StepShape:
-    """The images and texts a `level` step of `batch` examples encodes: a figure (panel) step encodes
-    its parents and all `children` child slots of each, masked or not; the child texts only when the
-    text tower trains (their terms are constants otherwise)."""
+def step_shape(cfg: CLIPConfig, level: str, batch: int, dims: Dims, frozen_blocks: int, text_frozen: bool,
+               remat: str) -> StepShape:
+    """The images and texts a `level` step of `batch` examples laid out as `dims` encodes: a figure
+    (panel) step encodes its parents and all their child slots, masked or not; the child texts only
+    when the text tower trains (their terms are constants otherwise); no text when they are cached."""
     if level == JOINT:
-        shapes = [step_shape(cfg, name, batch, children, frozen_blocks, text_frozen, text_cached, remat)
-                  for name in LEVELS]
+        shapes = [step_shape(cfg, name, batch, dims, frozen_blocks, text_frozen, remat) for name in LEVELS]
         return dataclasses.replace(shapes[0], images=sum(s.images for s in shapes), texts=sum(s.texts for s in shapes))
-    per_example = 1 if level == "region" else 1 + children
-    texts = 0 if text_cached else batch * (1 if level == "region" or text_frozen else 1 + children)
+    per_example = images_per_example(level, dims)
+    texts = 0 if dims.text_cached else batch * (1 if text_frozen else per_example)
     return StepShape(images=batch * per_example, texts=texts, frozen_blocks=frozen_blocks,
                      text_trains=not text_frozen, remat=remat != "none")
 

@@ -7,7 +7,7 @@ device's examples (XLA inserts the gathers), so the number does not depend on th
 
 Identical texts. A batch can hold one text several times (a caption reused for regions without a
 clause, a generic sub-caption, a figure published twice); data.samples tags every text with an id
-("text_id", "<child>_text_id": the same text, the same id). Plain InfoNCE would make such pairs each
+(batch_layout's text ids: the same text, the same id). Plain InfoNCE would make such pairs each
 other's negatives, asking the model to tell apart two copies of one text. Here they are positives:
 a pair whose texts are identical is left out of the other's denominator, so every (image, text)
 pair is scored against true negatives only. With all texts distinct this is exactly CLIP's loss; in
@@ -22,10 +22,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from zoomin_jax.batch_layout import LAYOUTS
 from zoomin_jax.models.config import OPENAI_MEAN, OPENAI_STD
-from zoomin_jax.recipes import LEVEL_TERMS, check_loss_weights
-
-CHILD = {"figure": "panel", "panel": "region"}
+from zoomin_jax.recipes import check_loss_weights
 
 
 def l2_normalize(x, eps: float = 1e-12):
@@ -144,10 +143,9 @@ def _children(embeddings, mask):
 
 
 def level_losses(model, batch: dict, level: str, cfg: LossConfig) -> tuple[jax.Array, dict]:
-    """(weighted total, {term: unweighted value}) for one level's batch (see `data.samples`); a term
-    of weight 0 is neither computed nor logged. Text ids ("text_id", "<child>_text_id") mark
-    identical texts as positives; a batch without them (benchmarks' random batches) has all texts
-    distinct.
+    """(weighted total, {term: unweighted value}) for one level's batch (laid out as
+    batch_layout.LAYOUTS[level] says); a term of weight 0 is neither computed nor logged. Text ids
+    mark identical texts as positives; a batch without them has all texts distinct.
 
     DESIGN: the text-side message-passing term is computed even when the text tower is frozen. Its
     texts are then constants, but logit_scale, which the paper's recipe trains, still gets a gradient
@@ -158,33 +156,33 @@ def level_losses(model, batch: dict, level: str, cfg: LossConfig) -> tuple[jax.A
     through the frozen tower instead cost its forward pass over every child text (45-55 / 40-46 ms vs
     21-25 / 15-19 ms): that is what data.text_cache is for."""
     scale = model.scale()
-    weighted = {term for term in LEVEL_TERMS[level] if cfg.weight(term)}
-    image, grid = _encode_images(model, batch["image"], cfg)
-    text = _encode_texts(model, batch["tokens"], cfg)
-    ids = batch.get("text_id")
+    layout = LAYOUTS[level]
+    weighted = {term for term in layout.terms if cfg.weight(term)}
+    image, grid = _encode_images(model, batch[layout.image], cfg)
+    text = _encode_texts(model, batch[layout.tokens], cfg)
+    ids = batch.get(layout.text_id)
     same = None if ids is None else same_text(ids)
     terms = {}
     if level in weighted:
         terms[level] = clip_loss(image, text, scale, same=same)
-    if level in CHILD:
-        child = CHILD[level]
-        mask = batch[f"{child}_mask"]
-        image_term, text_term = f"{level}_{child}_image", f"{level}_{child}_text"
+    if layout.child is not None:
+        mask = batch[layout.child_mask]
+        image_term, text_term = f"{level}_{layout.child}_image", f"{level}_{layout.child}_text"
         if image_term in weighted or "roi" in weighted:
-            child_images, _ = _encode_images(model, batch[f"{child}_images"], cfg)
+            child_images, _ = _encode_images(model, batch[layout.child_images], cfg)
             if image_term in weighted:
                 mean_images, has_children = _children(child_images, mask)
                 terms[image_term] = clip_loss(image, mean_images, scale, has_children)
             if "roi" in weighted:
-                pooled = model.visual.head(roi_pool(grid, batch["region_grid_boxes"])).astype(jnp.float32)
+                pooled = model.visual.head(roi_pool(grid, batch[layout.child_grid_boxes])).astype(jnp.float32)
                 flat = pooled.shape[0] * pooled.shape[1]
                 terms["roi"] = clip_loss(pooled.reshape(flat, -1), child_images.reshape(flat, -1), scale,
                                          mask.reshape(flat))
         if text_term in weighted:
-            mean_texts, has_children = _children(_encode_texts(model, batch[f"{child}_tokens"], cfg), mask)
+            mean_texts, has_children = _children(_encode_texts(model, batch[layout.child_tokens], cfg), mask)
             # Parents are the same pair when their own texts or their children's texts are identical:
             # a row (or column) equal to the positive one cannot be a negative.
-            parents = None if ids is None else same | same_children(batch[f"{child}_text_id"], mask)
+            parents = None if ids is None else same | same_children(batch[layout.child_text_id], mask)
             terms[text_term] = clip_loss(text, mean_texts, scale, has_children, parents)
     total = sum(cfg.weight(term) * value for term, value in terms.items())
     return total, terms

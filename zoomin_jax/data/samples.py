@@ -15,10 +15,10 @@ padded maximum are visible, that many are drawn at random (by the example's rng:
 epoch), never the first ones. A region's box in the panel's token grid is its crop's exact extent
 through its own view (margin included), so ROI pooling covers exactly what the region crop shows.
 
-Texts ("tokens", "<child>_tokens") are CLIP token ids, or, when SampleConfig.text_cache names a
-frozen text tower's precomputed embeddings, those embeddings (float32). Every text also has an id
-("text_id", "<child>_text_id", int32): equal for identical texts, so that the loss can treat them as
-positives of each other (losses.py).
+The arrays and their keys are zoomin_jax.batch_layout's. Texts are CLIP token ids, or, when
+SampleConfig.text_cache names a frozen text tower's precomputed embeddings, those embeddings
+(float32). Every text also has an id (int32): equal for identical texts, so that the loss can treat
+them as positives of each other (losses.py).
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from zoomin_jax import image_decode
+from zoomin_jax.batch_layout import LAYOUTS, Dims, example_arrays
 from zoomin_jax.records import box_side
 from zoomin_jax.image_transform import crop_offset, eval_uint8, resized_shape
 from zoomin_jax.data.text_cache import open_cache, text_key
@@ -213,24 +214,25 @@ def text_ids(texts: list[str]) -> np.ndarray:
     return (keys & np.uint64(0xFFFFFFFF)).astype(np.uint32).view(np.int32)
 
 
-def _text(text: str, cfg: SampleConfig) -> dict:
-    """An example's own text: its tokens (or cached embedding) and id."""
-    return {"tokens": text_arrays([text], cfg)[0], "text_id": text_ids([text])[0]}
+def dims(cfg: SampleConfig) -> Dims:
+    """The batch_layout sizes of examples made with `cfg`."""
+    width = open_cache(cfg.text_cache).dim if cfg.text_cache else None
+    return Dims.of(cfg.image_size, cfg.max_panels, cfg.max_regions, width)
 
 
-def _children(child: str, views: list[np.ndarray], texts: list[str], limit: int, cfg: SampleConfig) -> dict:
-    """The padded child arrays of one parent: images, texts, text ids and the mask."""
-    size = cfg.image_size
-    images = np.zeros((limit, size, size, 3), np.uint8)
-    row = (open_cache(cfg.text_cache).dim, np.float32) if cfg.text_cache else (77, np.int32)
-    text = np.zeros((limit, row[0]), row[1])
-    ids = np.zeros((limit,), np.int32)
-    mask = np.zeros((limit,), bool)
+def _example(level: str, pixels: np.ndarray, text: str, cfg: SampleConfig, views: list[np.ndarray] = (),
+             child_texts: list[str] = ()) -> dict:
+    """An example's arrays, laid out as batch_layout says: its view, its text's array and id, and the
+    first len(views) child slots filled (the rest zero, masked out)."""
+    layout = LAYOUTS[level]
+    out = {key: np.zeros(array.shape, array.dtype) for key, array in example_arrays(level, dims(cfg)).items()}
+    out[layout.image], out[layout.tokens], out[layout.text_id] = pixels, text_arrays([text], cfg)[0], text_ids([text])[0]
     if views:
         count = len(views)
-        images[:count], mask[:count] = views, True
-        text[:count], ids[:count] = text_arrays(texts, cfg), text_ids(texts)  # one call for all children
-    return {f"{child}_images": images, f"{child}_tokens": text, f"{child}_text_id": ids, f"{child}_mask": mask}
+        out[layout.child_images][:count], out[layout.child_mask][:count] = views, True
+        out[layout.child_tokens][:count] = text_arrays(child_texts, cfg)  # one call for all the children
+        out[layout.child_text_id][:count] = text_ids(child_texts)
+    return out
 
 
 def figure_example(record: dict, cfg: SampleConfig, rng: np.random.Generator | None = None,
@@ -241,8 +243,8 @@ def figure_example(record: dict, cfg: SampleConfig, rng: np.random.Generator | N
     panels = visible_children(kept_panels(record, cfg), shown_box(rect, (0, 0, *image.size)), 0.0, image.size, cfg.max_panels,
                               cfg, rng)
     views = [view(image.crop(box), cfg, rng)[0] for _, box in panels]
-    return {"image": pixels, **_text(figure_text(record, cfg, rng), cfg),
-            **_children("panel", views, [panel_text(p, cfg, rng) for p, _ in panels], cfg.max_panels, cfg)}
+    return _example("figure", pixels, figure_text(record, cfg, rng), cfg, views,
+                    [panel_text(p, cfg, rng) for p, _ in panels])
 
 
 def panel_example(record: dict, panel_index: int, cfg: SampleConfig, rng: np.random.Generator | None = None,
@@ -255,13 +257,11 @@ def panel_example(record: dict, panel_index: int, cfg: SampleConfig, rng: np.ran
     regions = visible_children(kept_regions(record, panel["panel_id"], cfg), shown, cfg.region_margin, image.size,
                                cfg.max_regions, cfg, rng)
     views = [view(image.crop(box), cfg, rng) for _, box in regions]
-    grid_boxes = np.zeros((cfg.max_regions, 4), np.float32)
+    region_texts = [region_text(r, record, rng) for r, _ in regions]  # drawn before the panel's text
+    out = _example("panel", pixels, panel_text(panel, cfg, rng), cfg, [crop for crop, _ in views], region_texts)
     for n, ((_, box), (_, region_rect)) in enumerate(zip(regions, views)):
-        grid_boxes[n] = to_grid(shown_box(region_rect, box), shown, cfg)
-    children = _children("region", [pixels for pixels, _ in views],
-                         [region_text(r, record, rng) for r, _ in regions], cfg.max_regions, cfg)
-    return {"image": pixels, **_text(panel_text(panel, cfg, rng), cfg), **children,
-            "region_grid_boxes": grid_boxes}
+        out[LAYOUTS["panel"].child_grid_boxes][n] = to_grid(shown_box(region_rect, box), shown, cfg)
+    return out
 
 
 def region_example(record: dict, region_index: int, cfg: SampleConfig, rng: np.random.Generator | None = None,
@@ -269,4 +269,4 @@ def region_example(record: dict, region_index: int, cfg: SampleConfig, rng: np.r
     image = decode_image(record) if image is None else image
     region = record["regions"][region_index]
     pixels, _ = view(image.crop(crop_box(region["box"], cfg.region_margin, image.size)), cfg, rng)
-    return {"image": pixels, **_text(region_text(region, record, rng), cfg)}
+    return _example("region", pixels, region_text(region, record, rng), cfg)
