@@ -55,6 +55,8 @@ def get_config(arg=None):
     # one worker kept it waiting (make demo, medians over 3 seeds: 0.047 s of each 0.062 s step; with
     # two, 0.016 of 0.042).
     config.data.workers = 1 if len(config.cycle) > 1 else 2
+    # JAX's persistent compilation cache: "" leaves JAX's setting ("workdir": workdir/compilation_cache).
+    config.compilation_cache_dir = ""
     config.log_every = 10
     # A save blocked the zoom-in run ~1.3 s (state and three levels' data positions); every 20 steps
     # that was 29-30 s of a 90-120 s run. Every 150: 4 s, and at most a third of a run redone after a kill.

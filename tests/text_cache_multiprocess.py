@@ -11,7 +11,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from etils import epath  # noqa: E402
 
-from zoomin_jax import run_dir, sharding, train  # noqa: E402
+from zoomin_jax import run_dir, run_setup, sharding, train  # noqa: E402
 from zoomin_jax.data import text_cache  # noqa: E402
 from zoomin_jax.encoder import CLIPEncoder  # noqa: E402
 from zoomin_jax.models.clip import merge  # noqa: E402
@@ -25,7 +25,7 @@ def main(records: str, out: str) -> None:
     config = get_config(f"records={records}")
     config.train_rules = (("visual/.*", 1.0), (".*", None))  # the text tower frozen
     config.data.text_cache = True
-    run = train.setup(config)
+    run = run_setup.setup(config)
     embedded = []
     tokenize = train.tokenize
     train.tokenize = lambda texts: embedded.extend(texts) or tokenize(texts)

@@ -18,41 +18,46 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from zoomin_jax import flops
+from zoomin_jax import effective_recipe, flops, sharding
+from zoomin_jax.batch_layout import LAYOUTS, Dims, batch_arrays
 from zoomin_jax.data.device import to_global
 from zoomin_jax.recipes import JOINT, LEVELS
-from zoomin_jax.train import global_batch_sizes, setup
+from zoomin_jax.run_setup import run_dims, setup
 
 
-def random_batch(level: str, rng: np.random.Generator, batch: int, size: int, children: int = 3,
-                 text_dim: int | None = None) -> dict:
-    """A batch shaped like `data.samples` makes for `level`: uint8 images, CLIP token rows (SOT,
-    five words, EOT) or, given `text_dim`, text-cache embeddings, child masks with one childless
-    parent, region boxes in token units."""
+def random_batch(level: str, rng: np.random.Generator, batch: int, dims: Dims) -> dict:
+    """A batch laid out as batch_layout says for `level`, with values like the sampler's: uint8
+    images, CLIP token rows (SOT, five words, EOT) or cached embeddings, distinct text ids, child
+    masks with one childless parent, child boxes in token units."""
     if level == JOINT:
-        return {name: random_batch(name, rng, batch, size, children, text_dim) for name in LEVELS}
+        return {name: random_batch(name, rng, batch, dims) for name in LEVELS}
+    layout = LAYOUTS[level]
 
-    def images(*lead):
-        return rng.integers(0, 256, (*lead, size, size, 3), dtype=np.uint8)
-
-    def tokens(*lead):
-        if text_dim:
-            return rng.standard_normal((*lead, text_dim)).astype(np.float32)
-        out = np.zeros((*lead, 77), np.int32)
-        out[..., 0], out[..., 1:6], out[..., 6] = 49406, rng.integers(300, 40000, (*lead, 5)), 49407
+    def texts(shape):
+        if dims.text_cached:
+            return rng.standard_normal(shape).astype(np.float32)
+        out = np.zeros(shape, np.int32)
+        out[..., 0], out[..., 1:6], out[..., 6] = 49406, rng.integers(300, 40000, (*shape[:-1], 5)), 49407
         return out
 
-    out = {"image": images(batch), "tokens": tokens(batch)}
-    if level != "region":
-        child = "panel" if level == "figure" else "region"
-        mask = rng.random((batch, children)) > 0.3
-        mask[0] = False
-        out |= {f"{child}_images": images(batch, children), f"{child}_tokens": tokens(batch, children),
-                f"{child}_mask": mask}
-    if level == "panel":
-        corner = rng.uniform(0, 2, (batch, children, 2)).astype(np.float32)
-        out["region_grid_boxes"] = np.concatenate([corner, corner + rng.uniform(0.5, 2, (batch, children, 2))], -1)
-    return out
+    def ids(shape):  # distinct
+        return (rng.integers(0, 2**30) + np.arange(np.prod(shape))).reshape(shape).astype(np.int32)
+
+    def mask(shape):
+        out = rng.random(shape) > 0.3
+        out[0] = False
+        return out
+
+    def boxes(shape):
+        corner = rng.uniform(0, 2, (*shape[:-1], 2)).astype(np.float32)
+        return np.concatenate([corner, corner + rng.uniform(0.5, 2, corner.shape).astype(np.float32)], -1)
+
+    fill = {layout.image: lambda shape: rng.integers(0, 256, shape, dtype=np.uint8), layout.tokens: texts,
+            layout.text_id: ids}
+    if layout.child is not None:
+        fill |= {layout.child_images: fill[layout.image], layout.child_tokens: texts, layout.child_text_id: ids,
+                 layout.child_mask: mask, layout.child_grid_boxes: boxes}
+    return {key: fill[key](array.shape) for key, array in batch_arrays(level, batch, dims).items()}
 
 
 def matmul_peak(dtype=np.float32, n: int = 2048, repeats: int = 7) -> dict[str, float]:
@@ -93,14 +98,11 @@ class LevelResult:
 
 
 def bench_level(run, config, level: str, timed_steps: int, rng: np.random.Generator) -> LevelResult:
-    batch_size = global_batch_sizes(config)[LEVELS[0] if level == JOINT else level]
-    children = config.data.max_panels if level == "figure" else config.data.max_regions
-    text_cached = bool(config.data.get("text_cache"))
-    text_dim = run.model_cfg.embed_dim if text_cached else None
-    size = run.model_cfg.vision.image_size
+    batch_size = config.data.batch_size[LEVELS[0] if level == JOINT else level]
+    dims = run_dims(config, run.model_cfg)
 
     def batch():
-        host = random_batch(level, rng, batch_size // jax.process_count(), size, children, text_dim)
+        host = random_batch(level, rng, batch_size // jax.process_count(), dims)
         return to_global(host, run.mesh, run.mesh.axis_names)
 
     state, first = run.state, batch()
@@ -116,8 +118,8 @@ def bench_level(run, config, level: str, timed_steps: int, rng: np.random.Genera
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - tick)
     run.state = state
-    shape = flops.step_shape(run.model_cfg, level, batch_size, children, run.part.frozen_blocks,
-                             run.part.text_frozen, text_cached, config.get("remat", "none"))
+    shape = flops.step_shape(run.model_cfg, level, batch_size, dims, run.part.frozen_blocks, run.part.text_frozen,
+                             config.get("remat", "none"))
     return LevelResult(level, batch_size, shape.images, compile_s, statistics.median(times[1:]),
                        float(compiled.cost_analysis()["flops"]), float(flops.step_flops(run.model_cfg, shape)),
                        float(memory.argument_size_in_bytes + memory.output_size_in_bytes
@@ -142,6 +144,7 @@ def main(config, timed_steps: int, reference: str | None) -> int:
     logging.set_verbosity(logging.WARNING)
     if config.get("total_steps") is None:  # derived from the records in training; a step costs the same
         config.total_steps = timed_steps + 1
+    config = effective_recipe.apply(config, effective_recipe.derive(config, sharding.config_mesh(config).devices.size))
     run = setup(config)
     rng = np.random.default_rng(0)
     device = jax.devices()[0]

@@ -64,9 +64,10 @@ def make_mesh(axes, devices=None, dcn_axes=()) -> Mesh:
     return Mesh(grid, names, axis_types=axis_types)
 
 
-def config_mesh(config) -> Mesh:
-    """The mesh of a training config: config.mesh, and config.dcn_mesh (if any) over TPU slices."""
-    return make_mesh(tuple(tuple(axis) for axis in config.mesh),
+def config_mesh(config, devices=None) -> Mesh:
+    """The mesh of a training config over `devices` (default: all): config.mesh, and config.dcn_mesh
+    (if any) over TPU slices."""
+    return make_mesh(tuple(tuple(axis) for axis in config.mesh), devices,
                      dcn_axes=tuple(tuple(axis) for axis in config.get("dcn_mesh") or ()))
 
 

@@ -14,7 +14,6 @@ import signal
 import sys
 import time
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from etils import epath
@@ -22,7 +21,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from zoomin_jax import evaluators, losses, model_dir, run_dir, sharding, storage, trainer
+from zoomin_jax import effective_recipe, evaluators, run_dir, run_setup, sharding, storage
 from zoomin_jax.checkpoint import Checkpoints
 from zoomin_jax.data import pipeline, samples, text_cache
 from zoomin_jax.data.device import to_global
@@ -30,11 +29,11 @@ from zoomin_jax.data.source import RecordSource
 from zoomin_jax.encoder import CLIPEncoder
 from zoomin_jax.errors import UserError
 from zoomin_jax.models.clip import merge
-from zoomin_jax.models.config import CLIPConfig, get_preset
+from zoomin_jax.models.config import get_preset
 from zoomin_jax.recipes import JOINT, LEVELS
 from zoomin_jax.tokenizer import tokenize
 
-def build_text_cache(config, run: "Setup", directory: epath.Path) -> str:
+def build_text_cache(config, run: run_setup.Setup, directory: epath.Path) -> str:
     """The frozen text tower's embedding of every text in the records, computed once per run into
     the workdir by all processes together (each reads its share of the records and embeds its share
     of the distinct texts; see text_cache.build), reused on resume; the data pipeline then emits
@@ -68,24 +67,6 @@ def sample_config(config, model_cfg) -> samples.SampleConfig:
         min_visible=data.min_visible, crop_scale=tuple(data.crop_scale), train=True)
 
 
-def global_batch_sizes(config) -> dict[str, int]:
-    """{level: global batch}: config.data.batch_per_device times the device count (a config sized for
-    an accelerator's memory then fits one GPU as well as 256 chips), or config.data.batch_size as is."""
-    per_device, fixed = config.data.get("batch_per_device"), config.data.get("batch_size")
-    if bool(per_device) == bool(fixed):
-        raise UserError("set one of config.data.batch_per_device (per level, times the device count) and "
-                        "config.data.batch_size (per level, the global batch)")
-    if per_device:
-        return {level: int(size) * jax.device_count() for level, size in per_device.items()}
-    return {level: int(size) for level, size in fixed.items()}
-
-
-def cycle_levels(config) -> tuple[str, ...]:
-    """The levels whose data the cycle draws from (the joint step takes a batch of each)."""
-    in_cycle = {level for level, _ in config.cycle}
-    return LEVELS if JOINT in in_cycle else tuple(sorted(in_cycle))
-
-
 def data_workers(config) -> int:
     """config.data.workers grain worker processes per level, or for -1 the cores this process may use
     (SLURM's --cpus-per-task binds them) less one for the training loop, split between the levels
@@ -101,18 +82,8 @@ def data_workers(config) -> int:
 
 def level_indexes(config, model_cfg) -> dict[str, pipeline.LevelIndex]:
     source = RecordSource(config.data.records, strict=config.data.strict)
-    return pipeline.build_indexes(source, cycle_levels(config), sample_config(config, model_cfg),
+    return pipeline.build_indexes(source, effective_recipe.cycle_levels(config), sample_config(config, model_cfg),
                                   progress=jax.process_index() == 0)
-
-
-def derived_total_steps(config, indexes: dict, batch_sizes: dict) -> int:
-    """config.epochs passes over the items of the cycle's first level (figures in the paper's cycle),
-    as steps of the whole cycle: an epoch is as long on 1 GPU as on a pod, at any batch."""
-    first, first_steps = config.cycle[0]
-    level = LEVELS[0] if first == JOINT else first
-    per_epoch = -(-len(indexes[level].rows) // batch_sizes[level])
-    cycle_steps = sum(int(steps) for _, steps in config.cycle)
-    return max(1, round(config.epochs * per_epoch * cycle_steps / int(first_steps)))
 
 
 def level_iterators(config, model_cfg, indexes: dict, batch_sizes: dict, cache: str | None = None) -> dict:
@@ -222,69 +193,13 @@ class Preemption:
         return self.signal is not None
 
 
-@dataclasses.dataclass
-class Setup:
-    mesh: jax.sharding.Mesh
-    model_cfg: CLIPConfig
-    part: trainer.Partition
-    state: dict          # trainable params, optimizer state, step counters (sharded)
-    frozen: dict         # frozen params (sharded, never updated or saved)
-    cycle: trainer.Cycle
-    steps: dict          # level -> jitted step(state, frozen, batch)
-
-
-COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
-
-
-def compute_dtype_of(config):
-    """config.compute_dtype: "float32" (the default: open_clip's numbers) or "bfloat16"
-    (GPU/TPU: bf16 matmuls from float32 params, whose optimizer state stays float32)."""
-    name = config.get("compute_dtype", "float32")
-    if name not in COMPUTE_DTYPES:
-        raise UserError(f"config.compute_dtype={name!r} is not one of {', '.join(COMPUTE_DTYPES)}")
-    return COMPUTE_DTYPES[name]
-
-
-ATTENTION = ("xla", "cudnn")
-
-
-def attention_of(config, compute_dtype) -> str:
-    """config.attention: "xla" (the default, every platform) or "cudnn" (cuDNN's fused attention:
-    GPU with bfloat16 compute only, where it is what makes attention fast)."""
-    name = config.get("attention", "xla")
-    if name not in ATTENTION:
-        raise UserError(f"config.attention={name!r} is not one of {', '.join(ATTENTION)}")
-    if name == "cudnn" and (jax.default_backend() != "gpu" or compute_dtype is None):
-        raise UserError(f"config.attention='cudnn' needs a GPU and config.compute_dtype='bfloat16' (found "
-                        f"{jax.default_backend()}, {config.get('compute_dtype', 'float32')}): use config.attention='xla'")
-    return name
-
-
-def setup(config) -> Setup:
-    """Mesh, params split and placed by the rules, optimizer state, and one jitted step per level."""
-    mesh = sharding.config_mesh(config)
-    model_cfg = get_preset(config.model)
-    rules = tuple(tuple(rule) for rule in config.partition_rules)
-    # Restored (or initialised) straight into their shardings: no detour through one device or the host.
-    params = model_dir.initial_params(config.get("model_init"), model_cfg, config.seed,
-                                      model_dir.param_shardings(model_cfg, mesh, rules))
-    part = trainer.partition(params, tuple(tuple(rule) for rule in config.train_rules))
-    trainable, frozen = trainer.split(params, part)
-    optim = trainer.OptimConfig(total_steps=config.total_steps, **config.optim)
-    tx = trainer.make_optimizer(optim, part)
-    state = jax.jit(trainer.init_state, static_argnums=1)(trainable, tx)
-    loss_cfg = losses.LossConfig(weights=tuple(config.loss_weights.items()), text_frozen=part.text_frozen,
-                                 frozen_blocks=part.frozen_blocks, remat=config.get("remat", "none"))
-    schedule = trainer.lr_schedule(optim)
-    cycle = trainer.Cycle(tuple((level, int(steps)) for level, steps in config.cycle))
-    compute_dtype = compute_dtype_of(config)
-    attention = attention_of(config, compute_dtype)
-    steps = {level: trainer.jit_train_step(trainer.make_train_step(model_cfg, level, loss_cfg, tx, schedule,
-                                                                   compute_dtype, config.get("scan_layers", False),
-                                                                   attention),
-                                           state)
-             for level, _ in cycle.levels}
-    return Setup(mesh, model_cfg, part, state, frozen, cycle, steps)
+def use_compilation_cache(directory: str, workdir: epath.Path) -> None:
+    """config.compilation_cache_dir: JAX's persistent compilation cache (local or gs://), so a restart
+    (preemption, requeue) loads the three level steps instead of compiling them again; "workdir" is
+    workdir/compilation_cache, "" leaves JAX's own setting (off, or JAX_COMPILATION_CACHE_DIR)."""
+    if directory:
+        path = workdir / "compilation_cache" if directory == "workdir" else epath.Path(directory)
+        jax.config.update("jax_compilation_cache_dir", os.fspath(path))
 
 
 def train(config, workdir: str) -> dict:
@@ -293,14 +208,16 @@ def train(config, workdir: str) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     sharding.initialize_distributed()
     sharding.require_platform(config)
+    use_compilation_cache(config.get("compilation_cache_dir", ""), workdir)
     indexes = level_indexes(config, get_preset(config.model))
-    batch_sizes = {level: size for level, size in global_batch_sizes(config).items() if level in indexes}
-    if config.get("total_steps") is None:
-        config = config.copy_and_resolve_references()
-        config.total_steps = derived_total_steps(config, indexes, batch_sizes)
-        print(f"total_steps {config.total_steps}: {config.epochs} epochs of {config.cycle[0][0]} batches "
-              f"(global batch sizes {batch_sizes})", flush=True)
-    run = setup(config)
+    devices = sharding.config_mesh(config).devices.size  # every batch is split over the whole mesh
+    recipe = effective_recipe.derive(config, devices, {level: len(index.rows) for level, index in indexes.items()})
+    config = effective_recipe.apply(config, recipe)
+    if jax.process_index() == 0:
+        print("\n".join(recipe.lines()), flush=True)
+        (workdir / "recipe.json").write_text(json.dumps(recipe.to_json(), indent=1))
+    batch_sizes = dict(recipe.batch)
+    run = run_setup.setup(config)
     mesh, model_cfg, state, frozen, cycle, steps = run.mesh, run.model_cfg, run.state, run.frozen, run.cycle, run.steps
     cache = build_text_cache(config, run, workdir / "text_cache") if config.data.get("text_cache") else None
     iterators = level_iterators(config, model_cfg, indexes, batch_sizes, cache)

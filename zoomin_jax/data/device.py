@@ -5,9 +5,14 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
 
+def batch_sharding(mesh: jax.sharding.Mesh, data_axes: tuple[str, ...] = ("data",)) -> NamedSharding:
+    """A batch's layout: its leading axis split over `data_axes`."""
+    return NamedSharding(mesh, PartitionSpec(data_axes))
+
+
 def to_global(batch, mesh: jax.sharding.Mesh, data_axes: tuple[str, ...] = ("data",)):
-    """Each array of a (possibly nested) batch, its leading axis split over `data_axes`; the global
-    batch is this process's local batch times the process count, assembled by
+    """Each array of a (possibly nested) batch laid out by batch_sharding; the global batch is this
+    process's local batch times the process count, assembled by
     jax.make_array_from_process_local_data."""
-    sharding = NamedSharding(mesh, PartitionSpec(data_axes))
+    sharding = batch_sharding(mesh, data_axes)
     return jax.tree.map(lambda value: jax.make_array_from_process_local_data(sharding, value), batch)

@@ -1,0 +1,148 @@
+"""The recipe a config trains on a given slice: global batch per level, the per-device batch derived
+from it, lr, warm-up, steps, and the passes each level makes over its items (DESIGN.md §6).
+
+The global batch is the recipe (the paper: 320 per level), so a run on 8 GPUs and on a 64-chip
+slice trains the same one. Where a global batch does not divide the devices, config.batch_rounding
+says what to do: "none" (the default) refuses; "nearest" trains the nearest multiple of the device
+count instead, with the lr scaled by config.lr_scaling ("sqrt": lr x sqrt(new / stated), the
+square-root rule for Adam-type optimisers; "linear"; "none") and, when the run's length is derived
+from epochs, the warm-up kept as the share of the run it is at the stated batch. Contrastive
+negatives stay global within a step: there is no gradient accumulation (CLIP's loss over
+micro-batches is not the loss over their union; GradCache would be needed), so a batch a device
+cannot hold needs more devices or a smaller stated batch.
+
+Train and the compile check (zoomin_jax.aot) both derive it here; train prints it at start-up and
+saves it as workdir/recipe.json. Light on purpose (no jax): the device count is an argument.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from zoomin_jax.errors import UserError
+from zoomin_jax.recipes import JOINT, LEVELS
+
+ROUNDING = ("none", "nearest")
+LR_SCALING = {"sqrt": math.sqrt, "linear": lambda ratio: ratio, "none": lambda ratio: 1.0}
+
+
+def cycle_levels(config) -> tuple[str, ...]:
+    """The levels whose data the cycle draws from (the joint step takes a batch of each)."""
+    in_cycle = {level for level, _ in config.cycle}
+    return LEVELS if JOINT in in_cycle else tuple(sorted(in_cycle, key=LEVELS.index))
+
+
+def stated_batches(config) -> dict[str, int]:
+    """{level: global batch} as config.data.batch_size states it, for the cycle's levels."""
+    sizes = dict(config.data.get("batch_size") or {})
+    missing = [level for level in cycle_levels(config) if level not in sizes]
+    if missing:
+        raise UserError(f"config.data.batch_size.{missing[0]} is not set: give the global batch of every level "
+                        f"the cycle trains ({', '.join(cycle_levels(config))})")
+    return {level: int(sizes[level]) for level in cycle_levels(config)}
+
+
+def _round(batch: int, devices: int, rule: str, level: str) -> int:
+    if batch % devices == 0:
+        return batch
+    if rule == "none":
+        lower, upper = batch // devices * devices, -(-batch // devices) * devices
+        raise UserError(f"config.data.batch_size.{level}={batch} does not divide over {devices} devices: state a "
+                        f"multiple ({lower or devices} or {upper}) or set config.batch_rounding='nearest' (lr "
+                        f"scaled by config.lr_scaling, warm-up kept as a share of the run)")
+    return max(devices, round(batch / devices) * devices)
+
+
+def epoch_steps(config, batches: dict[str, int], items: dict[str, int]) -> int:
+    """config.epochs passes over the items of the cycle's first level (figures in the paper's cycle),
+    as steps of the whole cycle: an epoch is as long on 1 GPU as on a pod."""
+    first, first_steps = config.cycle[0]
+    level = LEVELS[0] if first == JOINT else first
+    per_epoch = -(-items[level] // batches[level])
+    cycle_steps = sum(int(steps) for _, steps in config.cycle)
+    return max(1, round(config.epochs * per_epoch * cycle_steps / int(first_steps)))
+
+
+def level_steps(config, total_steps: int) -> dict[str, int]:
+    """{level: steps that draw a batch of it} in a run of total_steps (the joint step draws all)."""
+    cycle = [(level, int(steps)) for level, steps in config.cycle]
+    length = sum(steps for _, steps in cycle)
+    full, rest = divmod(total_steps, length)
+    counts = dict.fromkeys(cycle_levels(config), 0)
+    for level, steps in cycle:
+        taken = full * steps + min(steps, rest)
+        rest = max(0, rest - steps)
+        for drawn in (LEVELS if level == JOINT else (level,)):
+            counts[drawn] += taken
+    return counts
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    devices: int
+    batch: dict           # level -> global batch trained
+    stated_batch: dict    # level -> global batch the config states
+    rounding: str
+    lr: float
+    stated_lr: float
+    warmup_steps: int
+    total_steps: int
+    steps: dict           # level -> steps drawing a batch of it
+    items: dict | None    # level -> items in the records (None: not read)
+
+    def per_device(self, level: str) -> int:
+        return self.batch[level] // self.devices
+
+    def passes(self, level: str) -> float | None:
+        return None if not self.items else self.steps[level] * self.batch[level] / max(1, self.items[level])
+
+    def lines(self) -> list[str]:
+        changed = self.batch != self.stated_batch
+        head = (f"recipe on {self.devices} devices: lr {self.lr:.4g}"
+                + (f" (stated {self.stated_lr:.4g}, rounded batches: {self.rounding})" if changed else "")
+                + f", warm-up {self.warmup_steps} of {self.total_steps} steps "
+                  f"({self.warmup_steps / max(1, self.total_steps):.1%}), no gradient accumulation")
+        rows = []
+        for level, batch in self.batch.items():
+            passes = self.passes(level)
+            rows.append(f"  {level}: global batch {batch}" + (f" (stated {self.stated_batch[level]})" if changed else "")
+                        + f", {self.per_device(level)} per device, {self.steps[level]} steps"
+                        + ("" if passes is None else f", {passes:.2f} passes over its {self.items[level]} items"))
+        return [head, *rows]
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self) | {"per_device": {level: self.per_device(level) for level in self.batch}}
+
+
+def derive(config, devices: int, items: dict[str, int] | None = None) -> Recipe:
+    """The recipe `config` trains on `devices` devices; `items` ({level: items in the records}) when
+    the records have been indexed: the run's length comes from config.epochs unless
+    config.total_steps is set."""
+    stated = stated_batches(config)
+    rounding = config.get("batch_rounding", "none")
+    if rounding not in ROUNDING:
+        raise UserError(f"config.batch_rounding={rounding!r} is not one of {', '.join(ROUNDING)}")
+    scaling = config.get("lr_scaling", "sqrt")
+    if scaling not in LR_SCALING:
+        raise UserError(f"config.lr_scaling={scaling!r} is not one of {', '.join(LR_SCALING)}")
+    batch = {level: _round(size, devices, rounding, level) for level, size in stated.items()}
+    ratio = sum(batch.values()) / sum(stated.values())
+    stated_lr, warmup = float(config.optim["lr"]), int(config.optim.get("warmup_steps", 0))
+    total = config.get("total_steps")
+    if total is None:
+        if items is None:
+            raise UserError("config.total_steps is not set and the records were not read: set --config.total_steps")
+        stated_total = epoch_steps(config, stated, items)
+        total = epoch_steps(config, batch, items)
+        warmup = round(warmup * total / stated_total)
+    return Recipe(devices, batch, stated, rounding, stated_lr * LR_SCALING[scaling](ratio), stated_lr, warmup,
+                  int(total), level_steps(config, int(total)), items)
+
+
+def apply(config, recipe: Recipe):
+    """A copy of `config` that trains `recipe`: its batches, lr, warm-up and total steps."""
+    config = config.copy_and_resolve_references()
+    config.data.batch_size = dict(recipe.batch)
+    config.optim["lr"], config.optim["warmup_steps"] = recipe.lr, recipe.warmup_steps
+    config.total_steps = recipe.total_steps
+    return config
