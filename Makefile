@@ -8,18 +8,22 @@ DEMO := out/demo
 
 install: $(VENV)/.installed
 
-# The package (editable) with the annotation stage and the test tools, in ONE pip command so pip
-# never swaps the torch build.
-$(VENV)/.installed: pyproject.toml requirements.txt requirements-test.txt annotate/requirements.txt
+# The package (editable) with the annotation stage, the test tools and the compile check's libtpu and
+# CUDA plugin, in ONE pip command so pip never swaps the torch build.
+$(VENV)/.installed: pyproject.toml requirements.txt requirements-test.txt requirements-aot.txt annotate/requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[annotate,test]'
+	$(PY) -m pip install -q -e '.[annotate,test,aot]'
 	touch $@
+
+# JAX on its CPU backend only: the venv holds libtpu and the CUDA plugin (for python -m zoomin_jax.aot),
+# which JAX would otherwise try to start on a machine without their devices.
+CPU_ONLY := JAX_PLATFORMS=cpu
 
 # The whole method on CPU: synthetic figures -> heuristic annotation -> zoom-in and figure-only
 # training (3 seeds) -> retrieval at three levels -> open_clip export, verified -> results table.
 demo: install
-	$(PY) -m zoomin_jax.demo --out $(DEMO)
+	$(CPU_ONLY) $(PY) -m zoomin_jax.demo --out $(DEMO)
 
 # 8 virtual XLA devices for the sharding tests; two pytest-xdist workers, a test file each (JAX's
 # compiles are mostly single-threaded, and many tests wait on subprocesses); one persistent
@@ -28,7 +32,7 @@ demo: install
 # The files with slow tests go first (tests/conftest.py; xdist would otherwise start the files with
 # the most tests first); tests/README.md lists the slow tests and what each alone covers; test-quick
 # runs the rest.
-TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.cache/jax
+TEST_ENV := $(CPU_ONLY) XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.cache/jax
 PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25
 
 test: install

@@ -11,7 +11,7 @@ nothing. Run from the repository root. A v5e-16 slice (4 workers x 4 chips), sta
   # a queued request is granted later: wait for ACTIVE in
   #   gcloud compute tpus queued-resources describe zoomin-v5e --zone us-west4-a --project my-project
   python launch/tpu.py setup $N --gcsfuse-bucket my-data      # code (git HEAD), venv, jax[tpu], /mnt/my-data
-  python launch/tpu.py train $N -- python -m zoomin_jax.train --workdir=gs://my-runs/vitl14 \\
+  python launch/tpu.py train $N --check v5e-16 -- python -m zoomin_jax.train --workdir=gs://my-runs/vitl14 \\
       --config=configs/zoomin_vitl14.py:init=/mnt/my-data/bmc_clip,records='/mnt/my-data/recs/records-*.array_record'
   python launch/tpu.py logs $N                                # tail -f of worker 0 (--worker 3: worker 3)
   python launch/tpu.py logs $N --fetch logs/ --num-workers 4  # every worker's log, copied here
@@ -145,8 +145,19 @@ def setup_commands(args) -> list[list[str]]:
     ]
 
 
+def check_command(train_argv: list[str], target: str) -> list[str]:
+    """`python -m zoomin_jax.aot` on this machine for the training command's config and --config.*
+    overrides: it exits non-zero, with its table, when a level's step does not fit `target`."""
+    config = [arg for n, arg in enumerate(train_argv)
+              if arg.startswith("--config") or (n and train_argv[n - 1] == "--config")]
+    if not config:
+        raise SystemExit("error: --check needs the training command's --config=... to compile it")
+    return [sys.executable, "-m", "zoomin_jax.aot", f"--target={target}", *config]
+
+
 def train_commands(args, train_argv: list[str]) -> list[list[str]]:
-    """Start `train_argv` detached on every worker: one log per worker, the pid kept for `stop`."""
+    """Start `train_argv` detached on every worker: one log per worker, the pid kept for `stop`;
+    with --check, first the compile check here, which stops the launch when a step does not fit."""
     program, *rest = train_argv
     if re.fullmatch(r"python[0-9.]*", program):
         program = VENV_PYTHON  # unquoted: `~` must expand on the worker
@@ -171,7 +182,7 @@ def train_commands(args, train_argv: list[str]) -> list[list[str]]:
         f"setsid nohup {command} > {log} 2>&1 < /dev/null & echo $! > {PID_FILE}",
         f'echo "worker $worker: started pid $(cat {PID_FILE}), log {LOG_DIR}/train-w$worker.log"',
     )
-    return [ssh_argv(args, script)]
+    return [*([check_command(train_argv, args.check)] if args.check else []), ssh_argv(args, script)]
 
 
 def logs_commands(args) -> list[list[str]]:
@@ -233,9 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", parents=[common], help="start `-- COMMAND ...` on every worker",
                                 usage="launch/tpu.py train --name N --zone Z --project P [--env KEY=VALUE ...] "
-                                      "[--dry-run] -- python -m zoomin_jax.train ...")
+                                      "[--check TARGET] [--dry-run] -- python -m zoomin_jax.train ...")
     train.add_argument("--env", action="append", default=[], type=env_assignment, metavar="KEY=VALUE",
                        help="environment for the run (repeatable)")
+    train.add_argument("--check", metavar="TARGET",
+                       help="first compile the run's steps here for TARGET (e.g. v5e-64; zoomin_jax.targets) and "
+                            "start nothing if one does not fit (needs the aot extra: pip install -e '.[aot]')")
 
     logs = commands.add_parser("logs", parents=[common], help="follow one worker's log, or fetch all")
     logs.add_argument("--worker", type=int, default=0, help="worker to follow (default 0)")

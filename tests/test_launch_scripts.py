@@ -83,6 +83,7 @@ def test_slurm_train_runs_two_tasks_that_find_each_other_through_slurm(tmp_path)
     env = {key: value for key, value in os.environ.items() if not key.startswith(("SLURM_", "ZOOMIN_"))} | {
         "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable, "SRUN_LOGS": str(tmp_path),
         "SLURM_JOB_ID": str(random.randrange(10_000, 1_000_000)), "SLURM_NTASKS": "2", "SLURM_JOB_NUM_NODES": "1",
+        "SLURM_NTASKS_PER_NODE": "2",  # the compile check's default target: h100x2
         "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
         "TRAIN_CONFIG": f"configs/demo_cpu.py:records={records},variant=figure_only",
         "TRAIN_WORKDIR": str(workdir),
@@ -92,12 +93,26 @@ def test_slurm_train_runs_two_tasks_that_find_each_other_through_slurm(tmp_path)
     logs = "".join((tmp_path / f"task-{task}.log").read_text() for task in range(2) if
                    (tmp_path / f"task-{task}.log").exists())
     assert result.returncode == 0, result.stderr + logs[-4000:]
-    assert "train: 1 node(s)" in result.stdout
+    assert "compile check for h100x2" in result.stdout and "train: 1 node(s)" in result.stdout
     steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
     # Both tasks were one run: each saved its own data-iterator position into the shared checkpoint.
     assert {"process_0-of-2.json", "process_1-of-2.json"} <= {
         path.name for path in (workdir / "checkpoints" / "2" / "data_figure").iterdir()}
+
+
+def test_slurm_train_refuses_a_job_whose_steps_do_not_fit(tmp_path):
+    """The compile check runs before srun: 64k regions a v5e chip do not fit, and no task starts
+    (there is no srun on PATH to start one)."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("SLURM_", "TRAIN_"))} | {
+        "PYTHON": sys.executable, "CHECK_TARGET": "v5e-8", "TRAIN_WORKDIR": str(tmp_path),
+        "TRAIN_CONFIG": "configs/demo_cpu.py:variant=region_only", "TRAIN_ARGS": "--config.data.batch_size.region=524288"}
+    result = subprocess.run(["bash", str(LAUNCH / "slurm_train.sbatch")], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1, result.stderr
+    assert "error: the region step does not fit the v5e-8's" in result.stderr
+    assert result.stderr.rstrip().endswith("error: the compile check for v5e-8 failed (above): nothing was started; fix "
+                                           "the config, or set CHECK_TARGET (none skips the check)")
 
 
 def test_slurm_train_names_what_is_missing():

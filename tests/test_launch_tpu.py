@@ -37,7 +37,7 @@ TRAIN_ARGV = [
 ]
 
 
-def launch(*args: str, tmp: Path, path: str | None = None) -> subprocess.CompletedProcess:
+def launch(*args: str, tmp: Path, path: str | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
     """Run the launcher. A gcloud on this machine is never reached: `path` (a test's stubs) or a
     stub that fails comes first on PATH."""
     if path is None:
@@ -45,7 +45,7 @@ def launch(*args: str, tmp: Path, path: str | None = None) -> subprocess.Complet
         path = f"{guard.parent}:{os.environ['PATH']}"
     env = {**os.environ, "TMPDIR": str(tmp), "PATH": path}  # the setup tarball goes to $TMPDIR
     return subprocess.run([sys.executable, str(LAUNCHER), *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=30)
+                          text=True, timeout=timeout)
 
 
 def dry_run(subcommand: str, *args: str, tmp: Path) -> list[str]:
@@ -189,6 +189,20 @@ def test_train_command(tmp_path):
         'echo $! > ~/zoomin-train.pid; '
         'echo "worker $worker: started pid $(cat ~/zoomin-train.pid), log ~/zoomin-logs/train-w$worker.log"')
     assert line == f"{SSH} --worker=all --command {shlex.quote(script)}"
+
+
+def test_train_check_compiles_here_first_and_refuses_a_run_that_does_not_fit(tmp_path):
+    """--check: python -m zoomin_jax.aot for the command's config and overrides runs here before any
+    gcloud; a level step over the target's HBM (64k regions a v5e chip) stops the launch."""
+    config = ["--config=configs/demo_cpu.py:variant=region_only", "--config.data.batch_size.region=524288"]
+    command = ["--", "python", "-m", "zoomin_jax.train", *config, "--workdir=gs://my-runs/demo"]
+    check, ssh = dry_run("train", *SLICE, "--check", "v5e-8", *command, tmp=tmp_path)
+    assert shlex.split(check) == [sys.executable, "-m", "zoomin_jax.aot", "--target=v5e-8", *config]
+    assert ssh.startswith(SSH)
+    result = launch("train", *SLICE, "--check", "v5e-8", *command, tmp=tmp_path, timeout=300)
+    assert result.returncode == 1, result.stderr
+    assert "error: the region step does not fit the v5e-8's 16.00 GiB HBM per device" in result.stderr
+    assert "a test ran gcloud" not in result.stderr
 
 
 def test_train_quoting_on_a_worker(tmp_path):
