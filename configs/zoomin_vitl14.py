@@ -29,14 +29,15 @@ def get_config(arg=None):
     # Multi-slice TPU (e.g. 2 x v5e-256 joined by the data-centre network): the data axis across the
     # slices, mesh above within each: --config.dcn_mesh="(('data', -1),)".
     config.dcn_mesh = ()
-    # Rematerialise the trainable vision blocks in the backward pass: "none" (ViT-L-14's 5 trained blocks
-    # at 40 per device keep an estimated ~28 GB of activations for a figure step's 7 images an example,
-    # which an 80 GB GPU holds), "dots" (keep matmul outputs, redo the rest) or "full" (keep nothing)
-    # where memory is short.
+    # Rematerialise the trainable vision blocks in the backward pass: "none", "dots" (keep matmul outputs,
+    # redo the rest) or "full" (keep nothing) where memory is short. Measured, not estimated
+    # (python -m zoomin_jax.aot, README "Before you launch"): at 40 per device with "none", a figure step
+    # needs 14.5 GiB of a v5e's 16 and the panel step 14.8.
     config.remat = "none"
-    # "bfloat16" on GPU/TPU: bf16 matmuls from float32 params and optimizer state (float32 matches open_clip's
-    # numbers); "cudnn" attention is cuDNN's fused kernel (GPU with bf16 only); scan_layers compiles one block
-    # per run of blocks instead of 24 (see README, Performance).
+    # "bfloat16" on GPU/TPU: bf16 matmuls and activations from float32 params and optimizer state.
+    # "float32" gives open_clip's numbers on CPU only: at JAX's default matmul precision TPUs run float32
+    # matmuls as bf16 passes and GPUs as TF32. "cudnn" attention is cuDNN's fused kernel (GPU with bf16
+    # only); scan_layers compiles one block per run of blocks instead of 24 (see README, Performance).
     config.compute_dtype = "float32"
     config.attention = "xla"
     config.scan_layers = False

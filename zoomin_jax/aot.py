@@ -231,7 +231,8 @@ def main(config, target_name: str, json_path: str | None, headroom: float) -> in
     print(f"{config.model} for {target.name} ({len(target.devices())} x {target.chip}, "
           f"{target.hbm_bytes / GiB:.1f} GiB HBM each), compute {config.get('compute_dtype', 'float32')}, "
           f"remat {config.get('remat', 'none')}, attention {config.get('attention', 'xla')}")
-    print("\n".join(result.recipe.lines()))
+    # Without total_steps the run's length (and its warm-up's share) comes from the records, unread here.
+    print("\n".join(result.recipe.lines(steps=config.get("total_steps") is not None)))
     print(table(result), flush=True)
     if json_path:
         with open(json_path, "w") as out:

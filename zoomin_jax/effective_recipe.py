@@ -96,17 +96,21 @@ class Recipe:
     def passes(self, level: str) -> float | None:
         return None if not self.items else self.steps[level] * self.batch[level] / max(1, self.items[level])
 
-    def lines(self) -> list[str]:
+    def lines(self, steps: bool = True) -> list[str]:
+        """What train prints at start-up; without `steps` (the compile check, which reads no records)
+        the batches and lr only."""
         changed = self.batch != self.stated_batch
         head = (f"recipe on {self.devices} devices: lr {self.lr:.4g}"
                 + (f" (stated {self.stated_lr:.4g}, rounded batches: {self.rounding})" if changed else "")
-                + f", warm-up {self.warmup_steps} of {self.total_steps} steps "
-                  f"({self.warmup_steps / max(1, self.total_steps):.1%}), no gradient accumulation")
+                + (f", warm-up {self.warmup_steps} of {self.total_steps} steps "
+                   f"({self.warmup_steps / max(1, self.total_steps):.1%})" if steps else "")
+                + ", no gradient accumulation")
         rows = []
         for level, batch in self.batch.items():
             passes = self.passes(level)
             rows.append(f"  {level}: global batch {batch}" + (f" (stated {self.stated_batch[level]})" if changed else "")
-                        + f", {self.per_device(level)} per device, {self.steps[level]} steps"
+                        + f", {self.per_device(level)} per device"
+                        + (f", {self.steps[level]} steps" if steps else "")
                         + ("" if passes is None else f", {passes:.2f} passes over its {self.items[level]} items"))
         return [head, *rows]
 
