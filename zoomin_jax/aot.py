@@ -36,7 +36,7 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 
-from zoomin_jax import effective_recipe, flops, run_setup, sharding, targets  # noqa: E402
+from zoomin_jax import effective_recipe, flops, run_setup, targets  # noqa: E402
 from zoomin_jax.batch_layout import batch_arrays  # noqa: E402
 from zoomin_jax.data.device import batch_sharding  # noqa: E402
 from zoomin_jax.errors import UserError  # noqa: E402
@@ -136,14 +136,12 @@ def check(config, target: targets.Target, compile_steps: bool = True, progress=N
     """Lowers (and compiles, unless `compile_steps` is False) every level step of `config` for
     `target`; `progress(line)` hears of each compile as it ends (they take minutes for ViT-L-14)."""
     devices = target.devices()
-    mesh_size = sharding.config_mesh(config, devices).devices.size
     config = config.copy_and_resolve_references()
     if config.get("total_steps") is None:
         # Derived from the records at start-up; a step's cost does not depend on it (the lr schedule's
         # constants only), and this check reads no record.
         config.total_steps = int(config.optim.get("warmup_steps", 0)) + 1
-    recipe = effective_recipe.derive(config, mesh_size)
-    config = effective_recipe.apply(config, recipe)
+    config, recipe = run_setup.effective(config, devices)
     run = run_setup.setup(config, devices, abstract=True)
     dims = run_setup.run_dims(config, run.model_cfg)
     options = GPU_COMPILER_OPTIONS if target.platform == "cuda" else None
@@ -155,8 +153,8 @@ def check(config, target: targets.Target, compile_steps: bool = True, progress=N
             continue
         shape = flops.step_shape(run.model_cfg, level, batch, dims, run.part.frozen_blocks, run.part.text_frozen,
                                  config.get("remat", "none"))
-        report = LevelReport(level, batch, batch // mesh_size, target.hbm_bytes,
-                             flops.step_flops(run.model_cfg, shape) / mesh_size, 0.0)
+        report = LevelReport(level, batch, batch // recipe.devices, target.hbm_bytes,
+                             flops.step_flops(run.model_cfg, shape) / recipe.devices, 0.0)
         tick = time.perf_counter()
         try:
             compiled = lowered[level].compile(compiler_options=options)

@@ -18,7 +18,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from zoomin_jax import effective_recipe, flops, sharding
+from zoomin_jax import flops, run_setup
 from zoomin_jax.batch_layout import LAYOUTS, Dims, batch_arrays
 from zoomin_jax.data.device import to_global
 from zoomin_jax.recipes import JOINT, LEVELS
@@ -144,7 +144,7 @@ def main(config, timed_steps: int, reference: str | None) -> int:
     logging.set_verbosity(logging.WARNING)
     if config.get("total_steps") is None:  # derived from the records in training; a step costs the same
         config.total_steps = timed_steps + 1
-    config = effective_recipe.apply(config, effective_recipe.derive(config, sharding.config_mesh(config).devices.size))
+    config, _ = run_setup.effective(config)
     run = setup(config)
     rng = np.random.default_rng(0)
     device = jax.devices()[0]

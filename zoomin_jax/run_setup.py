@@ -11,7 +11,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from zoomin_jax import losses, model_dir, sharding, trainer
+from zoomin_jax import effective_recipe, losses, model_dir, sharding, trainer
 from zoomin_jax.batch_layout import Dims
 from zoomin_jax.errors import UserError
 from zoomin_jax.models.clip import abstract_params, nest
@@ -63,6 +63,13 @@ def attention_of(config, compute_dtype, platform: str | None = None) -> str:
         raise UserError(f"config.attention='cudnn' needs a GPU and config.compute_dtype='bfloat16' (found "
                         f"{platform}, {config.get('compute_dtype', 'float32')}): use config.attention='xla'")
     return name
+
+
+def effective(config, devices=None, items: dict | None = None) -> tuple[object, effective_recipe.Recipe]:
+    """The recipe `config` trains over the mesh it makes of `devices` (default all: every batch is split
+    over the whole mesh), and the copy of `config` that trains it; `items` as effective_recipe.derive."""
+    recipe = effective_recipe.derive(config, sharding.config_mesh(config, devices).devices.size, items)
+    return effective_recipe.apply(config, recipe), recipe
 
 
 def setup(config, devices=None, abstract: bool = False) -> Setup:

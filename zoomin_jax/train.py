@@ -210,9 +210,7 @@ def train(config, workdir: str) -> dict:
     sharding.require_platform(config)
     use_compilation_cache(config.get("compilation_cache_dir", ""), workdir)
     indexes = level_indexes(config, get_preset(config.model))
-    devices = sharding.config_mesh(config).devices.size  # every batch is split over the whole mesh
-    recipe = effective_recipe.derive(config, devices, {level: len(index.rows) for level, index in indexes.items()})
-    config = effective_recipe.apply(config, recipe)
+    config, recipe = run_setup.effective(config, items={level: len(index.rows) for level, index in indexes.items()})
     if jax.process_index() == 0:
         print("\n".join(recipe.lines()), flush=True)
         (workdir / "recipe.json").write_text(json.dumps(recipe.to_json(), indent=1))
