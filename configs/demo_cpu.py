@@ -44,6 +44,11 @@ def get_config(arg=None):
                        strict=False, max_panels=6, max_regions=4, region_margin=0.1, lvlm_text_prob=0.0,
                        context_text_prob=0.0, drop_panel_kinds=(), min_box_side=8.0, min_visible=0.5,
                        crop_scale=(0.9, 1.0),  # data.samples.SampleConfig says why these
+                       # Panel (region) crops packed into the 99th percentile of a device's total in the
+                       # records' shard index (data.packing; overflow dropped and logged as panel_dropped),
+                       # or the slots per device stated here.
+                       pack_quantile=0.99, child_slots=dict(figure=config_dict.placeholder(int),
+                                                            panel=config_dict.placeholder(int)),
                        cached_images=512,  # each worker keeps the demo's figures decoded (decoding: 3/4 of a sample)
                        text_cache=False)  # True: embed each text once with the frozen text tower
     config.evals = {}

@@ -75,7 +75,7 @@ def test_the_compiled_step_is_the_training_step():
         checked = aot.check(config, target, compile_steps=False).lowered["panel"].as_text()
         config = effective_recipe.apply(config, effective_recipe.derive(config, jax.device_count()))
         run = run_setup.setup(config)
-        host = random_batch("panel", np.random.default_rng(0), 16, run_setup.run_dims(config, run.model_cfg))
+        host = random_batch("panel", np.random.default_rng(0), 16, run.dims)
         trained = run.steps["panel"].lower(run.state, run.frozen, to_global(host, run.mesh, run.mesh.axis_names))
         return checked, trained.as_text()
 

@@ -10,7 +10,7 @@ from PIL import Image
 from annotate.synth import synthesize, write_truth_records
 from conftest import run_cli, two_processes
 from zoomin_jax import records
-from zoomin_jax.batch_layout import batch_arrays
+from zoomin_jax.batch_layout import LAYOUTS, batch_arrays, example_arrays
 from zoomin_jax.data import samples
 from zoomin_jax.data.pipeline import build_index, item_rows, make_dataset
 from zoomin_jax.data.source import RecordSource
@@ -31,12 +31,23 @@ def shards(tmp_path_factory):
 
 
 def test_one_batch_per_level(shards):
-    """Every level's batch is what batch_layout describes: the same keys, shapes and dtypes."""
+    """Every level's examples and packed batches are what batch_layout describes: the same keys,
+    shapes and dtypes; packed, the same children in the same order as in their slots."""
     dims = samples.dims(CFG)
+    packed_dims = dataclasses.replace(dims, shards=2, packed=(("figure", 6),))  # panel: every slot
     for level, source in (("figure", "heuristic"), ("panel", "truth"), ("region", "truth")):
-        batch = make_dataset(shards[source], level, 4, cfg=CFG)[0]
-        layout = {key: (array.shape, array.dtype) for key, array in batch_arrays(level, 4, dims).items()}
+        examples = make_dataset(shards[source], level, 4, cfg=CFG)[0]
+        layout = {key: ((4, *array.shape), array.dtype) for key, array in example_arrays(level, dims).items()}
+        assert {key: (value.shape, value.dtype) for key, value in examples.items()} == layout, level
+        slots = packed_dims.slots_per_shard(level, 4)
+        batch = make_dataset(shards[source], level, 4, cfg=CFG, pack_children=(2, slots))[0]
+        layout = {key: (array.shape, array.dtype) for key, array in batch_arrays(level, 4, packed_dims).items()}
         assert {key: (value.shape, value.dtype) for key, value in batch.items()} == layout, level
+        if level != "region":
+            child = LAYOUTS[level].child
+            assert batch[f"{child}_dropped"].sum() == 0
+            np.testing.assert_array_equal(batch[f"{child}_images"][batch[f"{child}_parent"] >= 0],
+                                          examples[f"{child}_images"][examples[f"{child}_mask"]])
     figure = make_dataset(shards["heuristic"], "figure", 4, cfg=CFG)[0]
     assert figure["image"].shape == (4, 64, 64, 3) and figure["image"].dtype == np.uint8
     assert figure["panel_images"].shape == (4, 3, 64, 64, 3) and figure["panel_tokens"].shape == (4, 3, 77)

@@ -41,7 +41,7 @@ def test_a_batch_that_does_not_divide_the_devices_is_refused_or_rounded_by_the_s
     assert rounded.total_steps == 20 * math.ceil(350_000 / 256) * 3
     assert rounded.warmup_steps == round(1000 * rounded.total_steps / stated.total_steps) == 1250
     assert rounded.passes("figure") == pytest.approx(stated.passes("figure"), rel=2e-3)
-    assert "(stated 1e-05, rounded batches: nearest)" in rounded.lines()[0]
+    assert "(stated 1e-05, batches by batch_rounding=nearest)" in rounded.lines()[0]
     config.lr_scaling = "linear"
     assert effective_recipe.derive(config, 128, ITEMS).lr == pytest.approx(1e-5 * 256 / 320)
     # Fewer devices than examples never round to zero.
@@ -76,3 +76,19 @@ def test_a_level_without_a_batch_size_and_unknown_rules_are_refused():
     config = paper_config()
     with pytest.raises(UserError, match="config.total_steps is not set and the records were not read"):
         effective_recipe.derive(config, 8)
+
+
+def test_child_slots_are_stated_or_sized_from_the_child_counts_or_padded():
+    """Figures holding 1 or 2 kept panels, half each: 40 per device have a total of 40-80, median
+    60; its 95th percentile is 65 (binomial(40, 1/2): P(<= 64) = 0.919, P(<= 65) = 0.960)."""
+    counts = {"figure": [1, 2] * 50, "panel": [0] * 100}
+    on_8 = effective_recipe.derive(paper_config(), 8, ITEMS, counts)
+    assert on_8.child_slots == {"figure": 65, "panel": 1}
+    assert "figure: global batch 320, 40 per device, 21880 steps" in "\n".join(on_8.lines())
+    assert ("40 per device, 21880 steps, 20.00 passes over its 350000 items, 65 panel slots per device "
+            "(p95 of 40 examples' total in the records, median 1.5 each; padded: 240)") in "\n".join(on_8.lines())
+    config = paper_config()
+    config.data.child_slots.figure = 70
+    assert effective_recipe.derive(config, 8, ITEMS, counts).child_slots["figure"] == 70
+    assert effective_recipe.derive(paper_config(), 64, ITEMS).child_slots == {"figure": 30, "panel": 20}
+    assert dict(effective_recipe.apply(paper_config(), on_8).data.child_slots) == {"figure": 65, "panel": 1}

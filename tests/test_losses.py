@@ -9,7 +9,8 @@ import torchvision
 from jax.sharding import NamedSharding, PartitionSpec
 
 from zoomin_jax.errors import UserError
-from zoomin_jax.losses import LossConfig, clip_loss, level_losses, masked_mean, roi_pool
+from zoomin_jax.data.packing import pack
+from zoomin_jax.losses import LossConfig, child_means, clip_loss, level_losses, roi_pool
 from zoomin_jax.models.config import OPENAI_MEAN, OPENAI_STD
 from zoomin_jax.recipes import apply_variant
 
@@ -82,10 +83,11 @@ def test_clip_loss_gradients_stay_finite_with_masked_rows():
     assert np.isfinite(grad).all() and np.abs(grad[2:]).max() == 0.0
 
 
-def test_masked_mean_ignores_padding():
-    children = jnp.arange(2 * 3 * 2, dtype=jnp.float32).reshape(2, 3, 2)
-    mask = jnp.array([[True, False, True], [False, False, False]])
-    np.testing.assert_allclose(masked_mean(children, mask), [[2.0, 3.0], [0.0, 0.0]])
+def test_child_means_average_each_shards_children_into_its_parents():
+    """Two shards of two parents; parent 1 and 3 have no child, empty slots (-1) count for nothing."""
+    children = jnp.arange(6 * 2, dtype=jnp.float32).reshape(6, 2)
+    parent = jnp.array([0, 0, -1, 0, -1, -1])
+    np.testing.assert_allclose(child_means(children, parent, 4, 2), [[1.0, 2.0], [0, 0], [6.0, 7.0], [0, 0]])
 
 
 def numpy_covered_mean(grid, box):
@@ -117,12 +119,12 @@ def test_roi_pool_is_the_covered_token_mean_from_one_token_to_the_whole_grid():
     grid = rng.normal(size=(2, 16, 16, 8)).astype(np.float32)
     boxes = np.stack([random_boxes(rng, range(1, 17)), random_boxes(rng, np.linspace(0.3, 16, 16))])
     boxes[1, 0] = [3.25, 5.5, 3.75, 5.9]  # inside one token: that token
-    pooled = np.asarray(jax.jit(roi_pool)(grid, boxes))
+    pooled = np.asarray(jax.jit(roi_pool)(grid[:, None], boxes))
     for b in range(2):
         for k, box in enumerate(boxes[b]):
             np.testing.assert_allclose(pooled[b, k], numpy_covered_mean(grid[b], box), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(pooled[1, 0], grid[1, 5, 3], rtol=1e-6)
-    assert np.abs(np.asarray(roi_pool(jnp.asarray(grid), jnp.zeros((2, 1, 4))))).max() == 0.0  # padding
+    assert np.abs(np.asarray(roi_pool(jnp.asarray(grid), jnp.zeros((2, 4))))).max() == 0.0  # padding
 
 
 def test_roi_pool_equals_torchvision_roi_align_on_token_aligned_boxes():
@@ -131,7 +133,7 @@ def test_roi_pool_equals_torchvision_roi_align_on_token_aligned_boxes():
     rng = np.random.default_rng(1)
     grid = rng.normal(size=(1, 16, 16, 8)).astype(np.float32)
     boxes = random_boxes(rng, range(1, 17), integer=True)
-    ours = np.asarray(roi_pool(jnp.asarray(grid), jnp.asarray(boxes[None])))[0]
+    ours = np.asarray(roi_pool(jnp.asarray(grid), jnp.asarray(boxes)))
     rois = torch.from_numpy(np.concatenate([np.zeros((16, 1), np.float32), boxes], axis=1))
     theirs = torchvision.ops.roi_align(torch.from_numpy(grid).permute(0, 3, 1, 2), rois, output_size=1,
                                        spatial_scale=1.0, sampling_ratio=-1, aligned=True)
@@ -163,8 +165,14 @@ class StubModel:
         return jnp.float32(SCALE)
 
 
-def stub_losses(batch, level, cfg=LossConfig()):
-    """level_losses on the stub model, jitted (one compilation beats many eager ops on CPU)."""
+def stub_losses(batch, level, cfg=LossConfig(), slots=None):
+    """level_losses on the stub model, jitted (one compilation beats many eager ops on CPU), of the
+    batch's examples with their children packed into cfg.shards runs of `slots` child slots
+    (default: every example's slots: nothing dropped)."""
+    if level != "region":
+        per_shard = len(batch["image"]) // cfg.shards
+        batch = pack(batch, level, cfg.shards, slots or per_shard * batch["region_mask" if level == "panel"
+                                                                         else "panel_mask"].shape[1])
     return jax.jit(lambda batch: level_losses(StubModel(), batch, level, cfg))(batch)
 
 
@@ -231,13 +239,22 @@ def numpy_level_losses(batch, level, weights):
     return sum(weights.get(term, 1.0) * value for term, value in terms.items()), terms
 
 
-@pytest.mark.parametrize("level", ["figure", "panel", "region"])
-def test_level_losses_equal_numpy_on_a_hand_made_batch(level):
+@pytest.mark.parametrize("level, shards, slots", [
+    ("figure", 1, None), ("panel", 1, None), ("region", 1, None),
+    # Packed as tight as the batch allows: all 8 children in 8 slots, or in two shards (parents 0-1
+    # hold 5 children, parents 2-3 hold 3) of 5 slots each.
+    ("figure", 1, 8), ("panel", 2, 5)])
+def test_level_losses_equal_numpy_on_a_hand_made_batch(level, shards, slots):
+    """The numpy reference reads the children in their slots per example (the padded layout); the
+    step reads them packed, with every slot of every example or as few as hold them."""
     batch = hand_made_batch(level, np.random.default_rng(4))
     weights = {"figure": 1.0, "figure_panel_image": 0.5, "figure_panel_text": 0.25, "panel": 2.0,
                "panel_region_image": 0.5, "panel_region_text": 0.3, "roi": 0.7, "region": 1.5}
     expected_total, expected = numpy_level_losses(batch, level, weights)
-    total, terms = stub_losses(batch, level, LossConfig(weights=tuple(weights.items())))
+    total, terms = stub_losses(batch, level, LossConfig(weights=tuple(weights.items()), shards=shards), slots)
+    dropped = {"figure": "panel_dropped", "panel": "region_dropped"}.get(level)
+    if dropped:
+        assert float(terms.pop(dropped)) == 0.0
     assert set(terms) == set(expected)
     for term, value in expected.items():
         assert np.isclose(float(terms[term]), value, rtol=1e-5), (term, float(terms[term]), value)
@@ -258,7 +275,7 @@ def test_a_zero_weight_term_is_neither_computed_nor_logged():
     batch = hand_made_batch("panel", np.random.default_rng(4))
     weights = (("panel_region_image", 0.0), ("roi", 0.0))
     total, terms = stub_losses(batch, "panel", LossConfig(weights=weights))
-    assert set(terms) == {"panel", "panel_region_text"}
+    assert set(terms) == {"panel", "panel_region_text", "region_dropped"}
     assert np.isclose(float(total), float(terms["panel"] + terms["panel_region_text"]))
 
 

@@ -69,13 +69,15 @@ def without_index(pattern, tmp_path):
 
 def expected_rows(pattern, level, cfg):
     """The items the examples use, from the decoded records: every figure, the panels
-    samples.keeps_panel keeps, the regions samples.kept_regions gives those panels."""
+    samples.keeps_panel keeps, the regions samples.kept_regions gives those panels; each with the
+    children its example can hold (kept panels, kept regions, none)."""
     rows = []
     for n, record in enumerate(records.iter_records(sorted(glob.glob(pattern)))):
         kept = {panel["panel_id"] for panel in samples.kept_panels(record, cfg)}
-        rows += {"figure": [(n, -1)],
-                 "panel": [(n, k) for k, panel in enumerate(record["panels"]) if samples.keeps_panel(panel, cfg)],
-                 "region": [(n, k) for k, region in enumerate(record["regions"]) if region["panel_id"] in kept
+        rows += {"figure": [(n, -1, len(kept))],
+                 "panel": [(n, k, len(samples.kept_regions(record, panel["panel_id"], cfg)))
+                           for k, panel in enumerate(record["panels"]) if samples.keeps_panel(panel, cfg)],
+                 "region": [(n, k, 0) for k, region in enumerate(record["regions"]) if region["panel_id"] in kept
                             and region in samples.kept_regions(record, region["panel_id"], cfg)]}[level]
     return rows
 
@@ -90,7 +92,9 @@ def decodes(monkeypatch):
 
 
 def level_rows(pattern, cfg):
-    return {level: index.rows.tolist() for level, index in build_indexes(RecordSource(pattern), LEVELS, cfg).items()}
+    """{level: [[record, item, children]]} from the shard index."""
+    return {level: np.column_stack([index.rows, index.child_counts]).tolist()
+            for level, index in build_indexes(RecordSource(pattern), LEVELS, cfg).items()}
 
 
 @pytest.mark.parametrize("data", ["annotated", "synthesized"])
@@ -181,4 +185,4 @@ def test_shard_items_skip_records_that_fail_to_decode(synthesized, tmp_path):
     writer.close()
     items, failed = shard_index.shard_items(RecordSource(str(path)), 0)
     assert failed == 1 and items.positions.tolist() == [0, 2]
-    assert shard_index.level_rows(items, "figure", CONFIGS[0]).tolist() == [[0, -1], [2, -1]]
+    assert shard_index.level_rows(items, "figure", CONFIGS[0])[0].tolist() == [[0, -1], [2, -1]]

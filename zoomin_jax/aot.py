@@ -143,7 +143,7 @@ def check(config, target: targets.Target, compile_steps: bool = True, progress=N
         config.total_steps = int(config.optim.get("warmup_steps", 0)) + 1
     config, recipe = run_setup.effective(config, devices)
     run = run_setup.setup(config, devices, abstract=True)
-    dims = run_setup.run_dims(config, run.model_cfg)
+    dims = run.dims
     options = GPU_COMPILER_OPTIONS if target.platform == "cuda" else None
     reports, lowered = [], {}
     for level, _ in run.cycle.levels:

@@ -19,8 +19,11 @@ CONTEXT_LENGTH = 77  # CLIP token ids per text
 
 @dataclasses.dataclass(frozen=True)
 class Level:
-    """One level's batch: the parent example's arrays, and its children's (the level below) with a
-    mask, padded to a fixed number of slots per parent."""
+    """One level's batch: the parent example's arrays, and its children's (the level below). An
+    example (data.samples) has a fixed number of child slots with a mask; a step's batch
+    (data.packing) carries the children's crops, texts and boxes packed into a fixed number of slots
+    per device, each with its parent's position among that device's examples, and keeps the per-example
+    mask and text ids (small) for the loss's bookkeeping."""
     name: str
     child: str | None           # the level below, whose crops each example carries
     terms: tuple[str, ...]      # the loss terms its step computes (recipes.LEVEL_TERMS)
@@ -55,6 +58,19 @@ class Level:
     def child_grid_boxes(self) -> str:
         return self._child_key("grid_boxes")
 
+    @property
+    def child_parent(self) -> str:
+        return self._child_key("parent")
+
+    @property
+    def child_dropped(self) -> str:
+        return self._child_key("dropped")
+
+    @property
+    def packed_keys(self) -> tuple[str, ...]:
+        """The per-child arrays a step's batch carries packed (data.packing): the large ones."""
+        return (self.child_images, self.child_tokens) + ((self.child_grid_boxes,) if self.child_boxes else ())
+
 
 LAYOUTS = {
     "figure": Level("figure", "panel", LEVEL_TERMS["figure"], child_boxes=False),
@@ -65,12 +81,16 @@ LAYOUTS = {
 
 @dataclasses.dataclass(frozen=True)
 class Dims:
-    """The sizes a run fixes: crop side, child slots per parent of each level, and what a text is
-    (CONTEXT_LENGTH int32 token ids, or a cached embedding of `text_width` float32)."""
+    """The sizes a run fixes: crop side, child slots per parent of each level, what a text is
+    (CONTEXT_LENGTH int32 token ids, or a cached embedding of `text_width` float32), the devices a
+    batch is split over and the packed child slots per device of each level (a level not named:
+    every example's slots, so nothing can be dropped)."""
     image_size: int
     children: tuple[tuple[str, int], ...]   # (parent level, child slots per example)
     text_width: int = CONTEXT_LENGTH
     text_cached: bool = False
+    shards: int = 1
+    packed: tuple[tuple[str, int], ...] = ()   # (parent level, child slots per device)
 
     @classmethod
     def of(cls, image_size: int, max_panels: int, max_regions: int, text_embedding: int | None = None) -> Dims:
@@ -80,6 +100,10 @@ class Dims:
 
     def slots(self, level: str) -> int:
         return dict(self.children).get(level, 0)
+
+    def slots_per_shard(self, level: str, batch: int) -> int:
+        """Packed child slots per device in a batch of `batch` examples."""
+        return dict(self.packed).get(level, batch // self.shards * self.slots(level))
 
     @property
     def text_dtype(self) -> np.dtype:
@@ -111,12 +135,21 @@ def example_arrays(level: str, dims: Dims) -> dict[str, Array]:
 
 
 def batch_arrays(level: str, batch: int, dims: Dims) -> dict:
-    """{key: Array} of a batch of `batch` examples; for JOINT {level: that of each level}."""
+    """{key: Array} of a step's batch of `batch` examples, children packed; for JOINT {level: that of
+    each level}."""
     if level == JOINT:
         return {name: batch_arrays(name, batch, dims) for name in LEVELS}
-    return {key: Array((batch, *array.shape), array.dtype) for key, array in example_arrays(level, dims).items()}
+    arrays = {key: Array((batch, *array.shape), array.dtype) for key, array in example_arrays(level, dims).items()}
+    layout = LAYOUTS[level]
+    if layout.child is not None:
+        slots = dims.shards * dims.slots_per_shard(level, batch)
+        arrays |= {key: Array((slots, *arrays[key].shape[2:]), arrays[key].dtype) for key in layout.packed_keys}
+        arrays |= {layout.child_parent: Array((slots,), np.dtype(np.int32)),
+                   layout.child_dropped: Array((batch,), np.dtype(np.int32))}
+    return arrays
 
 
-def images_per_example(level: str, dims: Dims) -> int:
-    """The crops one example puts through the vision tower: itself and every child slot."""
-    return 1 + (dims.slots(level) if LAYOUTS[level].child else 0)
+def images_per_step(level: str, batch: int, dims: Dims) -> int:
+    """The crops a step of `batch` examples puts through the vision tower: its examples and every
+    packed child slot, filled or not."""
+    return batch + (dims.shards * dims.slots_per_shard(level, batch) if LAYOUTS[level].child else 0)

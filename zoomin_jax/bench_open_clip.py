@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from zoomin_jax import flops
 from zoomin_jax.recipes import JOINT, LEVELS
 from zoomin_jax.sharding import match_rules
-from zoomin_jax.run_setup import run_dims
 
 
 class Reference:
@@ -39,7 +38,7 @@ class Reference:
         self.frozen_blocks = run.part.frozen_blocks
         self.text_cached = bool(config.data.get("text_cache"))
         batch = config.data.batch_size[LEVELS[0] if level == JOINT else level]
-        self.shape = flops.step_shape(cfg, level, batch, run_dims(config, cfg), run.part.frozen_blocks,
+        self.shape = flops.step_shape(cfg, level, batch, run.dims, run.part.frozen_blocks,
                                       run.part.text_frozen, config.get("remat", "none"))
         self.size, self.embed_dim, self.context = cfg.vision.image_size, cfg.embed_dim, cfg.text.context_length
         self.text_frozen = run.part.text_frozen

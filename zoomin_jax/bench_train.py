@@ -19,18 +19,27 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from zoomin_jax import flops, run_setup
-from zoomin_jax.batch_layout import LAYOUTS, Dims, batch_arrays
+from zoomin_jax.batch_layout import LAYOUTS, Dims, example_arrays
+from zoomin_jax.data.packing import pack
 from zoomin_jax.data.device import to_global
 from zoomin_jax.recipes import JOINT, LEVELS
-from zoomin_jax.run_setup import run_dims, setup
+from zoomin_jax.run_setup import setup
 
 
 def random_batch(level: str, rng: np.random.Generator, batch: int, dims: Dims) -> dict:
-    """A batch laid out as batch_layout says for `level`, with values like the sampler's: uint8
-    images, CLIP token rows (SOT, five words, EOT) or cached embeddings, distinct text ids, child
-    masks with one childless parent, child boxes in token units."""
+    """random_examples with their children packed as a step takes them (batch_layout.batch_arrays)."""
     if level == JOINT:
         return {name: random_batch(name, rng, batch, dims) for name in LEVELS}
+    examples = random_examples(level, rng, batch, dims)
+    if LAYOUTS[level].child is None:
+        return examples
+    return pack(examples, level, dims.shards, dims.slots_per_shard(level, batch))
+
+
+def random_examples(level: str, rng: np.random.Generator, batch: int, dims: Dims) -> dict:
+    """`batch` examples laid out as batch_layout.example_arrays says, with values like the sampler's:
+    uint8 images, CLIP token rows (SOT, five words, EOT) or cached embeddings, distinct text ids,
+    child masks with one childless parent, child boxes in token units."""
     layout = LAYOUTS[level]
 
     def texts(shape):
@@ -57,7 +66,7 @@ def random_batch(level: str, rng: np.random.Generator, batch: int, dims: Dims) -
     if layout.child is not None:
         fill |= {layout.child_images: fill[layout.image], layout.child_tokens: texts, layout.child_text_id: ids,
                  layout.child_mask: mask, layout.child_grid_boxes: boxes}
-    return {key: fill[key](array.shape) for key, array in batch_arrays(level, batch, dims).items()}
+    return {key: fill[key]((batch, *array.shape)) for key, array in example_arrays(level, dims).items()}
 
 
 def matmul_peak(dtype=np.float32, n: int = 2048, repeats: int = 7) -> dict[str, float]:
@@ -99,10 +108,11 @@ class LevelResult:
 
 def bench_level(run, config, level: str, timed_steps: int, rng: np.random.Generator) -> LevelResult:
     batch_size = config.data.batch_size[LEVELS[0] if level == JOINT else level]
-    dims = run_dims(config, run.model_cfg)
+    dims = run.dims
+    local = dataclasses.replace(dims, shards=len(run.mesh.local_devices))
 
     def batch():
-        host = random_batch(level, rng, batch_size // jax.process_count(), dims)
+        host = random_batch(level, rng, batch_size // jax.process_count(), local)
         return to_global(host, run.mesh, run.mesh.axis_names)
 
     state, first = run.state, batch()

@@ -4,12 +4,17 @@ from it, lr, warm-up, steps, and the passes each level makes over its items (DES
 The global batch is the recipe (the paper: 320 per level), so a run on 8 GPUs and on a 64-chip
 slice trains the same one. Where a global batch does not divide the devices, config.batch_rounding
 says what to do: "none" (the default) refuses; "nearest" trains the nearest multiple of the device
-count instead, with the lr scaled by config.lr_scaling ("sqrt": lr x sqrt(new / stated), the
-square-root rule for Adam-type optimisers; "linear"; "none") and, when the run's length is derived
-from epochs, the warm-up kept as the share of the run it is at the stated batch. Contrastive
+count instead, with the lr scaled by config.lr_scaling ("sqrt": lr x sqrt(new / stated), the square-root
+rule for Adam-type optimisers; "linear"; "none") and, when the run's length is derived from epochs,
+the warm-up is kept as the share of the run it is at the stated batch. Contrastive
 negatives stay global within a step: there is no gradient accumulation (CLIP's loss over
 micro-batches is not the loss over their union; GradCache would be needed), so a batch a device
 cannot hold needs more devices or a smaller stated batch.
+
+A figure (panel) step carries its panel (region) crops packed into a fixed number of child slots
+per device (data.packing): config.data.child_slots states them per level, or else they are the
+config.data.pack_quantile of a device's total child count in the records' shard index (train), or
+else every example's max_panels (max_regions) slots (the compile check, which reads no records).
 
 Train and the compile check (zoomin_jax.aot) both derive it here; train prints it at start-up and
 saves it as workdir/recipe.json. Light on purpose (no jax): the device count is an argument.
@@ -19,6 +24,10 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
+
+from zoomin_jax.batch_layout import LAYOUTS
+from zoomin_jax.data.packing import slots_for
 from zoomin_jax.errors import UserError
 from zoomin_jax.recipes import JOINT, LEVELS
 
@@ -89,6 +98,8 @@ class Recipe:
     total_steps: int
     steps: dict           # level -> steps drawing a batch of it
     items: dict | None    # level -> items in the records (None: not read)
+    child_slots: dict = dataclasses.field(default_factory=dict)   # level -> packed child slots per device
+    child_slots_from: dict = dataclasses.field(default_factory=dict)   # level -> how they were sized
 
     def per_device(self, level: str) -> int:
         return self.batch[level] // self.devices
@@ -101,7 +112,7 @@ class Recipe:
         the batches and lr only."""
         changed = self.batch != self.stated_batch
         head = (f"recipe on {self.devices} devices: lr {self.lr:.4g}"
-                + (f" (stated {self.stated_lr:.4g}, rounded batches: {self.rounding})" if changed else "")
+                + (f" (stated {self.stated_lr:.4g}, batches by {self.rounding})" if changed else "")
                 + (f", warm-up {self.warmup_steps} of {self.total_steps} steps "
                    f"({self.warmup_steps / max(1, self.total_steps):.1%})" if steps else "")
                 + ", no gradient accumulation")
@@ -111,17 +122,39 @@ class Recipe:
             rows.append(f"  {level}: global batch {batch}" + (f" (stated {self.stated_batch[level]})" if changed else "")
                         + f", {self.per_device(level)} per device"
                         + (f", {self.steps[level]} steps" if steps else "")
-                        + ("" if passes is None else f", {passes:.2f} passes over its {self.items[level]} items"))
+                        + ("" if passes is None else f", {passes:.2f} passes over its {self.items[level]} items")
+                        + (f", {self.child_slots[level]} {LAYOUTS[level].child} slots per device "
+                           f"({self.child_slots_from[level]})" if level in self.child_slots else ""))
         return [head, *rows]
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self) | {"per_device": {level: self.per_device(level) for level in self.batch}}
 
 
-def derive(config, devices: int, items: dict[str, int] | None = None) -> Recipe:
+def max_children(config, level: str) -> int:
+    return {"figure": config.data.max_panels, "panel": config.data.max_regions}[level]
+
+
+def child_slots(config, level: str, per_device: int, counts: np.ndarray | None) -> tuple[int, str]:
+    """(packed child slots per device, how they were sized) of one level: see the module docstring."""
+    stated = {name: slots for name, slots in dict(config.data.get("child_slots") or {}).items() if slots}
+    padded = per_device * max_children(config, level)
+    if level in stated:
+        return int(stated[level]), f"config.data.child_slots; padded: {padded}"
+    quantile = config.data.get("pack_quantile")
+    if counts is None or not quantile:
+        return padded, f"padded: {max_children(config, level)} per example, no child counts to pack to"
+    slots = slots_for(counts, max_children(config, level), per_device, quantile)
+    return slots, (f"p{quantile * 100:g} of {per_device} examples' total in the records, median "
+                   f"{np.median(np.minimum(counts, max_children(config, level))):g} each; padded: {padded}")
+
+
+def derive(config, devices: int, items: dict[str, int] | None = None,
+           child_counts: dict | None = None) -> Recipe:
     """The recipe `config` trains on `devices` devices; `items` ({level: items in the records}) when
     the records have been indexed: the run's length comes from config.epochs unless
-    config.total_steps is set."""
+    config.total_steps is set; `child_counts` ({level: [items] children each can hold}) for sizing
+    the packed child slots."""
     stated = stated_batches(config)
     rounding = config.get("batch_rounding", "none")
     if rounding not in ROUNDING:
@@ -130,6 +163,7 @@ def derive(config, devices: int, items: dict[str, int] | None = None) -> Recipe:
     if scaling not in LR_SCALING:
         raise UserError(f"config.lr_scaling={scaling!r} is not one of {', '.join(LR_SCALING)}")
     batch = {level: _round(size, devices, rounding, level) for level, size in stated.items()}
+    rounding = f"batch_rounding={rounding}"
     ratio = sum(batch.values()) / sum(stated.values())
     stated_lr, warmup = float(config.optim["lr"]), int(config.optim.get("warmup_steps", 0))
     total = config.get("total_steps")
@@ -139,14 +173,19 @@ def derive(config, devices: int, items: dict[str, int] | None = None) -> Recipe:
         stated_total = epoch_steps(config, stated, items)
         total = epoch_steps(config, batch, items)
         warmup = round(warmup * total / stated_total)
+    slots = {level: child_slots(config, level, batch[level] // devices, (child_counts or {}).get(level))
+             for level in batch if LAYOUTS[level].child is not None}
     return Recipe(devices, batch, stated, rounding, stated_lr * LR_SCALING[scaling](ratio), stated_lr, warmup,
-                  int(total), level_steps(config, int(total)), items)
+                  int(total), level_steps(config, int(total)), items, {level: n for level, (n, _) in slots.items()},
+                  {level: source for level, (_, source) in slots.items()})
 
 
 def apply(config, recipe: Recipe):
     """A copy of `config` that trains `recipe`: its batches, lr, warm-up and total steps."""
     config = config.copy_and_resolve_references()
     config.data.batch_size = dict(recipe.batch)
+    with config.unlocked():
+        config.data.child_slots = dict(recipe.child_slots)
     config.optim["lr"], config.optim["warmup_steps"] = recipe.lr, recipe.warmup_steps
     config.total_steps = recipe.total_steps
     return config

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from zoomin_jax.batch_layout import Dims, images_per_example
+from zoomin_jax.batch_layout import Dims, images_per_step
 from zoomin_jax.models.config import CLIPConfig
 from zoomin_jax.recipes import JOINT, LEVELS
 
@@ -34,14 +34,14 @@ class StepShape:
 def step_shape(cfg: CLIPConfig, level: str, batch: int, dims: Dims, frozen_blocks: int, text_frozen: bool,
                remat: str) -> StepShape:
     """The images and texts a `level` step of `batch` examples laid out as `dims` encodes: a figure
-    (panel) step encodes its parents and all their child slots, masked or not; the child texts only
-    when the text tower trains (their terms are constants otherwise); no text when they are cached."""
+    (panel) step encodes its parents and all their packed child slots, filled or not; the child texts
+    only when the text tower trains (their terms are constants otherwise); no text when they are cached."""
     if level == JOINT:
         shapes = [step_shape(cfg, name, batch, dims, frozen_blocks, text_frozen, remat) for name in LEVELS]
         return dataclasses.replace(shapes[0], images=sum(s.images for s in shapes), texts=sum(s.texts for s in shapes))
-    per_example = images_per_example(level, dims)
-    texts = 0 if dims.text_cached else batch * (1 if text_frozen else per_example)
-    return StepShape(images=batch * per_example, texts=texts, frozen_blocks=frozen_blocks,
+    images = images_per_step(level, batch, dims)
+    texts = 0 if dims.text_cached else (batch if text_frozen else images)
+    return StepShape(images=images, texts=texts, frozen_blocks=frozen_blocks,
                      text_trains=not text_frozen, remat=remat != "none")
 
 

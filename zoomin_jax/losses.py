@@ -70,17 +70,31 @@ def same_children(ids, mask):
     return (count[:, None] == count[None, :]) & (keys[:, None, :] == keys[None, :, :]).all(axis=-1)
 
 
-def masked_mean(children, mask):
-    """Mean over the valid children: [B, K, D], [B, K] -> [B, D] (zeros where none is valid)."""
-    weights = mask.astype(children.dtype)[..., None]
-    return (children * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1.0)
+def by_shard(x, shards: int):
+    """[n, ...] -> [shards, n / shards, ...]: each device's run of a batch (batch_layout's shards)."""
+    return x.reshape(shards, x.shape[0] // shards, *x.shape[1:])
+
+
+def child_means(children, parent, parents: int, shards: int):
+    """Mean of each parent's packed children: [K, D] children, [K] parent (its position in its
+    shard's run of `parents / shards` parents; -1 for an empty slot) -> [parents, D] (zeros where a
+    parent has none). Every shard sums its own children: nothing crosses devices."""
+    per_shard = parents // shards
+
+    def means(children, parent):
+        segment = jnp.where(parent >= 0, parent, per_shard)  # empty slots into one extra segment, cut
+        sums = jax.ops.segment_sum(children, segment, per_shard + 1)[:-1]
+        counts = jax.ops.segment_sum(jnp.ones_like(parent, children.dtype), segment, per_shard + 1)[:-1]
+        return sums / jnp.maximum(counts, 1.0)[:, None]
+
+    return jax.vmap(means)(by_shard(children, shards), by_shard(parent, shards)).reshape(parents, -1)
 
 
 def roi_pool(grid, boxes):
     """The mean of a token grid over each box, every token weighted by the area of it the box covers.
 
-    grid: [B, g, g, W] patch tokens; boxes: [B, K, 4] as x0, y0, x1, y1 in token units (token j
-    covers [j, j+1)). Returns [B, K, W]; an empty box (padding) pools to zeros.
+    grid: [..., g, g, W] patch tokens; boxes: [..., 4] as x0, y0, x1, y1 in token units (token j
+    covers [j, j+1)), one box per grid. Returns [..., W]; an empty box (padding) pools to zeros.
 
     DESIGN: the overlap-weighted token mean rather than torchvision's adaptive bilinear sampling. It
     is the exact mean of what the box covers (for any size, from a fraction of a token to the whole
@@ -88,15 +102,25 @@ def roi_pool(grid, boxes):
     where adaptive sampling's ceil(box) x ceil(box) points per box would, under jit's static shapes,
     have to be padded to g x g bilinear gathers for every box. Where box edges lie on token edges the
     two agree (torchvision's roi_align with aligned=True then samples exactly the token centres)."""
-    cells = jnp.arange(grid.shape[1], dtype=jnp.float32)
+    cells = jnp.arange(grid.shape[-2], dtype=jnp.float32)
 
-    def cover(lo, hi):  # [B, K] edges -> [B, K, g]: the length of each token row/column inside the box
+    def cover(lo, hi):  # [...] edges -> [..., g]: the length of each token row/column inside the box
         return jnp.clip(jnp.minimum(hi[..., None], cells + 1) - jnp.maximum(lo[..., None], cells), 0.0, 1.0)
 
     wx, wy = cover(boxes[..., 0], boxes[..., 2]), cover(boxes[..., 1], boxes[..., 3])
     area = wx.sum(-1) * wy.sum(-1)
-    pooled = jnp.einsum("bky,bkx,byxw->bkw", wy, wx, grid.astype(jnp.float32))
+    pooled = jnp.einsum("...y,...x,...yxw->...w", wy, wx, grid.astype(jnp.float32))
     return pooled / jnp.where(area > 0, area, 1.0)[..., None]
+
+
+def roi_pool_children(grid, boxes, parent, shards: int):
+    """roi_pool of each packed child's box over its parent's grid: [B, g, g, W], [K, 4], [K] -> [K, W],
+    each shard gathering its own parents' grids."""
+    def pool(grid, boxes, parent):
+        return roi_pool(grid[jnp.maximum(parent, 0)], boxes)
+
+    return jax.vmap(pool)(by_shard(grid, shards), by_shard(boxes, shards), by_shard(parent, shards)).reshape(
+        boxes.shape[0], -1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +129,7 @@ class LossConfig:
     text_frozen: bool = False      # text embeddings carry no gradient (the text tower is not trained)
     frozen_blocks: int = 0         # leading vision blocks under stop_gradient
     remat: str = "none"            # how the trainable vision blocks are rematerialised (models.clip.REMAT_POLICIES)
+    shards: int = 1                # devices a batch is split over (batch_layout.Dims.shards)
 
     def __post_init__(self):
         check_loss_weights(dict(self.weights))
@@ -137,15 +162,11 @@ def _encode_texts(model, tokens, cfg: LossConfig):
     return jax.lax.stop_gradient(embeddings) if cfg.text_frozen else embeddings
 
 
-def _children(embeddings, mask):
-    """Masked mean of L2-normalised children, and which parents have any."""
-    return masked_mean(l2_normalize(embeddings), mask), mask.any(axis=1)
-
-
 def level_losses(model, batch: dict, level: str, cfg: LossConfig) -> tuple[jax.Array, dict]:
-    """(weighted total, {term: unweighted value}) for one level's batch (laid out as
-    batch_layout.LAYOUTS[level] says); a term of weight 0 is neither computed nor logged. Text ids
-    mark identical texts as positives; a batch without them has all texts distinct.
+    """(weighted total, {term: unweighted value} and, for a level with children, the children its
+    batch dropped (data.packing)) for one level's batch (laid out as batch_layout.LAYOUTS[level]
+    says); a term of weight 0 is neither computed nor logged. Text ids mark identical texts as
+    positives; a batch without them has all texts distinct.
 
     DESIGN: the text-side message-passing term is computed even when the text tower is frozen. Its
     texts are then constants, but logit_scale, which the paper's recipe trains, still gets a gradient
@@ -162,27 +183,28 @@ def level_losses(model, batch: dict, level: str, cfg: LossConfig) -> tuple[jax.A
     text = _encode_texts(model, batch[layout.tokens], cfg)
     ids = batch.get(layout.text_id)
     same = None if ids is None else same_text(ids)
-    terms = {}
+    terms, counts = {}, {}
     if level in weighted:
         terms[level] = clip_loss(image, text, scale, same=same)
     if layout.child is not None:
-        mask = batch[layout.child_mask]
+        mask, parent, parents = batch[layout.child_mask], batch[layout.child_parent], image.shape[0]
+        has_children, filled = mask.any(axis=1), parent >= 0
+        counts[layout.child_dropped] = batch[layout.child_dropped].sum().astype(jnp.float32)
         image_term, text_term = f"{level}_{layout.child}_image", f"{level}_{layout.child}_text"
         if image_term in weighted or "roi" in weighted:
             child_images, _ = _encode_images(model, batch[layout.child_images], cfg)
             if image_term in weighted:
-                mean_images, has_children = _children(child_images, mask)
+                mean_images = child_means(l2_normalize(child_images), parent, parents, cfg.shards)
                 terms[image_term] = clip_loss(image, mean_images, scale, has_children)
             if "roi" in weighted:
-                pooled = model.visual.head(roi_pool(grid, batch[layout.child_grid_boxes])).astype(jnp.float32)
-                flat = pooled.shape[0] * pooled.shape[1]
-                terms["roi"] = clip_loss(pooled.reshape(flat, -1), child_images.reshape(flat, -1), scale,
-                                         mask.reshape(flat))
+                pooled = roi_pool_children(grid, batch[layout.child_grid_boxes], parent, cfg.shards)
+                terms["roi"] = clip_loss(model.visual.head(pooled).astype(jnp.float32), child_images, scale, filled)
         if text_term in weighted:
-            mean_texts, has_children = _children(_encode_texts(model, batch[layout.child_tokens], cfg), mask)
+            child_texts = _encode_texts(model, batch[layout.child_tokens], cfg)
+            mean_texts = child_means(l2_normalize(child_texts), parent, parents, cfg.shards)
             # Parents are the same pair when their own texts or their children's texts are identical:
             # a row (or column) equal to the positive one cannot be a negative.
-            parents = None if ids is None else same | same_children(batch[layout.child_text_id], mask)
-            terms[text_term] = clip_loss(text, mean_texts, scale, has_children, parents)
+            parents_same = None if ids is None else same | same_children(batch[layout.child_text_id], mask)
+            terms[text_term] = clip_loss(text, mean_texts, scale, has_children, parents_same)
     total = sum(cfg.weight(term) * value for term, value in terms.items())
-    return total, terms
+    return total, terms | counts

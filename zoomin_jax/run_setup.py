@@ -18,11 +18,13 @@ from zoomin_jax.models.clip import abstract_params, nest
 from zoomin_jax.models.config import CLIPConfig, get_preset
 
 
-def run_dims(config, model_cfg) -> Dims:
-    """The batch_layout sizes of the run's batches (what sample_config's examples have)."""
+def run_dims(config, model_cfg, shards: int = 1) -> Dims:
+    """The batch_layout sizes of the run's batches (what sample_config's examples have), split over
+    `shards` devices with config.data.child_slots (effective_recipe) packed child slots per device."""
     data = config.data
-    return Dims.of(model_cfg.vision.image_size, data.max_panels, data.max_regions,
+    dims = Dims.of(model_cfg.vision.image_size, data.max_panels, data.max_regions,
                    model_cfg.embed_dim if data.get("text_cache") else None)
+    return dataclasses.replace(dims, shards=shards, packed=tuple((data.get("child_slots") or {}).items()))
 
 
 @dataclasses.dataclass
@@ -34,6 +36,7 @@ class Setup:
     frozen: dict         # frozen params (sharded, never updated or saved)
     cycle: trainer.Cycle
     steps: dict          # level -> jitted step(state, frozen, batch)
+    dims: Dims           # the steps' batch sizes (run_dims over the mesh)
 
 
 COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
@@ -65,10 +68,12 @@ def attention_of(config, compute_dtype, platform: str | None = None) -> str:
     return name
 
 
-def effective(config, devices=None, items: dict | None = None) -> tuple[object, effective_recipe.Recipe]:
+def effective(config, devices=None, items: dict | None = None,
+              child_counts: dict | None = None) -> tuple[object, effective_recipe.Recipe]:
     """The recipe `config` trains over the mesh it makes of `devices` (default all: every batch is split
-    over the whole mesh), and the copy of `config` that trains it; `items` as effective_recipe.derive."""
-    recipe = effective_recipe.derive(config, sharding.config_mesh(config, devices).devices.size, items)
+    over the whole mesh), and the copy of `config` that trains it; `items` and `child_counts` as
+    effective_recipe.derive."""
+    recipe = effective_recipe.derive(config, sharding.config_mesh(config, devices).devices.size, items, child_counts)
     return effective_recipe.apply(config, recipe), recipe
 
 
@@ -98,7 +103,8 @@ def setup(config, devices=None, abstract: bool = False) -> Setup:
     else:
         state = init(trainable, tx)
     loss_cfg = losses.LossConfig(weights=tuple(config.loss_weights.items()), text_frozen=part.text_frozen,
-                                 frozen_blocks=part.frozen_blocks, remat=config.get("remat", "none"))
+                                 frozen_blocks=part.frozen_blocks, remat=config.get("remat", "none"),
+                                 shards=mesh.devices.size)
     schedule = trainer.lr_schedule(optim)
     cycle = trainer.Cycle(tuple((level, int(steps)) for level, steps in config.cycle))
     compute_dtype = compute_dtype_of(config)
@@ -108,4 +114,4 @@ def setup(config, devices=None, abstract: bool = False) -> Setup:
                                                                    attention),
                                            state)
              for level, _ in cycle.levels}
-    return Setup(mesh, model_cfg, part, state, frozen, cycle, steps)
+    return Setup(mesh, model_cfg, part, state, frozen, cycle, steps, run_dims(config, model_cfg, mesh.devices.size))

@@ -86,9 +86,10 @@ def level_indexes(config, model_cfg) -> dict[str, pipeline.LevelIndex]:
                                   progress=jax.process_index() == 0)
 
 
-def level_iterators(config, model_cfg, indexes: dict, batch_sizes: dict, cache: str | None = None) -> dict:
-    """{level: grain iterator of this process's batches}."""
-    cfg = dataclasses.replace(sample_config(config, model_cfg), text_cache=cache)
+def level_iterators(config, run: run_setup.Setup, indexes: dict, batch_sizes: dict, cache: str | None = None) -> dict:
+    """{level: grain iterator of this process's batches}, children packed for this process's devices
+    as the run's steps take them (run.dims)."""
+    cfg = dataclasses.replace(sample_config(config, run.model_cfg), text_cache=cache)
     process_count = jax.process_count()
     iterators, workers = {}, data_workers(config)
     for level, index in indexes.items():
@@ -98,7 +99,9 @@ def level_iterators(config, model_cfg, indexes: dict, batch_sizes: dict, cache: 
         dataset = pipeline.make_dataset(config.data.records, level, batch_sizes[level] // process_count,
                                         seed=config.seed, cfg=cfg, process_index=jax.process_index(),
                                         process_count=process_count, strict=config.data.strict, num_epochs=None,
-                                        index=index, cached_images=config.data.get("cached_images", 0))
+                                        index=index, cached_images=config.data.get("cached_images", 0),
+                                        pack_children=(len(run.mesh.local_devices),
+                                                       run.dims.slots_per_shard(level, batch_sizes[level])))
         iterators[level] = pipeline.batch_iterator(dataset, num_workers=workers)
     return iterators
 
@@ -210,7 +213,8 @@ def train(config, workdir: str) -> dict:
     sharding.require_platform(config)
     use_compilation_cache(config.get("compilation_cache_dir", ""), workdir)
     indexes = level_indexes(config, get_preset(config.model))
-    config, recipe = run_setup.effective(config, items={level: len(index.rows) for level, index in indexes.items()})
+    config, recipe = run_setup.effective(config, items={level: len(index.rows) for level, index in indexes.items()},
+                                         child_counts={level: index.child_counts for level, index in indexes.items()})
     if jax.process_index() == 0:
         print("\n".join(recipe.lines()), flush=True)
         (workdir / "recipe.json").write_text(json.dumps(recipe.to_json(), indent=1))
@@ -218,7 +222,7 @@ def train(config, workdir: str) -> dict:
     run = run_setup.setup(config)
     mesh, model_cfg, state, frozen, cycle, steps = run.mesh, run.model_cfg, run.state, run.frozen, run.cycle, run.steps
     cache = build_text_cache(config, run, workdir / "text_cache") if config.data.get("text_cache") else None
-    iterators = level_iterators(config, model_cfg, indexes, batch_sizes, cache)
+    iterators = level_iterators(config, run, indexes, batch_sizes, cache)
     skipped_records = next(iter(indexes.values())).skipped_records
     if skipped_records:
         print(f"skipping {skipped_records} records that failed to decode (config.data.strict=True stops instead)",

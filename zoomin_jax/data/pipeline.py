@@ -10,7 +10,9 @@ import grain
 import numpy as np
 from tqdm import tqdm
 
+from zoomin_jax.batch_layout import LAYOUTS
 from zoomin_jax.data import samples, shard_index
+from zoomin_jax.data.packing import PackChildren
 from zoomin_jax.data.source import RecordSource
 from zoomin_jax.errors import UserError
 from zoomin_jax.recipes import LEVELS
@@ -18,9 +20,11 @@ from zoomin_jax.recipes import LEVELS
 
 @dataclasses.dataclass
 class LevelIndex:
-    """Items of one level as (record, item) rows; records that failed to decode are counted."""
+    """Items of one level as (record, item) rows, the children each can hold at most (data.packing
+    sizes child slots from them); records that failed to decode are counted."""
     rows: np.ndarray
     skipped_records: int
+    child_counts: np.ndarray
 
 
 def build_indexes(source: RecordSource, levels, cfg: samples.SampleConfig,
@@ -30,14 +34,16 @@ def build_indexes(source: RecordSource, levels, cfg: samples.SampleConfig,
     for level in levels:
         if level not in LEVELS:
             raise ValueError(f"level must be one of {LEVELS}, not {level!r}")
-    rows, skipped = {level: [] for level in levels}, 0
+    rows, counts, skipped = {level: [] for level in levels}, {level: [] for level in levels}, 0
     for shard in tqdm(range(len(source.paths)), desc="level indexes", unit="shard", mininterval=10,
                       disable=not progress):
         items, failed = shard_index.shard_items(source, shard)
         skipped += failed
         for level in levels:
-            rows[level].append(shard_index.level_rows(items, level, cfg))
-    return {level: LevelIndex(np.concatenate(rows[level]), skipped) for level in levels}
+            level_rows, child_counts = shard_index.level_rows(items, level, cfg)
+            rows[level].append(level_rows)
+            counts[level].append(child_counts)
+    return {level: LevelIndex(np.concatenate(rows[level]), skipped, np.concatenate(counts[level])) for level in levels}
 
 
 def build_index(source: RecordSource, level: str, cfg: samples.SampleConfig) -> LevelIndex:
@@ -92,10 +98,12 @@ def _global_rows(index: LevelIndex, seed: int, shuffle: bool, num_epochs: int | 
 def make_dataset(patterns, level: str, batch_size: int, *, seed: int = 0, cfg=samples.SampleConfig(),
                  process_index: int = 0, process_count: int = 1, shuffle: bool = True, strict: bool = False,
                  num_epochs: int | None = 1, index: LevelIndex | None = None, drop_remainder: bool = True,
-                 cached_images: int = 0) -> grain.MapDataset:
+                 cached_images: int = 0, pack_children: tuple[int, int] | None = None) -> grain.MapDataset:
     """Batches of this process's slice of one level, for `num_epochs` epochs (None: forever;
     evaluation keeps the last, smaller batch: drop_remainder=False). Global batch k holds the same
-    examples, crops and text draws whatever the process count."""
+    examples, crops and text draws whatever the process count. `pack_children`: (this process's devices,
+    child slots per device): children packed as a training step takes them (data.packing); without
+    it, in their slots per example."""
     source = RecordSource(patterns, strict=strict)
     index = index or build_index(source, level, cfg)
     if len(index.rows) == 0:
@@ -106,7 +114,10 @@ def make_dataset(patterns, level: str, batch_size: int, *, seed: int = 0, cfg=sa
     # run's augmentation would change with its process count.
     examples = _global_rows(index, seed, shuffle, num_epochs).random_map(
         _Example(source, level, cfg, cached_images), seed=seed + 1)
-    return examples[process_index::process_count].batch(batch_size, drop_remainder=drop_remainder)
+    batches = examples[process_index::process_count].batch(batch_size, drop_remainder=drop_remainder)
+    if pack_children is None or LAYOUTS[level].child is None:
+        return batches
+    return batches.map(PackChildren(level, *pack_children))
 
 
 def batch_iterator(dataset: grain.MapDataset, num_workers: int = 0, prefetch: int = 2,

@@ -76,25 +76,30 @@ def _rows(records_of: np.ndarray, items: np.ndarray, kept: np.ndarray) -> np.nda
     return np.stack([records_of[kept], items[kept]], axis=1)
 
 
-def level_rows(items: ShardItems, level: str, cfg: SampleConfig) -> np.ndarray:
+def level_rows(items: ShardItems, level: str, cfg: SampleConfig) -> tuple[np.ndarray, np.ndarray]:
     """[n, 2] (record, item) rows of one level: every figure (item -1: figures without panels still
     feed the figure level), the panels samples.keeps_panel keeps, and the regions of kept panels
-    with sides of at least cfg.min_box_side (those samples.kept_regions gives a panel example)."""
-    if level == "figure":
-        return _rows(items.positions, np.full(len(items.positions), -1), np.ones(len(items.positions), bool))
+    with sides of at least cfg.min_box_side (those samples.kept_regions gives a panel example); and
+    [n] the children each row's example can hold at most (kept panels of a figure, kept regions of a
+    panel; 0 for a region), which data.packing sizes the child slots from."""
     panel_record = np.repeat(np.arange(len(items.panels)), items.panels)
     first_panel = np.cumsum(items.panels) - items.panels
     dropped = [records.PANEL_KINDS.index(kind) for kind in cfg.drop_panel_kinds if kind in records.PANEL_KINDS]
     panel_kept = ~np.isin(items.panel_kinds, dropped) & (items.panel_sides >= cfg.min_box_side)
-    if level == "panel":
-        return _rows(items.positions[panel_record], np.arange(len(panel_record)) - first_panel[panel_record],
-                     panel_kept)
     region_record = np.repeat(np.arange(len(items.regions)), items.regions)
     first_region = np.cumsum(items.regions) - items.regions
-    region_kept = (panel_kept[first_panel[region_record] + items.region_panels]
-                   & (items.region_sides >= cfg.min_box_side))
-    return _rows(items.positions[region_record], np.arange(len(region_record)) - first_region[region_record],
-                 region_kept)
+    region_panel = first_panel[region_record] + items.region_panels
+    region_kept = panel_kept[region_panel] & (items.region_sides >= cfg.min_box_side)
+    if level == "figure":
+        every = np.ones(len(items.positions), bool)
+        kept_panels = np.bincount(panel_record[panel_kept], minlength=len(items.panels))
+        return _rows(items.positions, np.full(len(items.positions), -1), every), kept_panels
+    if level == "panel":
+        kept_regions = np.bincount(region_panel[region_kept], minlength=len(panel_record))
+        return (_rows(items.positions[panel_record], np.arange(len(panel_record)) - first_panel[panel_record],
+                      panel_kept), kept_regions[panel_kept])
+    return (_rows(items.positions[region_record], np.arange(len(region_record)) - first_region[region_record],
+                  region_kept), np.zeros(int(region_kept.sum()), np.int64))
 
 
 def build(patterns) -> None:
