@@ -75,19 +75,32 @@ def by_shard(x, shards: int):
     return x.reshape(shards, x.shape[0] // shards, *x.shape[1:])
 
 
+def membership(parent, parents: int, shards: int):
+    """[K] packed children's parents (position in their shard's run of parents, -1: empty slot) ->
+    [shards, K / shards, parents / shards] one-hot. Children reach their parents by matmuls batched
+    over the shard axis, which the batch's sharding splits: each device works on its own parents and
+    children only (no scatter or gather whose indices XLA would have to resolve across devices)."""
+    return (by_shard(parent, shards)[..., None] == jnp.arange(parents // shards)).astype(jnp.float32)
+
+
 def child_means(children, parent, parents: int, shards: int):
-    """Mean of each parent's packed children: [K, D] children, [K] parent (its position in its
-    shard's run of `parents / shards` parents; -1 for an empty slot) -> [parents, D] (zeros where a
-    parent has none). Every shard sums its own children: nothing crosses devices."""
-    per_shard = parents // shards
+    """Mean of each parent's packed children: [K, D] children, [K] parent (as `membership`) ->
+    [parents, D] (zeros where a parent has none)."""
+    member = membership(parent, parents, shards)
+    sums = jnp.einsum("skb,skd->sbd", member, by_shard(children.astype(jnp.float32), shards))
+    return (sums / jnp.maximum(member.sum(axis=1), 1.0)[..., None]).reshape(parents, -1)
 
-    def means(children, parent):
-        segment = jnp.where(parent >= 0, parent, per_shard)  # empty slots into one extra segment, cut
-        sums = jax.ops.segment_sum(children, segment, per_shard + 1)[:-1]
-        counts = jax.ops.segment_sum(jnp.ones_like(parent, children.dtype), segment, per_shard + 1)[:-1]
-        return sums / jnp.maximum(counts, 1.0)[:, None]
 
-    return jax.vmap(means)(by_shard(children, shards), by_shard(parent, shards)).reshape(parents, -1)
+def _cover(boxes, cells: int):
+    """Each box's covered length of every token column and row ([..., g] twice) and its area."""
+    edges = jnp.arange(cells, dtype=jnp.float32)
+
+    def along(lo, hi):
+        return jnp.clip(jnp.minimum(hi[..., None], edges + 1) - jnp.maximum(lo[..., None], edges), 0.0, 1.0)
+
+    wx, wy = along(boxes[..., 0], boxes[..., 2]), along(boxes[..., 1], boxes[..., 3])
+    area = wx.sum(-1) * wy.sum(-1)
+    return wx, wy, jnp.where(area > 0, area, 1.0)
 
 
 def roi_pool(grid, boxes):
@@ -102,25 +115,18 @@ def roi_pool(grid, boxes):
     where adaptive sampling's ceil(box) x ceil(box) points per box would, under jit's static shapes,
     have to be padded to g x g bilinear gathers for every box. Where box edges lie on token edges the
     two agree (torchvision's roi_align with aligned=True then samples exactly the token centres)."""
-    cells = jnp.arange(grid.shape[-2], dtype=jnp.float32)
-
-    def cover(lo, hi):  # [...] edges -> [..., g]: the length of each token row/column inside the box
-        return jnp.clip(jnp.minimum(hi[..., None], cells + 1) - jnp.maximum(lo[..., None], cells), 0.0, 1.0)
-
-    wx, wy = cover(boxes[..., 0], boxes[..., 2]), cover(boxes[..., 1], boxes[..., 3])
-    area = wx.sum(-1) * wy.sum(-1)
-    pooled = jnp.einsum("...y,...x,...yxw->...w", wy, wx, grid.astype(jnp.float32))
-    return pooled / jnp.where(area > 0, area, 1.0)[..., None]
+    wx, wy, area = _cover(boxes, grid.shape[-2])
+    return jnp.einsum("...y,...x,...yxw->...w", wy, wx, grid.astype(jnp.float32)) / area[..., None]
 
 
 def roi_pool_children(grid, boxes, parent, shards: int):
-    """roi_pool of each packed child's box over its parent's grid: [B, g, g, W], [K, 4], [K] -> [K, W],
-    each shard gathering its own parents' grids."""
-    def pool(grid, boxes, parent):
-        return roi_pool(grid[jnp.maximum(parent, 0)], boxes)
-
-    return jax.vmap(pool)(by_shard(grid, shards), by_shard(boxes, shards), by_shard(parent, shards)).reshape(
-        boxes.shape[0], -1)
+    """roi_pool of each packed child's box over its parent's grid: [B, g, g, W], [K, 4], [K] (as
+    `membership`) -> [K, W]."""
+    wx, wy, area = _cover(boxes, grid.shape[1])
+    weights = jnp.einsum("skb,sky,skx->skbyx", membership(parent, grid.shape[0], shards), by_shard(wy, shards),
+                         by_shard(wx, shards))
+    pooled = jnp.einsum("skbyx,sbyxw->skw", weights, by_shard(grid.astype(jnp.float32), shards))
+    return pooled.reshape(boxes.shape[0], -1) / area[:, None]
 
 
 @dataclasses.dataclass(frozen=True)
