@@ -119,3 +119,14 @@ def test_the_step_time_estimate_says_its_source():
 def test_an_unknown_target_is_refused_naming_the_known_ones(capsys):
     assert aot.main(small_demo(), "v9-1", None, 0.10) == 1
     assert "unknown target 'v9-1'; known: v5e-8, v5e-16, v5e-64" in capsys.readouterr().err
+
+
+def test_v4_and_v5p_targets_are_one_device_per_chip_as_jax_runs_them():
+    """libtpu lists a v4's TensorCores by default, which jax.make_mesh refuses ("requires one device
+    per chip"); described as megacore, a v4-8 is 4 devices of 32 GiB and a v5p-128 64 of 95 GiB."""
+    from zoomin_jax import sharding
+    for name, count, hbm_gib in (("v4-8", 4, 32), ("v5p-128", 64, 95)):
+        target = targets.get(name)
+        devices = target.devices()
+        assert len(devices) == count and target.hbm_bytes == hbm_gib * 2 ** 30
+        assert sharding.make_mesh((("data", -1), ("fsdp", 1)), devices).devices.size == count

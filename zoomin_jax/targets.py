@@ -5,9 +5,9 @@ on its CPU backend (JAX_PLATFORMS=cpu): the devices are described, never started
 
 Per device: HBM, and the peaks a roofline reads (dense bf16 matmul FLOP/s, HBM bytes/s; at JAX's
 default precision TPUs run float32 matmuls as bf16 passes and H100s as TF32, so the bf16 peak is the
-one a float32 step is held to as well). A v4 chip is two devices here: libtpu's topology description
-lists each TensorCore (a v4-128 is 64 chips, 128 devices), where a real v4 runs them as one
-"megacore" device; each device gets half a chip's HBM and peaks.
+one a float32 step is held to as well). v4 and v5p chips are described as JAX runs them, one
+"megacore" device per chip (a v4-128 is 64 chips, 64 devices), as MaxText's train_compile does; by
+default libtpu lists each TensorCore, which jax.make_mesh refuses for TPUs after v3.
 """
 from __future__ import annotations
 
@@ -29,15 +29,15 @@ class Target:
     peak_flops: float      # per device, dense bf16
     hbm_bandwidth: float   # per device, bytes/s
     chip: str
+    chip_config: str = "default"   # libtpu's chip configuration ("megacore": one device per chip)
 
     def devices(self) -> list:
         """The target's devices as XLA describes them (nothing is started)."""
-        return _topology(self.platform, self.topology).devices
+        return _topology(self.platform, self.topology, self.chip_config).devices
 
 
-def _tpu(name, topology, chip, hbm_gib, tflops, gbps, cores_per_chip=1):
-    return Target(name, "tpu", topology, hbm_gib * GiB // cores_per_chip, tflops * 1e12 / cores_per_chip,
-                  gbps * 1e9 / cores_per_chip, chip)
+def _tpu(name, topology, chip, hbm_gib, tflops, gbps, chip_config="default"):
+    return Target(name, "tpu", topology, hbm_gib * GiB, tflops * 1e12, gbps * 1e9, chip, chip_config)
 
 
 def _h100(name, topology):
@@ -51,9 +51,9 @@ TARGETS = {target.name: target for target in (
     _tpu("v5e-16", "v5e:4x4", "TPU v5e", 16, 197, 819),
     _tpu("v5e-64", "v5e:8x8", "TPU v5e", 16, 197, 819),
     _tpu("v5e-256", "v5e:16x16", "TPU v5e", 16, 197, 819),
-    _tpu("v4-8", "v4:2x2x1", "TPU v4 (one TensorCore)", 32, 275, 1200, cores_per_chip=2),
-    _tpu("v4-128", "v4:4x4x4", "TPU v4 (one TensorCore)", 32, 275, 1200, cores_per_chip=2),
-    _tpu("v5p-128", "v5p:4x4x4", "TPU v5p", 95, 459, 2765),
+    _tpu("v4-8", "v4:2x2x1", "TPU v4", 32, 275, 1200, "megacore"),
+    _tpu("v4-128", "v4:4x4x4", "TPU v4", 32, 275, 1200, "megacore"),
+    _tpu("v5p-128", "v5p:4x4x4", "TPU v5p", 95, 459, 2765, "megacore"),
     _h100("h100x2", "1x1x2"),
     _h100("h100x8", "1x1x8"),
     _h100("h100x32", "1x4x8"),
@@ -67,11 +67,11 @@ def get(name: str) -> Target:
 
 
 @functools.cache
-def _topology(platform: str, topology: str):
+def _topology(platform: str, topology: str, chip_config: str = "default"):
     from jax.experimental import topologies
     try:
         if platform == "tpu":
-            return topologies.get_topology_desc(topology_name=topology, platform="tpu")
+            return topologies.get_topology_desc(topology_name=topology, platform="tpu", chip_config_name=chip_config)
         config = resources.files("zoomin_jax").joinpath("assets/h100_sxm.txtpb").read_text()
         return topologies.get_topology_desc("zoomin", "cuda", target_config=config, topology=topology)
     except Exception as err:  # the plugin's own errors: not installed, or a topology it does not know
