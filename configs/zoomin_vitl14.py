@@ -6,6 +6,10 @@ init: BMC-CLIP converted with `python -m zoomin_jax.convert import --model ViT-L
 init, for smoke tests only). variant: zoomin (default) or figure_only, panel_only, region_only, joint.
 eval_records: held-out records for retrieval at the three levels; zeroshot_data_dir: the TFDS data
 dir of the MedMNIST builders (breastmnist, pneumoniamnist) for zero-shot; both every 5000 steps.
+hardware: a preset for v5e, v4, v5p or h100 (HARDWARE below), chosen with the compile check
+(python -m zoomin_jax.aot; README "Before you launch"): bfloat16 compute and 40 examples per device,
+so a slice trains a global batch of 40 x its devices instead of the paper's 320, with the lr scaled
+by config.lr_scaling and the warm-up kept as its share of the run (effective_recipe).
 Only the last 5 vision blocks, ln_post, proj and logit_scale train; the text tower is frozen, so
 each text is embedded once before training (workdir/text_cache), and the frozen blocks run without
 a backward pass. Text-side message passing is still computed: logit_scale trains on it (losses.py).
@@ -17,8 +21,22 @@ from zoomin_jax.recipes import apply_variant, parse_config_arg
 
 
 
+# Per hardware: compute dtype, attention, remat and examples per device, each compiled for its target
+# with at least 10% of HBM free (README "Before you launch" has the numbers). Matmul precision is
+# JAX's default everywhere: with bf16 compute, bf16 matmuls accumulating in float32.
+HARDWARE = {
+    "v5e": dict(compute_dtype="bfloat16", attention="xla", remat="none", per_device_batch=40),
+    "v4": dict(compute_dtype="bfloat16", attention="xla", remat="none", per_device_batch=40),
+    "v5p": dict(compute_dtype="bfloat16", attention="xla", remat="none", per_device_batch=40),
+    # Not cuDNN's fused attention: in jax 0.10.2 it refuses ViT-L-14's 257 tokens ("Unsupported
+    # sequence length Q 257, KV 257").
+    "h100": dict(compute_dtype="bfloat16", attention="xla", remat="none", per_device_batch=40),
+}
+
+
 def get_config(arg=None):
-    args = parse_config_arg(arg, init="", records="", variant="zoomin", eval_records="", zeroshot_data_dir="")
+    args = parse_config_arg(arg, init="", records="", variant="zoomin", eval_records="", zeroshot_data_dir="",
+                            hardware="")
     config = ml_collections.ConfigDict()
     config.model = "ViT-L-14"
     # A placeholder, not None, so that --config.model_init=DIR can set it.
@@ -31,13 +49,15 @@ def get_config(arg=None):
     config.dcn_mesh = ()
     # Rematerialise the trainable vision blocks in the backward pass: "none", "dots" (keep matmul outputs,
     # redo the rest) or "full" (keep nothing) where memory is short. Measured, not estimated
-    # (python -m zoomin_jax.aot, README "Before you launch"): at 40 per device with "none", a figure step
-    # needs 14.5 GiB of a v5e's 16 and the panel step 14.8.
+    # (python -m zoomin_jax.aot, README "Before you launch"): at 40 per v5e chip with "none", float32
+    # and padded children needed 14.5 GiB of 16 (figure) and 14.9 (panel); the v5e preset (bfloat16,
+    # packed panels) 9.05 and 10.5.
     config.remat = "none"
     # "bfloat16" on GPU/TPU: bf16 matmuls and activations from float32 params and optimizer state.
     # "float32" gives open_clip's numbers on CPU only: at JAX's default matmul precision TPUs run float32
     # matmuls as bf16 passes and GPUs as TF32. "cudnn" attention is cuDNN's fused kernel (GPU with bf16
-    # only); scan_layers compiles one block per run of blocks instead of 24 (see README, Performance).
+    # only; jax 0.10.2's refuses ViT-L-14's 257 tokens); scan_layers compiles one block per run of
+    # blocks instead of 24 (see README, Performance).
     config.compute_dtype = "float32"
     config.attention = "xla"
     config.scan_layers = False
@@ -51,6 +71,7 @@ def get_config(arg=None):
     # (zoomin_jax.effective_recipe): 40 on 8 devices, 5 on 64. A slice it does not divide needs
     # batch_rounding="nearest", which scales the lr by lr_scaling's rule.
     config.batch_rounding = "none"
+    config.per_device_batch = config_dict.placeholder(int)  # set: that many per device, the global batch follows
     config.lr_scaling = "sqrt"
     config.data = dict(records=args["records"], batch_size=dict(figure=320, panel=320, region=320),
                        workers=-1,  # grain workers per level from the host's cores (see train.data_workers)
@@ -84,6 +105,10 @@ def get_config(arg=None):
     # JAX's persistent compilation cache in the workdir: a restart (Spot preemption, SLURM requeue)
     # loads the compiled ViT-L-14 steps instead of compiling them again (minutes each on 8 host cores).
     config.compilation_cache_dir = "workdir"
+    if args["hardware"]:
+        if args["hardware"] not in HARDWARE:
+            raise ValueError(f"config argument hardware={args['hardware']!r}: expected one of {', '.join(HARDWARE)}")
+        config.update(HARDWARE[args["hardware"]])
     config.log_every = 50
     config.checkpoint_every = 1000
     config.keep_checkpoints = 3

@@ -92,3 +92,19 @@ def test_child_slots_are_stated_or_sized_from_the_child_counts_or_padded():
     assert effective_recipe.derive(config, 8, ITEMS, counts).child_slots["figure"] == 70
     assert effective_recipe.derive(paper_config(), 64, ITEMS).child_slots == {"figure": 30, "panel": 20}
     assert dict(effective_recipe.apply(paper_config(), on_8).data.child_slots) == {"figure": 65, "panel": 1}
+
+
+def test_a_hardware_preset_trains_40_per_device_with_the_lr_scaled_from_the_papers_batch():
+    v5e = effective_recipe.derive(paper_config("hardware=v5e"), 64, ITEMS)
+    assert v5e.batch == {level: 2560 for level in ITEMS} and v5e.per_device("panel") == 40
+    assert v5e.lr == pytest.approx(1e-5 * math.sqrt(8)) and v5e.warmup_steps == 125  # 1,000 x 8,220 / 65,640
+    assert v5e.total_steps == 20 * 137 * 3  # 350k figures are 137 batches of 2,560
+    assert "lr 2.828e-05 (stated 1e-05, batches by per_device_batch=40)" in v5e.lines()[0]
+    assert "figure: global batch 2560 (stated 320), 40 per device" in v5e.lines()[1]
+    assert effective_recipe.derive(paper_config("hardware=v4"), 32, ITEMS).batch["figure"] == 1280  # a v4-64
+    h100 = paper_config("hardware=h100")
+    assert (h100.compute_dtype, h100.attention, h100.per_device_batch) == ("bfloat16", "xla", 40)
+    on_8 = effective_recipe.derive(h100, 8, ITEMS)
+    assert on_8.batch["figure"] == 320 and on_8.lr == 1e-5 and on_8.warmup_steps == 1000  # the paper's
+    with pytest.raises(ValueError, match="expected one of v5e, v4, v5p, h100"):
+        paper_config("hardware=a100")

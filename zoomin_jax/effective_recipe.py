@@ -4,7 +4,8 @@ from it, lr, warm-up, steps, and the passes each level makes over its items (DES
 The global batch is the recipe (the paper: 320 per level), so a run on 8 GPUs and on a 64-chip
 slice trains the same one. Where a global batch does not divide the devices, config.batch_rounding
 says what to do: "none" (the default) refuses; "nearest" trains the nearest multiple of the device
-count instead, with the lr scaled by config.lr_scaling ("sqrt": lr x sqrt(new / stated), the square-root
+count instead. config.per_device_batch (the hardware presets) trains that many per device instead.
+Either way the lr is scaled by config.lr_scaling ("sqrt": lr x sqrt(new / stated), the square-root
 rule for Adam-type optimisers; "linear"; "none") and, when the run's length is derived from epochs,
 the warm-up is kept as the share of the run it is at the stated batch. Contrastive
 negatives stay global within a step: there is no gradient accumulation (CLIP's loss over
@@ -162,8 +163,12 @@ def derive(config, devices: int, items: dict[str, int] | None = None,
     scaling = config.get("lr_scaling", "sqrt")
     if scaling not in LR_SCALING:
         raise UserError(f"config.lr_scaling={scaling!r} is not one of {', '.join(LR_SCALING)}")
-    batch = {level: _round(size, devices, rounding, level) for level, size in stated.items()}
-    rounding = f"batch_rounding={rounding}"
+    per_device = config.get("per_device_batch")
+    if per_device:
+        batch, rounding = {level: int(per_device) * devices for level in stated}, f"per_device_batch={per_device}"
+    else:
+        batch = {level: _round(size, devices, rounding, level) for level, size in stated.items()}
+        rounding = f"batch_rounding={rounding}"
     ratio = sum(batch.values()) / sum(stated.values())
     stated_lr, warmup = float(config.optim["lr"]), int(config.optim.get("warmup_steps", 0))
     total = config.get("total_steps")
