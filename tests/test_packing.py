@@ -64,19 +64,21 @@ def test_two_shards_pack_their_own_parents_with_room_to_spare():
 
 
 MODEL = get_preset("test-tiny")
-RULES = (("visual/transformer/resblocks/1/.*", 1.0), ("visual/(ln_post|proj)(/.*)?", 1.0),
-         ("text_projection", 0.5), ("logit_scale", 1.0), (".*", None))
+RULES = (("visual/transformer/resblocks/1/.*", 1.0), ("visual/(ln_post|proj)(/.*)?", 1.0), ("logit_scale", 1.0),
+         (".*", None))
 
 
 @pytest.mark.parametrize("level", ["figure", "panel"])
 def test_packed_children_give_the_padded_losses_and_gradients(level):
-    """8 examples in 2 shards with 3 child slots each (random_batch's children: one childless
+    """8 examples in 2 shards with 3 child slots each (random_examples' children: one childless
     parent, the rest ~70% filled), packed into every slot (24 per shard: today's padded compute) and
     into the fewest slots that hold them: the same terms and gradients to 1e-5."""
     params = nnx.to_pure_dict(nnx.state(CLIP(MODEL, rngs=nnx.Rngs(0)), nnx.Param))
     part = trainer.partition(params, RULES)
     trainable, frozen = trainer.split(params, part)
-    examples = random_examples(level, np.random.default_rng(3), 8, Dims.of(32, max_panels=3, max_regions=3))
+    # Cached text embeddings, as the paper's recipe trains: no text tower to compile.
+    dims = Dims.of(32, max_panels=3, max_regions=3, text_embedding=MODEL.embed_dim)
+    examples = random_examples(level, np.random.default_rng(3), 8, dims)
     child = LAYOUTS[level].child
     tight = int(examples[f"{child}_mask"].reshape(2, -1).sum(axis=1).max())  # the fuller shard's children
     assert tight < 12

@@ -36,6 +36,8 @@ def pack(batch: dict, level: str, shards: int, slots: int) -> dict:
     layout = LAYOUTS[level]
     mask = batch[layout.child_mask]
     examples = mask.shape[0]
+    if examples % shards:
+        raise ValueError(f"a batch of {examples} examples does not split into {shards} equal runs")
     per_shard = examples // shards
     rank = np.cumsum(mask, axis=1) - 1                    # each child's position among its parent's
     parent_of, slot_of = np.nonzero(mask)
