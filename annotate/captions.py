@@ -628,6 +628,21 @@ def _label_style(labels: frozenset[str]) -> tuple[bool, bool]:
     return case_matters, roman
 
 
+def panel_label(label: str) -> str | None:
+    """The panel label `label` reads as when it is label-shaped (clean_label of a letter, a letter
+    and one or two digits, one or two digits, a roman numeral, or position words such as "top left"),
+    "" when it is empty, else None: "(B)" -> "B", "panel iii" -> "iii", "top left" -> "topleft",
+    "scale bar" -> None."""
+    if not (label or "").strip():
+        return ""
+    words = re.sub(r"^\s*panels?\s+|\s+(?:panels?|rows?|columns?|images?)\s*$", "",
+                   unicodedata.normalize("NFKC", label), flags=re.IGNORECASE).split()
+    cleaned = clean_label(label)
+    positions = bool(words) and all(word.strip("().,:").casefold() in _POSITIONS for word in words)
+    shaped = re.fullmatch(r"[A-Za-z](?:\d{1,2})?|\d{1,2}", cleaned) or _roman_value(cleaned)
+    return cleaned if cleaned and (shaped or positions) else None
+
+
 def label_key(label: str, among: Iterable[str] = ()) -> str:
     """What a panel label identifies, however it is written, in the style of `among` (the caption's
     labels): "(A)", "a.", "Panel A" and "a" are one panel unless the caption has both "A" and "a";

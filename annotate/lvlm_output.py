@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import unicodedata
 
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
@@ -28,15 +29,19 @@ class Parsed:
 
 
 def _json_objects(text: str) -> tuple[list, bool]:
-    """JSON objects in `text`: the whole list when it parses, else every complete {...} in it."""
+    """(JSON values in `text`, whether they were salvaged): the whole list when the answer is one
+    that parses, the object when it is one object, else every complete {...} in it."""
     fenced = _FENCE.search(text)
     body = fenced.group(1) if fenced else text
-    start = body.find("[")
+    listed = _answer_list(body)
+    if listed is not None:
+        return listed, False
+    start = body.find("{")
     if start >= 0:
         try:
-            value, _ = json.JSONDecoder().raw_decode(body[start:])
-            if isinstance(value, list):
-                return value, False
+            value, end = json.JSONDecoder().raw_decode(body[start:])
+            if "{" not in body[start + end:]:
+                return [value], False
         except json.JSONDecodeError:
             pass
     return _complete_objects(body), True
@@ -70,11 +75,51 @@ def parse_boxes(text: str, original_size: tuple[int, int], seen_size: tuple[int,
                   + parsed.problems)
 
 
+# A marker's kind by the words (or glyphs) of its label: "white arrows", "arrow 1", "*" -> arrow,
+# arrow, asterisk. A drawn box usually outlines the area an inset enlarges.
+_MARKER_WORDS = {"arrow": "arrow", "arrowhead": "arrowhead", "asterisk": "asterisk", "star": "asterisk",
+                 "circle": "circle", "inset": "inset", "box": "inset", "rectangle": "inset", "letter": "letter"}
+_MARKER_GLYPHS = {"*": "asterisk", "★": "asterisk", "☆": "asterisk", "✱": "asterisk", "→": "arrow", "←": "arrow",
+                  "↑": "arrow", "↓": "arrow", "➔": "arrow", "➜": "arrow", "▶": "arrowhead", "►": "arrowhead",
+                  "▲": "arrowhead", "◀": "arrowhead", "▼": "arrowhead"}
+
+
+def marker_kind(label: str) -> str | None:
+    """The records.MARKER_KINDS kind a label names by any of its words (singular or plural) or glyphs,
+    or None: "red circles" -> circle, "arrowhead 2" -> arrowhead, "→" -> arrow, "A" -> None."""
+    for token in re.findall(r"[^\W\d_]+|[^\w\s]", unicodedata.normalize("NFKC", label or "").casefold()):
+        if token in _MARKER_GLYPHS:
+            return _MARKER_GLYPHS[token]
+        for word in (token, token.removesuffix("s"), token.removesuffix("es")):
+            if word in _MARKER_WORDS:
+                return _MARKER_WORDS[word]
+    return None
+
+
+def _holds_objects(value) -> bool:
+    return isinstance(value, dict) or (isinstance(value, list) and any(isinstance(e, dict) for e in value))
+
+
+def box_objects(value, group: str = "") -> list[tuple[dict, str]]:
+    """Every object holding a box in a parsed answer, with the key of the list it came from ("" at the
+    top): a list of boxes, one box object, or an object of lists ({"panels": [...], "markers": [...]})."""
+    if isinstance(value, list):
+        return [found for element in value for found in box_objects(element, group)]
+    if not isinstance(value, dict):
+        return [(value, group)]
+    if any(k in value for k in _BOX_KEYS):
+        return [(value, group)]
+    nested = [(key, inner) for key, inner in value.items() if _holds_objects(inner)]
+    return [found for key, inner in nested for found in box_objects(inner, key)] or [(value, group)]
+
+
 def _boxes(objects: list, original_size: tuple[int, int], seen_size: tuple[int, int]) -> Parsed:
+    """Items {"box", "label", "group"} of every box object in `objects` (see box_objects); a box given
+    again with the same label (a decoding loop) is kept once."""
     height, width = original_size
     seen_h, seen_w = seen_size
-    items, problems = [], []
-    for obj in objects:
+    items, problems, seen, repeated = [], [], set(), 0
+    for obj, group in box_objects(objects):
         if not isinstance(obj, dict):
             problems.append(f"not an object: {str(obj)[:40]}")
             continue
@@ -91,9 +136,13 @@ def _boxes(objects: list, original_size: tuple[int, int], seen_size: tuple[int, 
             continue
         if clipped != [float(v) for v in scaled]:
             problems.append(f"box {box} clipped to the image")
-        label = next((obj[k] for k in _LABEL_KEYS if k in obj), "")
-        items.append({"box": clipped, "label": str(label).strip()})
-    return Parsed(items, problems)
+        label = str(next((obj[k] for k in _LABEL_KEYS if k in obj), "")).strip()
+        if (key := (tuple(clipped), label)) in seen:
+            repeated += 1
+            continue
+        seen.add(key)
+        items.append({"box": clipped, "label": label, "group": group})
+    return Parsed(items, problems + ([f"{repeated} repeated boxes dropped"] if repeated else []))
 
 
 _DESCRIPTION = re.compile(r'"description"\s*:\s*"((?:[^"\\]|\\.)*)', re.DOTALL)
@@ -115,6 +164,18 @@ def _answer_object(text: str) -> tuple[dict | None, str, int]:
     return None, body, start
 
 
+def _answer_list(body: str) -> list | None:
+    """The answer's JSON list when it opens with one (before any "{") and parses whole."""
+    start, brace = body.find("["), body.find("{")
+    if start < 0 or 0 <= brace < start:
+        return None
+    try:
+        value, _ = json.JSONDecoder().raw_decode(body[start:])
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, list) else None
+
+
 def _description_so_far(body: str) -> str:
     """The description a cut-off (or malformed) answer began."""
     found = _DESCRIPTION.search(body)
@@ -130,10 +191,15 @@ def parse_panel_answer(text: str, original_size: tuple[int, int], seen_size: tup
     description read so far and the complete boxes; with no JSON at all, the answer is the description."""
     text = text or ""
     whole, body, start = _answer_object(text)
-    if whole is not None and not any(k in whole for k in _BOX_KEYS):
+    listed = _answer_list(body)
+    if listed is not None or (whole is not None and any(k in whole for k in _BOX_KEYS)):
+        # Qwen2.5-VL's trained grounding form, a list of boxes (or one box), without the description.
+        parsed = _boxes(listed if listed is not None else [whole], original_size, seen_size)
+        return "", Parsed(parsed.items, ["boxes without a description"] + parsed.problems)
+    if whole is not None:
         description = whole.get("description")
-        boxes = whole.get("boxes", [])
-        parsed = _boxes(boxes if isinstance(boxes, list) else [boxes], original_size, seen_size)
+        rest = {key: value for key, value in whole.items() if key != "description" and _holds_objects(value)}
+        parsed = _boxes([rest] if rest else [], original_size, seen_size)
         if not isinstance(description, str):
             parsed.problems.insert(0, "no description in answer")
         return (description if isinstance(description, str) else ""), parsed

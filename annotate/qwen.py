@@ -40,19 +40,19 @@ import dataclasses
 from PIL import Image
 
 from annotate import prompts
-from annotate.captions import (caption_label, clean_label, groundable_clauses, label_key, split_caption,
+from annotate.captions import (caption_label, groundable_clauses, label_key, panel_label, split_caption,
                                split_from_answer, with_context)
 from annotate.config import AnnotateConfig
 from annotate.engines import Answer, Engine, Request
-from annotate.lvlm_output import (Parsed, parse_boxes, parse_caption_split, parse_panel_answer, parse_region_answer,
-                                  resized_size)
+from annotate.lvlm_output import (Parsed, marker_kind, parse_boxes, parse_caption_split, parse_panel_answer,
+                                  parse_region_answer, resized_size)
 from annotate.pipeline import Proposal
 from annotate.regions import fuse_regions, non_max_suppression
 
-# What a marker's label may say, and the kind it is recorded as; any other label names a panel.
-_MARKER_KINDS = {"arrow": "arrow", "arrows": "arrow", "arrowhead": "arrowhead", "arrowheads": "arrowhead",
-                 "asterisk": "asterisk", "asterisks": "asterisk", "star": "asterisk", "circle": "circle",
-                 "circles": "circle", "letter": "letter", "inset": "inset", "insets": "inset"}
+# The smallest panel, as shares of the figure's shorter side and of its area: a box under either is a
+# marker or a label the model mislabelled, not a panel (a 5 x 6 grid's panels are ~1/6 of a side).
+_MIN_PANEL_SIDE = 0.05
+_MIN_PANEL_AREA = 0.005
 # An answer cut at its budget is asked again once with this many times the budget (capped by
 # `AnnotateConfig.max_retry_tokens`); only cut answers pay for it.
 _RETRY_FACTOR = 4
@@ -61,6 +61,34 @@ _DESCRIPTION_CHARS = 300
 # Qwen2.5-VL's smallest input side: a panel crop thinner than this is not asked about, and a region
 # crop thinner than this is grown to it about its centre.
 _MIN_CROP_SIDE = 28
+
+
+def read_figure_items(items: list[dict], size: tuple[int, int], caption_labels: list[str]
+                      ) -> tuple[list[dict], list[dict], list[str]]:
+    """(panels {"box", "label", "key"}, markers {"box", "kind"}, what was dropped) from the boxes of a
+    FIGURE answer (lvlm_output items) on an image of `size` (width, height). A label naming a marker
+    kind by a word or glyph is a marker (so is any box of a "markers" list); a label-shaped one
+    (captions.panel_label) names a panel, spelled as the caption spells it; anything else ("scale
+    bar"), and a panel box under the minimum size, is dropped and said."""
+    width, height = size
+    panels, markers, dropped = [], [], []
+    for item in items:
+        kind = marker_kind(item["label"]) or ("none" if "marker" in item.get("group", "").casefold() else None)
+        if kind is not None:
+            markers.append({"box": item["box"], "kind": kind})
+            continue
+        label = panel_label(item["label"])
+        x0, y0, x1, y1 = item["box"]
+        if label is None:
+            dropped.append(f"{item['label']!r} names neither a panel nor a marker kind; dropped")
+        elif min(x1 - x0, y1 - y0) < _MIN_PANEL_SIDE * min(width, height) or \
+                (x1 - x0) * (y1 - y0) < _MIN_PANEL_AREA * width * height:
+            dropped.append(f"panel {item['label']!r} at {[round(v) for v in item['box']]} is too small for a panel; dropped")
+        else:
+            # The caption's spelling of the label the model read ("a" where it read "(A)").
+            panels.append({"box": item["box"], "label": caption_label(item["label"], caption_labels) or label,
+                           "key": label_key(item["label"], caption_labels)})
+    return panels, markers, dropped
 
 
 @dataclasses.dataclass
@@ -180,16 +208,11 @@ class QwenBackend:
         pooled, markers = [], []
         problems = [f"caption split: {warning}" for warning in split.warnings]
         for rank, (scale, parsed) in enumerate(by_scale):
-            problems += [f"figure@{scale}: {problem}" for problem in parsed.problems]
-            for item in parsed.items:
-                kind = _MARKER_KINDS.get(item["label"].strip().casefold())
-                if kind is None:
-                    # The caption's spelling of the label the model read ("a" where it read "(A)").
-                    label = caption_label(item["label"], caption_labels) or clean_label(item["label"])[:3]
-                    pooled.append({"box": item["box"], "label": label, "key": label_key(item["label"], caption_labels),
-                                   "score": 1.0 / (1 + rank)})
-                elif rank == 0:
-                    markers.append({"box": item["box"], "kind": kind, "score": 1.0})
+            found, found_markers, read = read_figure_items(parsed.items, (image.width, image.height), caption_labels)
+            problems += [f"figure@{scale}: {problem}" for problem in parsed.problems + read]
+            pooled += [panel | {"score": 1.0 / (1 + rank)} for panel in found]
+            if rank == 0:
+                markers += [marker | {"score": 1.0} for marker in found_markers]
         panels = [{k: p[k] for k in ("box", "label", "score")}
                   for p in non_max_suppression(pooled, self.cfg.panel_nms_iou, group_by="key")]
         if not panels:  # described and grounded in round 2 like any panel

@@ -16,7 +16,7 @@ def test_smart_resize_cases(original, seen):
 def test_boxes_map_back_to_original_pixels():
     answer = '```json\n[{"bbox_2d": [322, 238, 644, 476], "label": "B"}]\n```'
     parsed = parse_boxes(answer, original_size=(468, 634), seen_size=(476, 644))
-    assert parsed.items == [{"box": [317.0, 234.0, 634.0, 468.0], "label": "B"}] and parsed.problems == []
+    assert parsed.items == [{"box": [317.0, 234.0, 634.0, 468.0], "label": "B", "group": ""}] and parsed.problems == []
     parsed = parse_boxes('[{"bbox_2d": [28, 28, 56, 56], "label": "a"}]', (28, 28), (56, 56))
     assert parsed.items[0]["box"] == [14.0, 14.0, 28.0, 28.0]
     parsed = parse_boxes('[{"bbox_2d": [0, 0, 840, 1148], "label": "A"}]', (4000, 3000), (1148, 840))
@@ -33,7 +33,7 @@ def test_prose_around_fenced_json():
 def test_truncated_answer_keeps_complete_objects():
     answer = '```json\n[{"bbox_2d": [10, 12, 300, 400], "label": "A"}, {"bbox_2d": [310, 12, 60'
     parsed = parse_boxes(answer, (476, 644), (476, 644))
-    assert parsed.items == [{"box": [10.0, 12.0, 300.0, 400.0], "label": "A"}]
+    assert parsed.items == [{"box": [10.0, 12.0, 300.0, 400.0], "label": "A", "group": ""}]
     assert parsed.problems == ["truncated or malformed JSON; kept the complete objects"]
 
 
@@ -42,8 +42,8 @@ def test_wrong_keys_and_bad_boxes_are_reported():
               ' {"bbox_2d": [700, 500, 900, 600], "label": "D"}, {"bbox_2d": [600, 400, 700, 500], "label": "E"},'
               ' {"bbox_2d": ["a", 1, 2, 3]}, "A"]')
     parsed = parse_boxes(answer, (476, 644), (476, 644))
-    assert parsed.items == [{"box": [1.0, 2.0, 30.0, 40.0], "label": "C"},
-                            {"box": [600.0, 400.0, 644.0, 476.0], "label": "E"}]
+    assert parsed.items == [{"box": [1.0, 2.0, 30.0, 40.0], "label": "C", "group": ""},
+                            {"box": [600.0, 400.0, 644.0, 476.0], "label": "E", "group": ""}]
     reasons = " | ".join(parsed.problems)
     assert reasons.count("no 4-number box") == 3 and "outside the 644x476 input" in reasons
     assert "clipped to the image" in reasons and "not an object" in reasons
@@ -78,7 +78,7 @@ def test_panel_answers_give_a_description_and_phrase_boxes():
              '"label": "arrows mark crescents"}]}\n```')
     description, parsed = parse_panel_answer(whole, (100, 200), (56, 112))
     assert description == 'An H&E section with "crescents".' and parsed.problems == []
-    assert parsed.items == [{"box": [100.0, 25.0, 200.0, 75.0], "label": "arrows mark crescents"}]
+    assert parsed.items == [{"box": [100.0, 25.0, 200.0, 75.0], "label": "arrows mark crescents", "group": "boxes"}]
     # Cut at the budget after one box: the description and that box are kept.
     cut = ('{"description": "A chest CT.", "boxes": [{"bbox_2d": [0, 0, 28, 28], "label": "nodule"}, '
            '{"bbox_2d": [1, 2, 3')
