@@ -235,7 +235,12 @@ class QwenBackend:
             own = {label_key(label, labels): text for label, text in split.own.items()}
             for k, panel in enumerate(proposal.panels):
                 crop = image.crop(tuple(int(v) for v in panel["box"]))
-                if min(crop.size) >= _MIN_CROP_SIDE:
+                if max(crop.size) > self.cfg.max_aspect_ratio * min(crop.size):
+                    # Qwen2.5-VL's processor refuses it (smart_resize raises above 200:1), and the raise
+                    # would fail the whole batch: the panel stays, undescribed.
+                    proposal.warnings.append(f"panel {k} not described: its {crop.width}x{crop.height} crop exceeds "
+                                             f"max_aspect_ratio={self.cfg.max_aspect_ratio:g}")
+                elif min(crop.size) >= _MIN_CROP_SIDE:
                     phrases = [_quoted(p) for p in groundable_clauses(own.get(label_key(panel["label"], labels), ""))]
                     asks.append((n, k, crop, phrases))
         answers = self._ask([Request(_panel_question(phrases), crop, self.cfg.max_new_tokens)

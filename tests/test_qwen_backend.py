@@ -425,3 +425,20 @@ def test_vllm_backend_is_imported_only_when_chosen(tmp_path, tiny_model, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --backend vllm needs the vllm package")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_panel_crop_too_thin_for_the_processor_is_not_asked_about(tiny_model):
+    """An 8000x300 figure (26:1, which the processor takes) whose top tenth the model reads as panel A:
+    its ~8000x30 crop is over smart_resize's 200:1, which would raise and fail the whole batch. It is
+    kept undescribed, with a warning; panel B is asked about as usual."""
+    def strip_and_rest(height, width):
+        return [{"bbox_2d": [0, 0, width, round(height * 0.1)], "label": "A"},
+                {"bbox_2d": [0, round(height * 0.2), width, height], "label": "B"}]
+
+    backend, scripted = scripted_backend(tiny_model, figure=strip_and_rest)
+    (proposal,) = backend.propose([Image.new("RGB", (8000, 300), "white")], ["(A) A strip. (B) The rest."])
+    assert [p["label"] for p in proposal.panels] == ["A", "B"]
+    assert [kinds for kinds, _ in scripted.calls if "panel" in kinds] == [["panel"]]
+    assert any(w.startswith("panel 0 not described: its 8000x") and "max_aspect_ratio=200" in w
+               for w in proposal.warnings), proposal.warnings
+    assert 0 not in proposal.panel_descriptions and 1 in proposal.panel_descriptions
