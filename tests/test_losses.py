@@ -119,12 +119,13 @@ def test_roi_pool_is_the_covered_token_mean_from_one_token_to_the_whole_grid():
     grid = rng.normal(size=(2, 16, 16, 8)).astype(np.float32)
     boxes = np.stack([random_boxes(rng, range(1, 17)), random_boxes(rng, np.linspace(0.3, 16, 16))])
     boxes[1, 0] = [3.25, 5.5, 3.75, 5.9]  # inside one token: that token
-    pooled = np.asarray(jax.jit(roi_pool)(grid[:, None], boxes))
+    parent = np.repeat(np.arange(2), 16)  # each grid's 16 boxes
+    pooled = np.asarray(jax.jit(roi_pool)(grid, boxes.reshape(32, 4), parent)).reshape(2, 16, 8)
     for b in range(2):
         for k, box in enumerate(boxes[b]):
             np.testing.assert_allclose(pooled[b, k], numpy_covered_mean(grid[b], box), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(pooled[1, 0], grid[1, 5, 3], rtol=1e-6)
-    assert np.abs(np.asarray(roi_pool(jnp.asarray(grid), jnp.zeros((2, 4))))).max() == 0.0  # padding
+    assert np.abs(np.asarray(roi_pool(jnp.asarray(grid), jnp.zeros((2, 4)), jnp.array([0, -1])))).max() == 0.0  # padding
 
 
 def test_roi_pool_equals_torchvision_roi_align_on_token_aligned_boxes():
@@ -133,7 +134,7 @@ def test_roi_pool_equals_torchvision_roi_align_on_token_aligned_boxes():
     rng = np.random.default_rng(1)
     grid = rng.normal(size=(1, 16, 16, 8)).astype(np.float32)
     boxes = random_boxes(rng, range(1, 17), integer=True)
-    ours = np.asarray(roi_pool(jnp.asarray(grid), jnp.asarray(boxes)))
+    ours = np.asarray(roi_pool(jnp.asarray(grid), jnp.asarray(boxes), jnp.zeros(16, jnp.int32)))
     rois = torch.from_numpy(np.concatenate([np.zeros((16, 1), np.float32), boxes], axis=1))
     theirs = torchvision.ops.roi_align(torch.from_numpy(grid).permute(0, 3, 1, 2), rois, output_size=1,
                                        spatial_scale=1.0, sampling_ratio=-1, aligned=True)

@@ -91,23 +91,13 @@ def child_means(children, parent, parents: int, shards: int):
     return (sums / jnp.maximum(member.sum(axis=1), 1.0)[..., None]).reshape(parents, -1)
 
 
-def _cover(boxes, cells: int):
-    """Each box's covered length of every token column and row ([..., g] twice) and its area."""
-    edges = jnp.arange(cells, dtype=jnp.float32)
+def roi_pool(grid, boxes, parent, shards: int = 1):
+    """The mean of each box's parent's token grid over the box, every token weighted by the area of it
+    the box covers.
 
-    def along(lo, hi):
-        return jnp.clip(jnp.minimum(hi[..., None], edges + 1) - jnp.maximum(lo[..., None], edges), 0.0, 1.0)
-
-    wx, wy = along(boxes[..., 0], boxes[..., 2]), along(boxes[..., 1], boxes[..., 3])
-    area = wx.sum(-1) * wy.sum(-1)
-    return wx, wy, jnp.where(area > 0, area, 1.0)
-
-
-def roi_pool(grid, boxes):
-    """The mean of a token grid over each box, every token weighted by the area of it the box covers.
-
-    grid: [..., g, g, W] patch tokens; boxes: [..., 4] as x0, y0, x1, y1 in token units (token j
-    covers [j, j+1)), one box per grid. Returns [..., W]; an empty box (padding) pools to zeros.
+    grid: [B, g, g, W] patch tokens; boxes: [K, 4] as x0, y0, x1, y1 in token units (token j covers
+    [j, j+1)); parent: [K], each box's grid (as `membership`: its position in its shard's run of
+    grids, -1 for an empty slot). Returns [K, W]; an empty box (padding) pools to zeros.
 
     DESIGN: the overlap-weighted token mean rather than torchvision's adaptive bilinear sampling. It
     is the exact mean of what the box covers (for any size, from a fraction of a token to the whole
@@ -115,18 +105,17 @@ def roi_pool(grid, boxes):
     where adaptive sampling's ceil(box) x ceil(box) points per box would, under jit's static shapes,
     have to be padded to g x g bilinear gathers for every box. Where box edges lie on token edges the
     two agree (torchvision's roi_align with aligned=True then samples exactly the token centres)."""
-    wx, wy, area = _cover(boxes, grid.shape[-2])
-    return jnp.einsum("...y,...x,...yxw->...w", wy, wx, grid.astype(jnp.float32)) / area[..., None]
+    edges = jnp.arange(grid.shape[1], dtype=jnp.float32)
 
+    def cover(lo, hi):  # [K] edges -> [K, g]: the length of each token row/column inside the box
+        return jnp.clip(jnp.minimum(hi[..., None], edges + 1) - jnp.maximum(lo[..., None], edges), 0.0, 1.0)
 
-def roi_pool_children(grid, boxes, parent, shards: int):
-    """roi_pool of each packed child's box over its parent's grid: [B, g, g, W], [K, 4], [K] (as
-    `membership`) -> [K, W]."""
-    wx, wy, area = _cover(boxes, grid.shape[1])
+    wx, wy = cover(boxes[:, 0], boxes[:, 2]), cover(boxes[:, 1], boxes[:, 3])
+    area = wx.sum(-1) * wy.sum(-1)
     weights = jnp.einsum("skb,sky,skx->skbyx", membership(parent, grid.shape[0], shards), by_shard(wy, shards),
                          by_shard(wx, shards))
     pooled = jnp.einsum("skbyx,sbyxw->skw", weights, by_shard(grid.astype(jnp.float32), shards))
-    return pooled.reshape(boxes.shape[0], -1) / area[:, None]
+    return pooled.reshape(boxes.shape[0], -1) / jnp.where(area > 0, area, 1.0)[:, None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,7 +192,7 @@ def level_losses(model, batch: dict, level: str, cfg: LossConfig) -> tuple[jax.A
                 mean_images = child_means(l2_normalize(child_images), parent, parents, cfg.shards)
                 terms[image_term] = clip_loss(image, mean_images, scale, has_children)
             if "roi" in weighted:
-                pooled = roi_pool_children(grid, batch[layout.child_grid_boxes], parent, cfg.shards)
+                pooled = roi_pool(grid, batch[layout.child_grid_boxes], parent, cfg.shards)
                 terms["roi"] = clip_loss(model.visual.head(pooled).astype(jnp.float32), child_images, scale, filled)
         if text_term in weighted:
             child_texts = _encode_texts(model, batch[layout.child_tokens], cfg)
