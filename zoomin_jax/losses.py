@@ -41,6 +41,10 @@ def clip_loss(a, b, scale, mask=None, same=None):
     other's denominator (see the module docstring)."""
     a, b = l2_normalize(a), l2_normalize(b)
     logits = scale * a @ b.T
+    # The positives as row-wise dot products, not jnp.diagonal(logits): diagonal's gather (and, in
+    # the backward pass, scatter-add) of the sharded logits puts collectives inside a conditional,
+    # where XLA:CPU's multi-process collectives mixed up gradients between devices.
+    positive = scale * jnp.sum(a * b, axis=-1)
     n = logits.shape[0]
     valid = jnp.ones((n,), bool) if mask is None else mask.astype(bool)
     scored = valid[:, None] & valid[None, :]
@@ -48,7 +52,6 @@ def clip_loss(a, b, scale, mask=None, same=None):
         scored &= ~same | jnp.eye(n, dtype=bool)
     # A finite fill, not -inf: invalid rows are computed and zeroed, and must not turn gradients NaN.
     logits = jnp.where(scored, logits, -1e9)
-    positive = jnp.diagonal(logits)
     a_to_b = jnp.where(valid, jax.nn.logsumexp(logits, axis=1) - positive, 0.0)
     b_to_a = jnp.where(valid, jax.nn.logsumexp(logits, axis=0) - positive, 0.0)
     count = jnp.maximum(valid.sum(), 1)
