@@ -1,5 +1,6 @@
 """The grain pipeline on real annotation output: shapes, determinism, process slices, pixels, corruption."""
 import dataclasses
+import pathlib
 
 import numpy as np
 import open_clip
@@ -124,6 +125,14 @@ def test_corrupt_record_strict_names_it_default_skips_and_counts(tmp_path, shard
 def test_missing_shards_are_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="no record shards match"):
         RecordSource(str(tmp_path / "nothing-*.array_record"))
+    with pytest.raises(UserError, match="no record shards match"):
+        RecordSource(str(tmp_path))  # a directory without shards
+
+
+def test_a_directory_means_its_shards(shards):
+    """annotate run's --out directory holds the shards beside its other files (the run's manifest)."""
+    directory = str(pathlib.Path(shards["heuristic"]).parent)
+    assert RecordSource(directory).paths == RecordSource(shards["heuristic"]).paths
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

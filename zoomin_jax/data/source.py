@@ -21,11 +21,15 @@ from zoomin_jax.errors import UserError
 
 
 def _matches(pattern: str) -> list[str]:
-    """Paths matching a glob, local or remote (gs://… through etils.epath)."""
+    """Paths matching a glob, or a directory's shards (annotate's --out), local or remote (gs://…
+    through etils.epath)."""
     parts = pattern.split("/")
     first = next((n for n, part in enumerate(parts) if re.search(r"[*?\[]", part)), None)
     if first is None:
-        return [pattern] if epath.Path(pattern).exists() else []
+        path = epath.Path(pattern)
+        if path.is_dir():
+            return [str(shard) for shard in path.glob("*.array_record")]
+        return [pattern] if path.exists() else []
     root = "/".join(parts[:first]) or ("/" if pattern.startswith("/") else ".")
     return [str(path) for path in epath.Path(root).glob("/".join(parts[first:]))]
 
@@ -37,7 +41,7 @@ def expand(patterns: str | Sequence[str]) -> list[str]:
     for pattern in patterns:
         found = _matches(pattern)
         if not found:
-            raise UserError(f"no record shards match {pattern}; pass a path or glob of *.array_record files.")
+            raise UserError(f"no record shards match {pattern}; pass a directory, path or glob of *.array_record files.")
         paths.update(found)
     return sorted(paths)
 
