@@ -41,7 +41,8 @@ def expand(patterns: str | Sequence[str]) -> list[str]:
     for pattern in patterns:
         found = _matches(pattern)
         if not found:
-            raise UserError(f"no record shards match {pattern}; pass a directory, path or glob of *.array_record files.")
+            raise UserError(f"no record shards match {pattern}; pass a directory, path or glob of "
+                            "*.array_record files.")
         paths.update(found)
     return sorted(paths)
 
