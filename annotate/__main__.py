@@ -1,7 +1,7 @@
 """python -m annotate {run,merge,captions,synth,eval,eval-captions,show}: the Panel2Patch annotation stage's command line.
 
   run --input PATH|DIR|@LIST... --out DIR --backend heuristic|qwen|vllm [--model DIR] [--num-shards N
-      [--shard-index I]] [--shard-by auto|file|figure] [--max-failure-rate R --min-figures-for-rate M]
+      [--shard-index I]] [--shard-by auto|file|figure] [--max-failure-rate R --failure-window M]
       figures (.jsonl manifests, WebDataset .tar shards, JATS .nxml) -> DIR/records-SSSSS-of-NNNNN
       .array_record, DIR/failures-….jsonl (id, stage, reason), DIR/summary-….json; resumable. The
       shard comes from the flags (the index, if not given, from SLURM_ARRAY_TASK_ID or RANK), else
@@ -157,7 +157,7 @@ def cmd_run(args) -> int:
         summary = run_shard(args.input, args.out, backend, num_shards, shard_index, cfg=cfg,
                             batch_size=args.batch_size, part_size=args.part_size, part_seconds=args.part_seconds,
                             shard_by=args.shard_by, max_failure_rate=args.max_failure_rate,
-                            min_figures_for_rate=args.min_figures_for_rate, decode_workers=args.decode_workers)
+                            failure_window=args.failure_window, decode_workers=args.decode_workers)
     except (ValueError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -240,10 +240,11 @@ def main(argv=None) -> int:
                         "figure: every shard reads every input, keeping crc32(id) %% N; auto (default): by file when "
                         "there are at least as many files as shards")
     p.add_argument("--max-failure-rate", type=float, default=0.5,
-                   help="stop the shard with exit status 3 when more than this fraction of its figures failed this "
-                        "run (1 never stops); this run's failures are then dropped, so a rerun retries them")
-    p.add_argument("--min-figures-for-rate", type=int, default=100,
-                   help="figures this run before --max-failure-rate applies")
+                   help="stop the shard with exit status 3 when more than this fraction of the last "
+                        "--failure-window figures failed (1 never stops); this run's failures are then dropped, "
+                        "so a rerun retries them")
+    p.add_argument("--failure-window", type=int, default=100,
+                   help="the recent figures --max-failure-rate looks at")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--decode-workers", type=int, default=max(0, min(8, len(os.sched_getaffinity(0)) - 1)),
                    help="processes that read and decode the next batches while the backend works (default: the "

@@ -25,12 +25,15 @@ from annotate.inputs import Figure
 
 
 class FigureError(Exception):
-    def __init__(self, stage: str, reason: str):
+    """A figure's failure at `stage`. `final`: a property of the figure (corrupt, too big, refused);
+    else transient (an I/O error reading it), and the next run of its shard tries it again."""
+
+    def __init__(self, stage: str, reason: str, final: bool = True):
         super().__init__(f"{stage}: {reason}")
-        self.stage, self.reason = stage, reason
+        self.stage, self.reason, self.final = stage, reason, final
 
     def __reduce__(self):  # results cross from the decode workers by pickle
-        return FigureError, (self.stage, self.reason)
+        return FigureError, (self.stage, self.reason, self.final)
 
 
 def decode(data: bytes, cfg: AnnotateConfig) -> Image.Image:
@@ -75,7 +78,10 @@ def read_and_decode(figure: Figure, cfg: AnnotateConfig) -> Decoded:
     try:
         data = figure.read_image_bytes()
     except OSError as err:
-        return FigureError("read", f"image unreadable: {err}")
+        # A missing or forbidden file stays so; another OSError (EIO, a timeout on a network file
+        # system) may not.
+        final = isinstance(err, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError))
+        return FigureError("read", f"image unreadable: {err}", final)
     try:
         return data, decode(data, cfg)
     except FigureError as err:

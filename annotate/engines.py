@@ -22,7 +22,11 @@ from typing import Protocol
 from PIL import Image
 
 from annotate.config import AnnotateConfig
+from annotate.faults import EngineFault, check_stop
 from annotate.lvlm_output import resized_size
+
+# Pixels per side of one visual token of Qwen2.5-VL: 14-pixel patches, merged 2 x 2.
+_TOKEN_PIXELS = 28
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +49,8 @@ class Engine(Protocol):
     counts: collections.Counter  # "requests", "generate_calls"
 
     def generate(self, requests: list[Request]) -> list[Answer]:
-        """Greedy answers, in request order."""
+        """Greedy answers, in request order. Raises faults.StopRequested between its blocking calls
+        once a stop is requested, faults.EngineFault when the engine failed the requests."""
 
 
 def parse_max_memory(spec: str | None) -> dict | None:
@@ -110,6 +115,7 @@ class TransformersEngine:
         for _, group in itertools.groupby(order, key=lambda n: size(n)[:2]):
             group = list(group)
             for start in range(0, len(group), self.batch_size):
+                check_stop()
                 chunk = group[start:start + self.batch_size]
                 budget = requests[chunk[0]].max_new_tokens
                 for n, answer in zip(chunk, self._generate_batch([requests[n] for n in chunk], budget), strict=True):
@@ -166,6 +172,7 @@ class VllmEngine:
                        override_generation_config={"temperature": 0.0},
                        mm_processor_kwargs={"min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels}, **optional)
         self.defaults = self.llm.get_default_sampling_params()
+        self.image_token_id = self.processor.image_token_id
         self.cfg, self.model_id = cfg, str(model_path)
         self.counts = collections.Counter()
 
@@ -180,11 +187,29 @@ class VllmEngine:
             prompts.append(prompt)
             params.append(self.defaults.clone())
             params[-1].max_tokens = request.max_new_tokens
-        outputs = [out.outputs[0] for out in self.llm.generate(prompts, params, use_tqdm=False)]
+        results = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = [result.outputs[0] for result in results]
         self.counts.update(requests=len(requests), generate_calls=1)
-        # vLLM's outputs carry no image grid (only the placeholder token count, rows times columns), so
-        # the sizes are smart_resize under the bounds its processor was given above.
+        if aborted := sum(out.finish_reason == "abort" for out in outputs):
+            # The engine dropped them (its SIGTERM handler, a dying engine core): their text is no answer.
+            raise EngineFault(f"vLLM aborted {aborted} of {len(outputs)} requests")
         return [Answer(out.text, request.max_new_tokens if out.finish_reason == "length" else None,
-                       resized_size(request.image.height, request.image.width, self.cfg.min_pixels,
-                                    self.cfg.max_pixels) if request.image is not None else None)
-                for request, out in zip(requests, outputs, strict=True)]
+                       self._frame(request, result) if request.image is not None else None)
+                for request, out, result in zip(requests, outputs, results, strict=True)]
+
+    def _frame(self, request: Request, result) -> tuple[int, int]:
+        """The (height, width) vLLM showed the model: smart_resize under the bounds its processor was
+        given, checked against the image tokens in the prompt it ran (one per 28 x 28 pixels). vLLM's
+        outputs carry no image grid, and a processor that ignored mm_processor_kwargs would put every
+        box in another frame, silently: that stops the run."""
+        height, width = resized_size(request.image.height, request.image.width, self.cfg.min_pixels,
+                                     self.cfg.max_pixels)
+        shown = list(result.prompt_token_ids or ()).count(self.image_token_id)
+        if shown != (height // _TOKEN_PIXELS) * (width // _TOKEN_PIXELS):
+            raise EngineFault(
+                f"vLLM showed the model {shown} image tokens for a {request.image.width}x{request.image.height} "
+                f"image, where the {width}x{height} frame its boxes are read in has "
+                f"{(height // _TOKEN_PIXELS) * (width // _TOKEN_PIXELS)}: its processor did not resize under "
+                f"min_pixels={self.cfg.min_pixels}, max_pixels={self.cfg.max_pixels} (mm_processor_kwargs); "
+                f"check the vllm and transformers versions (annotate/requirements-vllm.txt)")
+        return height, width

@@ -7,9 +7,7 @@ record. The record keeps the original encoded bytes untouched; decoding is only 
 from __future__ import annotations
 
 import dataclasses
-import gc
 import re
-import sys
 import time
 from typing import Protocol
 
@@ -18,6 +16,7 @@ from PIL import Image
 from annotate.captions import label_key, split_caption
 from annotate.config import AnnotateConfig
 from annotate.decode import Decoded, FigureError, read_and_decode
+from annotate.faults import engine_fault, free_accelerator_memory, is_out_of_memory
 from annotate.heuristic import panel_kind
 from annotate.inputs import Figure
 from annotate.prompts import VERSION as PROMPT_VERSION
@@ -133,33 +132,22 @@ _MAX_REASON_CHARS = 300
 
 def propose_bisecting(backend: Backend, images: list[Image.Image], captions: list[str]) -> list[Proposal | FigureError]:
     """The backend's proposals; when it raises on a batch, each half is retried on its own, so a batch too
-    big for GPU memory shrinks until it fits and only a figure that fails alone becomes a FigureError."""
+    big for GPU memory shrinks until it fits and only a figure that fails alone becomes a FigureError.
+    An error of the engine or its device (faults.engine_fault) is raised as an EngineFault instead."""
     if not images:
         return []
     try:
         return list(backend.propose(images, captions))
-    except Exception as err:  # not BaseException: Ctrl-C and SystemExit still stop the run
+    except Exception as err:  # not BaseException: Ctrl-C, SystemExit and faults.* stop the run
+        if (fault := engine_fault(err)) is not None:
+            raise fault from err  # the engine or its device broke: no figure of the batch is to blame
         reason = " ".join(f"backend raised {type(err).__name__}: {err}".split())[:_MAX_REASON_CHARS]
-        out_of_memory = _is_out_of_memory(err)
+        out_of_memory = is_out_of_memory(err)
     # Outside the except block, so the traceback's frames (and the tensors they hold) are gone by now.
     if out_of_memory:
-        _free_accelerator_memory()
+        free_accelerator_memory()
     if len(images) == 1:
         return [FigureError("propose", reason)]
     half = len(images) // 2
     return (propose_bisecting(backend, images[:half], captions[:half])
             + propose_bisecting(backend, images[half:], captions[half:]))
-
-
-def _is_out_of_memory(err: Exception) -> bool:
-    # torch is only looked up, never imported: a backend on the GPU has imported it already.
-    torch = sys.modules.get("torch")
-    return "out of memory" in str(err).lower() or (torch is not None and isinstance(err, torch.OutOfMemoryError))
-
-
-def _free_accelerator_memory() -> None:
-    """Hand the failed batch's cached CUDA blocks back, so the halves get the whole card."""
-    torch = sys.modules.get("torch")
-    gc.collect()  # tensors caught in reference cycles hold their blocks until collected
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()

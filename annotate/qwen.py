@@ -44,6 +44,7 @@ from annotate.captions import (caption_label, groundable_clauses, label_key, pan
                                split_from_answer, with_context)
 from annotate.config import AnnotateConfig
 from annotate.engines import Answer, Engine, Request
+from annotate.faults import check_stop, free_accelerator_memory, is_out_of_memory
 from annotate.lvlm_output import (Parsed, marker_kind, parse_boxes, parse_caption_split, parse_panel_answer,
                                   parse_region_answer, resized_size)
 from annotate.pipeline import Proposal
@@ -160,15 +161,29 @@ class QwenBackend:
         a box list cut short loses boxes."""
         if not requests:
             return []
-        answers = self.engine.generate(requests)
+        answers = self._generate(requests)
         retry_budget = min(_RETRY_FACTOR * self.cfg.max_new_tokens, self.cfg.max_retry_tokens)
         again = [n for n, answer in enumerate(answers) if answer.cut_at and answer.cut_at < retry_budget]
         if again:
-            retried = self.engine.generate([dataclasses.replace(requests[n], max_new_tokens=retry_budget)
+            retried = self._generate([dataclasses.replace(requests[n], max_new_tokens=retry_budget)
                                             for n in again])
             for n, answer in zip(again, retried, strict=True):
                 answers[n] = answer
         return answers
+
+    def _generate(self, requests: list[Request]) -> list[Answer]:
+        """The engine's answers; a call out of memory is asked again in halves, so a round too big for
+        the card shrinks without the rounds before it being asked again (as the batch's bisection in
+        pipeline.propose_bisecting would). Stops here, between calls, once a stop is requested."""
+        check_stop()
+        try:
+            return self.engine.generate(requests)
+        except Exception as err:
+            if len(requests) == 1 or not is_out_of_memory(err):
+                raise
+        free_accelerator_memory()  # outside the except block: the traceback's tensors are gone
+        half = len(requests) // 2
+        return self._generate(requests[:half]) + self._generate(requests[half:])
 
     def _seen(self, image: Image.Image) -> tuple[int, int]:
         return resized_size(image.height, image.width, self.cfg.min_pixels, self.cfg.max_pixels)

@@ -27,14 +27,24 @@ After a crash a rerun treats the ids in closed parts and in the failures file as
 unfinished part, and redoes the rest, so each input id ends up exactly once across records and
 failures.
 
-SIGTERM (SLURM's notice before it kills a preempted or timed-out task) stops the shard after the
-current batch: its part is closed with its index and the process exits with status 143 (128 +
-SIGTERM, what SIGTERM's default action would give), leaving the shard for a rerun to finish.
+SIGTERM (SLURM's notice before it kills a preempted or timed-out task) stops the shard at the
+backend's next generate call (faults.STOP), or between batches: the batch in flight is abandoned
+without a failure line, the open part is closed with its index and the process exits with status
+143 (128 + SIGTERM, what SIGTERM's default action would give), leaving the shard for a rerun.
 
-When more than max_failure_rate of the figures this run failed, over at least min_figures_for_rate
-of them (a wrong model, a broken GPU: failing through a whole shard would cost its hours for
-nothing), the shard stops after the batch with status 3 (FAILURE_RATE_EXIT_STATUS), its parts kept
-and this run's failure lines dropped, so a rerun after the fix retries those figures.
+A fault of the engine or its device (faults.EngineFault: a CUDA error, a dead vLLM engine, an aborted
+generation) stops the shard the same way with status 4 (ENGINE_FAULT_EXIT_STATUS) and one line
+naming the error: no figure of the batch is written down as failed, and the rerun redoes it.
+
+When more than max_failure_rate of the last failure_window figures failed (a wrong model, bad
+inputs: failing through a whole shard would cost its hours for nothing), the shard stops after the
+batch with status 3 (FAILURE_RATE_EXIT_STATUS), its parts kept and this run's failure lines
+dropped, so a rerun after the fix retries those figures. A window, not the run's total: a cause that
+starts after 30k good figures is seen within failure_window figures.
+
+Each failure line says whether it is final (a property of the figure) or transient (an I/O error
+reading it): a rerun skips the final ones and tries the transient ones again, the last line of an
+id standing.
 
 When the shard is complete its parts' serialized records are copied, never decoded, into
 DIR/records-SSSSS-of-NNNNN.array_record (one file per shard is what annotate merge, eval, show and
@@ -65,6 +75,7 @@ from tqdm import tqdm
 from annotate.config import AnnotateConfig
 from annotate.inputs import FILE_STAGE, Figure, InputFailure, expand_inputs, iter_inputs
 from annotate.decode import decoded_batches
+from annotate.faults import STOP, EngineFault, StopRequested
 from annotate.pipeline import Backend, FigureError, annotate_batch
 from annotate.text import clean_strings
 from zoomin_jax import records
@@ -74,6 +85,7 @@ from zoomin_jax import records
 DUPLICATE_ID_REASON = "duplicate id; an earlier figure has it"
 SIGTERM_EXIT_STATUS = 128 + signal.SIGTERM
 FAILURE_RATE_EXIT_STATUS = 3
+ENGINE_FAULT_EXIT_STATUS = 4
 SHARD_BY = ("auto", "file", "figure")
 _COPY_CHUNK = 64  # records per read when concatenating: bounded memory with images inside
 # What varies from figure to figure in a message: quoted names and phrases, boxes, JSON, parentheses.
@@ -200,12 +212,13 @@ def _part_index(part: Path) -> tuple[dict, int]:
 class _Progress:
     """The open part and the failures file of a running shard."""
 
-    def __init__(self, files: ShardFiles, part_size: int, part_seconds: float):
+    def __init__(self, files: ShardFiles, part_size: int, part_seconds: float, failure_window: int):
         self.files, self.part_size, self.part_seconds = files, part_size, part_seconds
         self.failures = open(files.failures, "a")
         self.failures_before = self.failures.tell()  # the lines of earlier runs end here
         self.writer, self.next_part, self.opened = None, len(files.parts()), 0.0
         self.counts, self.reasons = collections.Counter(), collections.Counter()
+        self.recent = collections.deque(maxlen=failure_window)  # True: the figure failed
 
     def record(self, figure: Figure, record: dict) -> None:
         """Writes the figure's record, or its failure (stage "write") when the record cannot be encoded."""
@@ -224,32 +237,33 @@ class _Progress:
             self.opened = time.monotonic()
         self.writer.write_encoded(data, entry)
         self.counts["figures"] += 1
+        self.recent.append(False)
         self.counts["panels"] += len(record["panels"])
         self.counts["regions"] += len(record["regions"])
         if self.writer.count >= self.part_size:
             self.close_part()
 
-    def fail(self, figure_id: str, source: str, stage: str, reason: str) -> None:
+    def fail(self, figure_id: str, source: str, stage: str, reason: str, final: bool = True) -> None:
         # Ids and sources are clean (inputs.py); an exception's text may quote anything.
-        line, _ = clean_strings({"id": figure_id, "source": source, "stage": stage, "reason": reason})
+        line, _ = clean_strings({"id": figure_id, "source": source, "stage": stage, "reason": reason,
+                                 "final": final})
         self.failures.write(json.dumps(line) + "\n")
         self.failures.flush()
         self.counts["failures"] += 1
+        self.recent.append(True)
         self.reasons[failure_key(stage, reason)] += 1
 
-    def failure_rate(self) -> tuple[float, int]:
-        """This run's share of failed figures, and of how many."""
-        tried = self.counts["figures"] + self.counts["failures"]
-        return self.counts["failures"] / max(tried, 1), tried
+    def failing(self, max_rate: float) -> bool:
+        """More than max_rate of the last failure_window figures failed."""
+        return len(self.recent) == self.recent.maxlen and sum(self.recent) > max_rate * len(self.recent)
 
     def exit_failing(self, max_rate: float) -> None:
         """Once closed: stops the shard past max_rate (see the module docstring), dropping this run's failures."""
         os.truncate(self.files.failures, self.failures_before)
-        rate, tried = self.failure_rate()
         top = "; ".join(f"{reason} ({count})" for reason, count in self.reasons.most_common(3))
-        _stop(f"shard {self.files.stem} stopped: {self.counts['failures']} of {tried} figures failed this run "
-              f"({rate:.0%}, more than --max-failure-rate {max_rate:g}); top reasons: {top}. Its records are "
-              f"kept and these failures are not: fix the cause and rerun to retry them", FAILURE_RATE_EXIT_STATUS)
+        _stop(f"shard {self.files.stem} stopped: {sum(self.recent)} of the last {len(self.recent)} figures failed "
+              f"(more than --max-failure-rate {max_rate:g}); top reasons this run: {top}. Its records are kept "
+              f"and this run's failures are not: fix the cause and rerun to retry them", FAILURE_RATE_EXIT_STATUS)
 
     def close_part_if_due(self) -> None:
         if self.writer is not None and time.monotonic() - self.opened >= self.part_seconds:
@@ -274,8 +288,10 @@ class _StopOnSigterm:
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
+        STOP.set()  # the backend stops at its next generate call
 
     def __enter__(self):
+        STOP.clear()
         self.installed = threading.current_thread() is threading.main_thread()
         if self.installed:
             self.previous = signal.signal(signal.SIGTERM, self._handle)
@@ -318,11 +334,12 @@ def _batches(items: Iterable, size: int):
 def run_shard(inputs: Sequence[str], out: str | Path, backend: Backend, num_shards: int = 1, shard_index: int = 0,
               cfg: AnnotateConfig = AnnotateConfig(), batch_size: int = 8, part_size: int = 256,
               part_seconds: float = 300.0, shard_by: str = "auto", max_failure_rate: float = 0.5,
-              min_figures_for_rate: int = 100, decode_workers: int = 0) -> dict:
+              failure_window: int = 100, decode_workers: int = 0) -> dict:
     """Annotate this shard's figures; returns the summary (also written to the summary file). `inputs`
     as inputs.expand_inputs takes them; figures are decoded in `decode_workers` processes ahead of the
     backend (0: in this process). Raises SystemExit(143) on SIGTERM once what was done is
-    durable, SystemExit(3) past max_failure_rate, SystemExit(1) while another process runs the shard."""
+    durable, SystemExit(4) on an engine fault, SystemExit(3) past max_failure_rate, SystemExit(1)
+    while another process runs the shard."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = ShardFiles(out, shard_index, num_shards)
@@ -337,7 +354,7 @@ def run_shard(inputs: Sequence[str], out: str | Path, backend: Backend, num_shar
             return json.loads(files.summary.read_text())
         for partial in out.glob(f"records-{files.stem}.part-*.partial"):
             partial.unlink()  # records of an interrupted part are redone; an index is rebuilt from its part
-        done = {f["id"] for f in files.read_failures()}
+        done = {f["id"] for f in files.read_failures() if f.get("final", True)}
         resume = collections.Counter()
         for part in files.parts():
             index, decoded = _part_index(part)
@@ -349,7 +366,7 @@ def run_shard(inputs: Sequence[str], out: str | Path, backend: Backend, num_shar
         lvlm_before = collections.Counter(getattr(backend, "counts", {}))
         start = time.perf_counter()
         with _StopOnSigterm() as stop:
-            progress = _Progress(files, part_size, part_seconds)
+            progress = _Progress(files, part_size, part_seconds, failure_window)
             seen: set[str] = set(done)
 
             def mine():
@@ -371,28 +388,40 @@ def run_shard(inputs: Sequence[str], out: str | Path, backend: Backend, num_shar
                             seen.add(item.figure_id)
                             yield item
 
-            failing = False
+            failing, fault = False, None
             try:
                 with tqdm(desc=f"annotate shard {shard_index}/{num_shards}", unit="figure") as bar:
                     for batch, decoded in decoded_batches(_batches(mine(), batch_size), cfg, decode_workers):
                         if stop.requested:
                             break
-                        for figure, result in zip(batch, annotate_batch(batch, backend, cfg, decoded), strict=True):
+                        try:  # the batch in flight is abandoned, without a failure line, on either
+                            results = annotate_batch(batch, backend, cfg, decoded)
+                        except StopRequested:
+                            break
+                        except EngineFault as err:
+                            fault = err
+                            break
+                        for figure, result in zip(batch, results, strict=True):
                             if isinstance(result, FigureError):
-                                progress.fail(figure.figure_id, figure.source, result.stage, result.reason)
+                                progress.fail(figure.figure_id, figure.source, result.stage, result.reason,
+                                              result.final)
                             else:
                                 progress.record(figure, result)
                         progress.close_part_if_due()
                         bar.update(len(batch))
-                        rate, tried = progress.failure_rate()
-                        if failing := tried >= min_figures_for_rate and rate > max_failure_rate:
+                        if failing := progress.failing(max_failure_rate):
                             break
             finally:
                 progress.close()
             # After the bar's last line, so the reason is the log's last line.
             if failing:
                 progress.exit_failing(max_failure_rate)
+            # First: on SIGTERM vLLM aborts its requests in flight, and the fault that follows is the stop's.
             stop.exit_if_requested(files, progress.counts)
+            if fault is not None:
+                _stop(f"engine fault, shard {files.stem} stopped after {progress.counts['figures']} figures this run "
+                      f"with its parts closed and no failure line for the batch in flight: {fault}. Fix the node "
+                      f"or the engine and rerun to redo the batch", ENGINE_FAULT_EXIT_STATUS)
             seconds = time.perf_counter() - start
             about = {"shard_by": shard_by, "inputs_read": inputs_read, "resumed_with_done": resumed,
                      "resume_parts_from_indexes": resume["parts_from_indexes"],
@@ -430,18 +459,19 @@ def _finish(files: ShardFiles, about: dict, stop: _StopOnSigterm, counts: collec
                 reader.close()
     kept = writer.index
     warnings = collections.Counter(warning_key(w) for figure in kept["warnings"] for w in figure)
-    # A record wins over a failure line for its id, and one failure line per id is kept, save the
-    # duplicate-id lines that stand for repeated inputs: each id is accounted for once.
-    failures, failed = [], set()
-    for failure in files.read_failures(repair=False):  # rewritten once, deduplicated, below
-        if failure["reason"] == DUPLICATE_ID_REASON or (failure["id"] not in recorded and failure["id"] not in failed):
-            failures.append(failure)
-            failed.add(failure["id"])
+    # A record wins over a failure line for its id, and one failure line per id is kept, its last (a
+    # transient failure tried again), save the duplicate-id lines that stand for repeated inputs: each
+    # id is accounted for once.
+    lines = files.read_failures(repair=False)  # rewritten once, deduplicated, below
+    last = {failure["id"]: n for n, failure in enumerate(lines) if failure["reason"] != DUPLICATE_ID_REASON}
+    failures = [failure for n, failure in enumerate(lines) if failure["reason"] == DUPLICATE_ID_REASON
+                or (failure["id"] not in recorded and last[failure["id"]] == n)]
     _replace_text(files.failures, "".join(json.dumps(f) + "\n" for f in failures))
     by_reason = collections.Counter(failure_key(f["stage"], f["reason"]) for f in failures)
     summary = {"records": files.records.name, "figures": len(recorded),
-               "panels": sum(map(len, kept["panel_kinds"])), "regions": sum(map(len, kept["region_panels"])), "failures": len(failures), "failures_by_reason": dict(by_reason),
-               "warnings_by_reason": dict(warnings), **about}
+               "panels": sum(map(len, kept["panel_kinds"])), "regions": sum(map(len, kept["region_panels"])),
+               "failures": len(failures), "failures_transient": sum(not f.get("final", True) for f in failures),
+               "failures_by_reason": dict(by_reason), "warnings_by_reason": dict(warnings), **about}
     _replace_text(files.summary, json.dumps(summary, indent=2) + "\n")
     files.remove_parts()
     return summary

@@ -150,7 +150,7 @@ class FailsMost(ScriptedBackend):
 
     def propose(self, images, captions):
         if not self.good.issuperset(captions):
-            raise ValueError("device-side assert triggered")
+            raise ValueError("the processor refused the prompt")
         return super().propose(images, captions)
 
 
@@ -159,16 +159,16 @@ def test_most_figures_failing_stops_the_shard_and_a_rerun_retries_them(tmp_path,
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as stopped:
         run_shard([manifest], out, FailsMost([line["caption"] for line in lines[:2]]), batch_size=2,
-                  min_figures_for_rate=6)
+                  failure_window=6)
     assert stopped.value.code == FAILURE_RATE_EXIT_STATUS == 3
     assert capsys.readouterr().err.splitlines()[-1] == (
-        "annotate: shard 00000-of-00001 stopped: 4 of 6 figures failed this run (67%, more than --max-failure-rate "
-        "0.5); top reasons: propose: backend raised ValueError (4). Its records are kept and these failures are not: "
-        "fix the cause and rerun to retry them")
+        "annotate: shard 00000-of-00001 stopped: 4 of the last 6 figures failed (more than --max-failure-rate 0.5); "
+        "top reasons this run: propose: backend raised ValueError (4). Its records are kept and this run's failures "
+        "are not: fix the cause and rerun to retry them")
     files = ShardFiles(out, 0, 1)
     assert not files.summary.exists() and not files.records.exists() and files.failures.read_text() == ""
     assert [records.load_index(part)["ids"] for part in files.parts()] == [
         ["medicat-0", "medicat-1"]]
 
-    summary = run_shard([manifest], out, ScriptedBackend(max_batch=8), batch_size=2, min_figures_for_rate=6)
+    summary = run_shard([manifest], out, ScriptedBackend(max_batch=8), batch_size=2, failure_window=6)
     assert (summary["figures"], summary["failures"], summary["figures_this_run"]) == (10, 0, 8)

@@ -396,13 +396,15 @@ def test_node_flags_reach_the_vllm_engine(tiny_model, monkeypatch):
 
         def generate(self, prompts, params, use_tqdm):
             made["budgets"] = [p.max_tokens for p in params]
-            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text="[]", finish_reason=reason)])
-                    for reason in ("stop", "length")]
+            return [types.SimpleNamespace(prompt_token_ids=vllm_prompt_tokens(prompt, made),
+                                          outputs=[types.SimpleNamespace(text="[]", finish_reason=reason)])
+                    for prompt, reason in zip(prompts, ("stop", "length"))]
 
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM))
     cfg, options = run_flags("--tensor-parallel-size", "8", "--gpu-memory-utilization", "0.8",
                              "--max-model-len", "16384")
     backend = make_backend("vllm", str(tiny_model), CFG, options=options)
+    made["image_token_id"] = backend.engine.image_token_id
     assert {k: made[k] for k in ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len",
                                  "enable_prefix_caching", "mm_processor_kwargs")} == {
         "tensor_parallel_size": 8, "gpu_memory_utilization": 0.8, "max_model_len": 16384,
@@ -412,6 +414,14 @@ def test_node_flags_reach_the_vllm_engine(tiny_model, monkeypatch):
     assert made["budgets"] == [7, 9] and [a.cut_at for a in answers] == [None, 9]
     assert answers[0].seen == resized_size(1500, 2000, CFG.min_pixels, CFG.max_pixels)
     assert options == LvlmOptions(tensor_parallel_size=8, gpu_memory_utilization=0.8, max_model_len=16384)
+
+
+def vllm_prompt_tokens(prompt: dict, made: dict) -> list[int]:
+    """A prompt's token ids as vLLM's processor makes them, reduced to its image tokens: one per 28 x 28
+    pixels of the image resized under the bounds the engine gave it."""
+    image, bounds = prompt["multi_modal_data"]["image"], made["mm_processor_kwargs"]
+    height, width = resized_size(image.height, image.width, bounds["min_pixels"], bounds["max_pixels"])
+    return [made["image_token_id"]] * ((height // 28) * (width // 28))
 
 
 def test_vllm_backend_is_imported_only_when_chosen(tmp_path, tiny_model, capsys):
