@@ -5,13 +5,16 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
 
+from annotate.synth import synthesize
 from conftest import DATA, REPO, run_cli
 from zoomin_jax import records
 
@@ -19,12 +22,15 @@ SCRIPT = REPO / "launch" / "slurm_annotate.sbatch"
 MISSING_IMAGE_ID = "no-such-figure"
 
 
-def run_script(env: dict) -> subprocess.CompletedProcess:
-    """The script as SLURM would start it, outside SLURM: only the variables given here, not the
-    caller's SLURM_/ANNOTATE_/ZOOMIN_ ones (a test run inside a SLURM job must not inherit its array)."""
+def script_env(env: dict) -> dict:
+    """The environment SLURM would start the script in, outside SLURM: only the variables given here, not
+    the caller's SLURM_/ANNOTATE_/ZOOMIN_ ones (a test run inside a SLURM job must not inherit its array)."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "ANNOTATE_", "ZOOMIN_"))}
-    return subprocess.run(["bash", str(SCRIPT)], env=base | {"PYTHON": sys.executable} | env,
-                          capture_output=True, text=True, cwd=REPO)
+    return base | {"PYTHON": sys.executable} | env
+
+
+def run_script(env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT)], env=script_env(env), capture_output=True, text=True, cwd=REPO)
 
 
 def medicat_figures() -> list[dict]:
@@ -159,3 +165,41 @@ def test_array_over_tars_each_task_reads_its_own_and_merge_accounts_for_every_id
     report = json.loads((out / "merged-summary.json").read_text())
     assert report["complete"] and (report["figures"], report["failures"], report["failed_files"]) == (9, 1, [str(cut)])
     assert report["ids_in_no_shard"] == report["ids_not_in_inputs"] == report["duplicates_resolved"] == []
+
+
+def test_a_task_signalled_before_its_time_limit_requeues_itself_and_the_rerun_finishes(tmp_path):
+    """SLURM's --signal=B:TERM@N reaches the batch shell alone: the script passes it to annotate, which
+    stops mid-shard with status 143, and requeues the array task through scontrol (a stand-in on PATH
+    that writes down its arguments); the requeued run (SLURM_RESTART_COUNT=1) finishes the shard."""
+    data = synthesize(tmp_path / "synth", num=48, seed=7)
+    expected = [json.loads(line)["id"] for line in (data / "manifest.jsonl").read_text().splitlines()]
+    stand_ins = tmp_path / "bin"
+    stand_ins.mkdir()
+    calls = tmp_path / "scontrol-calls"
+    (stand_ins / "scontrol").write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\n')
+    (stand_ins / "scontrol").chmod(0o755)
+    out = tmp_path / "out"
+    env = script_env({"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "1", "SLURM_ARRAY_JOB_ID": "4242",
+                      "SLURM_JOB_ID": "4243", "ANNOTATE_INPUT": str(data / "manifest.jsonl"), "ANNOTATE_OUT": str(out),
+                      "ANNOTATE_BACKEND": "heuristic", "ANNOTATE_BATCH_SIZE": "2",
+                      "ANNOTATE_EXTRA_ARGS": "--part-size 6 --decode-workers 0",
+                      "PATH": f"{stand_ins}:{os.environ['PATH']}"})
+    task = subprocess.Popen(["bash", str(SCRIPT)], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("records-*.part-*.index.msgpack"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    task.send_signal(signal.SIGTERM)  # the shell only, as B: does
+    _, stderr = task.communicate(timeout=60)
+    assert task.returncode == 143, stderr
+    assert calls.read_text() == "requeue 4242_0\n"
+    assert "requeueing 4242_0 (restart 1)" in stderr and not (out / "summary-00000-of-00001.json").exists()
+
+    rerun = run_script({**{k: v for k, v in env.items() if k.startswith(("SLURM_", "ANNOTATE_"))},
+                        "SLURM_RESTART_COUNT": "1", "PATH": env["PATH"]})
+    assert rerun.returncode == 0, rerun.stderr
+    assert calls.read_text() == "requeue 4242_0\n"  # finished: not requeued again
+    recorded, failed = shard_ids(out)
+    assert sorted(recorded) == sorted(expected) and failed == []
+    summary = json.loads((out / "summary-00000-of-00001.json").read_text())
+    assert 0 < summary["figures_this_run"] < len(expected)
