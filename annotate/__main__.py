@@ -72,6 +72,9 @@ def add_lvlm_flags(parser: argparse.ArgumentParser) -> None:
     lvlm.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization,
                       help="vllm: share of each GPU's memory for weights and KV cache")
     lvlm.add_argument("--max-model-len", type=int, help="vllm: context length cap (smaller frees KV cache)")
+    lvlm.add_argument("--max-num-seqs", type=int,
+                      help="vllm: sequences decoded at once (default: vLLM's); --batches-in-flight and "
+                           "--batch-size decide how many there are to decode")
 
 
 def lvlm_settings(args):
@@ -85,7 +88,8 @@ def lvlm_settings(args):
     return cfg, LvlmOptions(batch_size=args.lvlm_batch_size, device_map=args.device_map, max_memory=args.max_memory,
                             attn_implementation=args.attn_implementation,
                             tensor_parallel_size=args.tensor_parallel_size,
-                            gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len)
+                            gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
+                            max_num_seqs=args.max_num_seqs)
 
 
 def caption_splitter(args):
@@ -157,7 +161,8 @@ def cmd_run(args) -> int:
         summary = run_shard(args.input, args.out, backend, num_shards, shard_index, cfg=cfg,
                             batch_size=args.batch_size, part_size=args.part_size, part_seconds=args.part_seconds,
                             shard_by=args.shard_by, max_failure_rate=args.max_failure_rate,
-                            failure_window=args.failure_window, decode_workers=args.decode_workers)
+                            failure_window=args.failure_window, decode_workers=args.decode_workers,
+                            batches_in_flight=args.batches_in_flight)
     except (ValueError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -249,10 +254,13 @@ def main(argv=None) -> int:
     p.add_argument("--decode-workers", type=int, default=max(0, min(8, len(os.sched_getaffinity(0)) - 1)),
                    help="processes that read and decode the next batches while the backend works (default: the "
                         "cores this process may use, less one, at most 8; 0 decodes in the main process)")
+    p.add_argument("--batches-in-flight", type=int, default=3,
+                   help="batches annotated at once, each in a host thread, so that the LVLM engine runs one "
+                        "batch's requests while the host reads another's answers and builds its records")
     p.add_argument("--part-size", type=int, default=256, help="records per part file (the unit of resume)")
     p.add_argument("--part-seconds", type=float, default=300.0,
                    help="close a part this long after its first record even if not full, so a kill -9 loses "
-                        "about this much work (SIGTERM closes it after the current batch and exits with status 143)")
+                        "about this much work (SIGTERM closes it and exits with status 143)")
     p = sub.add_parser("merge", help="check that the shards account for every input id once; sum their summaries")
     p.add_argument("--out", required=True, help="the folder the shards were written to")
     p.add_argument("--input", nargs="+",

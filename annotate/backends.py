@@ -62,6 +62,10 @@ class PrefilteredBackend:
     def counts(self):
         return self.lvlm.counts
 
+    @property
+    def busy_seconds(self) -> float:
+        return self.lvlm.busy_seconds
+
     def propose(self, images: list[Image.Image], captions: list[str]) -> list[Proposal]:
         boxes = [self.heuristic.panel_boxes(image) for image in images]
         multi = [n for n, found in enumerate(boxes) if len(found) != 1]
@@ -84,10 +88,12 @@ class LvlmOptions:
     device_map: str | None = None
     max_memory: str | None = None
     attn_implementation: str | None = None
-    # vLLM: GPUs to shard the model over, share of each GPU's memory it may take, context length cap.
+    # vLLM: GPUs to shard the model over, share of each GPU's memory it may take, context length cap,
+    # sequences decoded at once.
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
     max_model_len: int | None = None
+    max_num_seqs: int | None = None
 
 
 def make_engine(name: str, model: str, cfg: AnnotateConfig, options: LvlmOptions):
@@ -97,7 +103,8 @@ def make_engine(name: str, model: str, cfg: AnnotateConfig, options: LvlmOptions
                                   max_memory=parse_max_memory(options.max_memory),
                                   attn_implementation=options.attn_implementation, batch_size=options.batch_size)
     return VllmEngine(model, cfg, tensor_parallel_size=options.tensor_parallel_size,
-                      gpu_memory_utilization=options.gpu_memory_utilization, max_model_len=options.max_model_len)
+                      gpu_memory_utilization=options.gpu_memory_utilization, max_model_len=options.max_model_len,
+                      max_num_seqs=options.max_num_seqs)
 
 
 def make_backend(name: str, model: str | None = None, cfg: AnnotateConfig = AnnotateConfig(),

@@ -99,20 +99,24 @@ class TransformersEngine:
         self.counts = collections.Counter()
 
     def chat(self, question: str, with_image: bool) -> str:
-        image = [{"type": "image"}] if with_image else []
-        return self.processor.apply_chat_template([{"role": "user", "content": [*image, {"type": "text", "text": question}]}],
-                                                  tokenize=False, add_generation_prompt=True)
+        # The question before the image (prompts.VERSION): the requests asking one question share their
+        # prompt up to the image, which vLLM's prefix cache computes once; on the demo's figures that is
+        # 16% of all input tokens (tests/bench/annotate_busy.py), where the image first left only the
+        # template's head to share.
+        content = [{"type": "text", "text": question}, *([{"type": "image"}] if with_image else [])]
+        return self.processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                  add_generation_prompt=True)
 
     def generate(self, requests: list[Request]) -> list[Answer]:
-        # One generate call runs one budget and either images or none. Within it, requests of similar
-        # size share a batch, so rows pad to their neighbours' length rather than the longest's.
+        # One generate call runs one budget, images and text-only rows together, batch_size rows at a
+        # time. Within it, requests of similar size share a batch, so rows pad to their neighbours'
+        # length rather than the longest's.
         def size(n):
             image = requests[n].image
-            return (requests[n].max_new_tokens, image is None, image.width * image.height if image else 0,
-                    len(requests[n].question))
+            return requests[n].max_new_tokens, image.width * image.height if image else 0, len(requests[n].question)
         order = sorted(range(len(requests)), key=size)
         answers: list[Answer | None] = [None] * len(requests)
-        for _, group in itertools.groupby(order, key=lambda n: size(n)[:2]):
+        for _, group in itertools.groupby(order, key=lambda n: requests[n].max_new_tokens):
             group = list(group)
             for start in range(0, len(group), self.batch_size):
                 check_stop()
@@ -124,8 +128,8 @@ class TransformersEngine:
 
     def _generate_batch(self, requests: list[Request], max_new_tokens: int) -> list[Answer]:
         torch = self.torch
-        images = [r.image for r in requests] if requests[0].image is not None else None
-        batch = self.processor(text=[self.chat(r.question, images is not None) for r in requests], images=images,
+        images = [r.image for r in requests if r.image is not None] or None
+        batch = self.processor(text=[self.chat(r.question, r.image is not None) for r in requests], images=images,
                                padding=True, return_tensors="pt").to(self.model.device)
         with torch.inference_mode():
             out = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
@@ -139,10 +143,11 @@ class TransformersEngine:
         ends = torch.tensor([t for t in (*eos, config.pad_token_id) if t is not None], device=generated.device)
         ended = torch.isin(generated, ends).any(dim=1).tolist()
         cut = generated.shape[1] >= max_new_tokens
-        # The image grid counts patch_size-pixel patches of the resized image, rows then columns.
+        # The image grid counts patch_size-pixel patches of each resized image, rows then columns, in the
+        # order of the rows with an image.
         patch = self.processor.image_processor.patch_size
-        seen = ([(h * patch, w * patch) for _, h, w in batch["image_grid_thw"].tolist()] if images
-                else [None] * len(requests))
+        frames = [(h * patch, w * patch) for _, h, w in batch["image_grid_thw"].tolist()] if images else []
+        seen = [frames.pop(0) if r.image is not None else None for r in requests]
         return [Answer(text, max_new_tokens if cut and not row_ended else None, frame)
                 for text, row_ended, frame in zip(texts, ended, seen, strict=True)]
 
@@ -209,7 +214,7 @@ class VllmEngine:
             raise EngineFault(
                 f"vLLM showed the model {shown} image tokens for a {request.image.width}x{request.image.height} "
                 f"image, where the {width}x{height} frame its boxes are read in has "
-                f"{(height // _TOKEN_PIXELS) * (width // _TOKEN_PIXELS)}: its processor did not resize under "
-                f"min_pixels={self.cfg.min_pixels}, max_pixels={self.cfg.max_pixels} (mm_processor_kwargs); "
+                f"{(height // _TOKEN_PIXELS) * (width // _TOKEN_PIXELS)}: its processor resizes under other bounds "
+                f"than min_pixels={self.cfg.min_pixels}, max_pixels={self.cfg.max_pixels} (mm_processor_kwargs); "
                 f"check the vllm and transformers versions (annotate/requirements-vllm.txt)")
         return height, width

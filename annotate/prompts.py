@@ -6,11 +6,13 @@ markers drawn on them, one JSON list in Qwen2.5-VL's grounding format) and SPLIT
 (text only: the caption's text per panel label, after few-shot examples of the ways captions name
 panels, the fixed part first so that an engine's prefix cache keeps it); PANEL once per panel crop (its description and the boxes
 of its caption clauses, one JSON object); REGION once per region crop (its description and, for a
-caption box that no marker backs, whether it shows its phrase).
+caption box that no marker backs, whether it shows its phrase). The question comes before the image
+(engines.TransformersEngine.chat), so requests asking one question share a prefix (panel2patch-7; the
+image came first before).
 """
 import json
 
-VERSION = "panel2patch-6"
+VERSION = "panel2patch-7"
 
 FIGURE = ("This is a figure from a biomedical article. Locate every panel and read its panel label (the letter "
           "or number printed in it; \"\" if it has none), and locate every visual marker drawn on the figure: "

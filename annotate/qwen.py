@@ -19,7 +19,8 @@ The plan, per batch of figures, in three rounds of requests through the engine:
    in a panel without markers the same answer says whether the crop shows the phrase: the verification
    that stands in for the marker gate there (config `caption_boxes_without_markers`).
 So a figure of P panels and R regions costs 2 + P + R requests (3 + P + R where a second scale differs)
-and a batch three blocking rounds (plus one retry round for answers cut at their budget); on the demo
+and a batch three rounds (plus one retry round for answers cut at their budget), each one generate call
+through the engine worker, which the other batches in flight keep busy meanwhile; on the demo
 figures with ground-truth answers (tests/bench/annotate_requests.py) 9.33 requests per figure, from 5.17
 without the split and the regions. A region is asked about in a crop of its own rather than in one
 request per panel listing its regions: on the demo figures the two cost the same (76 regions in 76
@@ -43,6 +44,7 @@ from annotate import prompts
 from annotate.captions import (caption_label, groundable_clauses, label_key, panel_label, split_caption,
                                split_from_answer, with_context)
 from annotate.config import AnnotateConfig
+from annotate.engine_worker import EngineWorker
 from annotate.engines import Answer, Engine, Request
 from annotate.faults import check_stop, free_accelerator_memory, is_out_of_memory
 from annotate.lvlm_output import (Parsed, marker_kind, parse_boxes, parse_caption_split, parse_panel_answer,
@@ -151,10 +153,16 @@ class QwenBackend:
     def __init__(self, engine: Engine, cfg: AnnotateConfig = AnnotateConfig()):
         self.engine, self.cfg = engine, cfg
         self.name, self.model_id = engine.name, engine.model_id
+        # Every batch in flight (run.py) asks through the one worker: see engine_worker.py.
+        self.worker = EngineWorker(engine)
 
     @property
     def counts(self):
         return self.engine.counts
+
+    @property
+    def busy_seconds(self) -> float:
+        return self.worker.busy_seconds
 
     def _ask(self, requests: list[Request]) -> list[Answer]:
         """The engine's answers; those cut at their budget are asked again, by themselves, with a larger one:
@@ -177,7 +185,7 @@ class QwenBackend:
         pipeline.propose_bisecting would). Stops here, between calls, once a stop is requested."""
         check_stop()
         try:
-            return self.engine.generate(requests)
+            return self.worker.generate(requests)
         except Exception as err:
             if len(requests) == 1 or not is_out_of_memory(err):
                 raise
@@ -187,6 +195,13 @@ class QwenBackend:
 
     def _seen(self, image: Image.Image) -> tuple[int, int]:
         return resized_size(image.height, image.width, self.cfg.min_pixels, self.cfg.max_pixels)
+
+    def _request(self, question: str, image: Image.Image) -> Request:
+        """A request about `image` resized to the frame the model sees it in, here in the batch's host
+        thread: the engine's processor, on the engine's thread, then has nothing to resize."""
+        height, width = self._seen(image)
+        shown = image if image.size == (width, height) else image.resize((width, height), Image.BICUBIC)
+        return Request(question, shown, self.cfg.max_new_tokens)
 
     def _split_request(self, caption: str) -> Request:
         return Request(prompts.SPLIT_CAPTION.format(caption=_quoted(caption)), None, self.cfg.max_new_tokens)
@@ -204,7 +219,7 @@ class QwenBackend:
                 if (size := self._seen(shown)) not in sizes:
                     sizes.add(size)
                     asks.append((n, scale, shown))
-        answers = self._ask([Request(prompts.FIGURE, shown, self.cfg.max_new_tokens) for _, _, shown in asks]
+        answers = self._ask([self._request(prompts.FIGURE, shown) for _, _, shown in asks]
                             + [self._split_request(caption) for caption in captions])
         splits = [_read_split(caption, answer) for caption, answer in zip(captions, answers[len(asks):], strict=True)]
         by_figure: list[list[tuple[float, Parsed]]] = [[] for _ in images]
@@ -258,8 +273,7 @@ class QwenBackend:
                 elif min(crop.size) >= _MIN_CROP_SIDE:
                     phrases = [_quoted(p) for p in groundable_clauses(own.get(label_key(panel["label"], labels), ""))]
                     asks.append((n, k, crop, phrases))
-        answers = self._ask([Request(_panel_question(phrases), crop, self.cfg.max_new_tokens)
-                             for _, _, crop, phrases in asks])
+        answers = self._ask([self._request(_panel_question(phrases), crop) for _, _, crop, phrases in asks])
         for (n, k, crop, phrases), answer in zip(asks, answers, strict=True):
             proposal = proposals[n]
             description, parsed = parse_panel_answer(answer.text, (crop.height, crop.width), answer.seen)
@@ -295,9 +309,8 @@ class QwenBackend:
                     else:
                         origin = next(p for p in phrases if p["text"] == region["text_sub"])
                     asks.append((n, k, region, origin, verify and region["source"] == "caption"))
-        answers = self._ask([Request(prompts.REGION_WITH_PHRASE.format(phrase=_quoted(region["text_sub"]))
-                                     if to_verify else prompts.REGION,
-                                     _region_crop(images[n], region["box"]), self.cfg.max_new_tokens)
+        answers = self._ask([self._request(prompts.REGION_WITH_PHRASE.format(phrase=_quoted(region["text_sub"]))
+                                           if to_verify else prompts.REGION, _region_crop(images[n], region["box"]))
                              for n, _, region, _, to_verify in asks])
         for (n, k, region, origin, to_verify), answer in zip(asks, answers, strict=True):
             description, shows, problems = parse_region_answer(answer.text)

@@ -27,14 +27,18 @@ After a crash a rerun treats the ids in closed parts and in the failures file as
 unfinished part, and redoes the rest, so each input id ends up exactly once across records and
 failures.
 
+Batches are annotated `batches_in_flight` at a time, in host threads, through one engine thread
+(engine_worker.py): their results are written in input order.
+
 SIGTERM (SLURM's notice before it kills a preempted or timed-out task) stops the shard at the
-backend's next generate call (faults.STOP), or between batches: the batch in flight is abandoned
+backend's next generate call (faults.STOP), or between batches: the batches in flight are abandoned
 without a failure line, the open part is closed with its index and the process exits with status
 143 (128 + SIGTERM, what SIGTERM's default action would give), leaving the shard for a rerun.
 
 A fault of the engine or its device (faults.EngineFault: a CUDA error, a dead vLLM engine, an aborted
 generation) stops the shard the same way with status 4 (ENGINE_FAULT_EXIT_STATUS) and one line
-naming the error: no figure of the batch is written down as failed, and the rerun redoes it.
+naming the error: no figure of the batches in flight is written down as failed, and the rerun
+redoes them.
 
 When more than max_failure_rate of the last failure_window figures failed (a wrong model, bad
 inputs: failing through a whole shard would cost its hours for nothing), the shard stops after the
@@ -67,6 +71,7 @@ import sys
 import threading
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -298,6 +303,7 @@ class _StopOnSigterm:
         return self
 
     def __exit__(self, *_):
+        STOP.clear()  # also set when the shard stopped early with batches in flight (_in_flight)
         if self.installed:
             # None: a handler set outside Python, which Python cannot reinstall; the default is closest.
             signal.signal(signal.SIGTERM, signal.SIG_DFL if self.previous is None else self.previous)
@@ -331,13 +337,36 @@ def _batches(items: Iterable, size: int):
         yield batch
 
 
+def _in_flight(batches: Iterable, annotate, depth: int):
+    """(batch, results) of each batch, in order, with `depth` batches annotated at once in host threads
+    (annotate(batch, decoded) -> results): while one batch's answers are read and its records built,
+    the next one's requests keep the engine busy (engine_worker.py). Raises what a batch raised. When
+    it stops early, the batches still in flight stop at their next generate call (faults.STOP)."""
+    pool = ThreadPoolExecutor(depth, thread_name_prefix="batch")
+    pending: collections.deque = collections.deque()
+    try:
+        for batch, decoded in batches:
+            pending.append((batch, pool.submit(annotate, batch, decoded)))
+            if len(pending) >= depth:
+                batch, future = pending.popleft()
+                yield batch, future.result()
+        while pending:
+            batch, future = pending.popleft()
+            yield batch, future.result()
+    finally:
+        if pending:
+            STOP.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def run_shard(inputs: Sequence[str], out: str | Path, backend: Backend, num_shards: int = 1, shard_index: int = 0,
               cfg: AnnotateConfig = AnnotateConfig(), batch_size: int = 8, part_size: int = 256,
               part_seconds: float = 300.0, shard_by: str = "auto", max_failure_rate: float = 0.5,
-              failure_window: int = 100, decode_workers: int = 0) -> dict:
+              failure_window: int = 100, decode_workers: int = 0, batches_in_flight: int = 3) -> dict:
     """Annotate this shard's figures; returns the summary (also written to the summary file). `inputs`
     as inputs.expand_inputs takes them; figures are decoded in `decode_workers` processes ahead of the
-    backend (0: in this process). Raises SystemExit(143) on SIGTERM once what was done is
+    backend (0: in this process) and `batches_in_flight` batches are annotated at once (_in_flight).
+    Raises SystemExit(143) on SIGTERM once what was done is
     durable, SystemExit(4) on an engine fault, SystemExit(3) past max_failure_rate, SystemExit(1)
     while another process runs the shard."""
     out = Path(out)
@@ -364,6 +393,7 @@ def run_shard(inputs: Sequence[str], out: str | Path, backend: Backend, num_shar
         resumed = len(done)
         inputs_read: list[str] = []
         lvlm_before = collections.Counter(getattr(backend, "counts", {}))
+        busy_before = getattr(backend, "busy_seconds", 0.0)
         start = time.perf_counter()
         with _StopOnSigterm() as stop:
             progress = _Progress(files, part_size, part_seconds, failure_window)
@@ -389,18 +419,12 @@ def run_shard(inputs: Sequence[str], out: str | Path, backend: Backend, num_shar
                             yield item
 
             failing, fault = False, None
+            batches = decoded_batches(_batches(mine(), batch_size), cfg, decode_workers)
+            annotated = _in_flight(batches, lambda batch, decoded: annotate_batch(batch, backend, cfg, decoded),
+                                   batches_in_flight)
             try:
                 with tqdm(desc=f"annotate shard {shard_index}/{num_shards}", unit="figure") as bar:
-                    for batch, decoded in decoded_batches(_batches(mine(), batch_size), cfg, decode_workers):
-                        if stop.requested:
-                            break
-                        try:  # the batch in flight is abandoned, without a failure line, on either
-                            results = annotate_batch(batch, backend, cfg, decoded)
-                        except StopRequested:
-                            break
-                        except EngineFault as err:
-                            fault = err
-                            break
+                    for batch, results in annotated:
                         for figure, result in zip(batch, results, strict=True):
                             if isinstance(result, FigureError):
                                 progress.fail(figure.figure_id, figure.source, result.stage, result.reason,
@@ -409,9 +433,14 @@ def run_shard(inputs: Sequence[str], out: str | Path, backend: Backend, num_shar
                                 progress.record(figure, result)
                         progress.close_part_if_due()
                         bar.update(len(batch))
-                        if failing := progress.failing(max_failure_rate):
+                        if stop.requested or (failing := progress.failing(max_failure_rate)):
                             break
+            except StopRequested:  # the batches in flight are abandoned, without a failure line, on either
+                pass
+            except EngineFault as err:
+                fault = err
             finally:
+                annotated.close()
                 progress.close()
             # After the bar's last line, so the reason is the log's last line.
             if failing:
@@ -420,8 +449,8 @@ def run_shard(inputs: Sequence[str], out: str | Path, backend: Backend, num_shar
             stop.exit_if_requested(files, progress.counts)
             if fault is not None:
                 _stop(f"engine fault, shard {files.stem} stopped after {progress.counts['figures']} figures this run "
-                      f"with its parts closed and no failure line for the batch in flight: {fault}. Fix the node "
-                      f"or the engine and rerun to redo the batch", ENGINE_FAULT_EXIT_STATUS)
+                      f"with its parts closed and no failure line for the batches in flight: {fault}. Fix the node "
+                      f"or the engine and rerun to redo them", ENGINE_FAULT_EXIT_STATUS)
             seconds = time.perf_counter() - start
             about = {"shard_by": shard_by, "inputs_read": inputs_read, "resumed_with_done": resumed,
                      "resume_parts_from_indexes": resume["parts_from_indexes"],
@@ -431,7 +460,9 @@ def run_shard(inputs: Sequence[str], out: str | Path, backend: Backend, num_shar
             if hasattr(backend, "counts"):  # an LVLM's requests and blocking generate calls this run
                 lvlm = collections.Counter(backend.counts) - lvlm_before
                 about |= {"lvlm_requests": lvlm["requests"], "lvlm_generate_calls": lvlm["generate_calls"],
-                          "lvlm_requests_per_figure": round(lvlm["requests"] / max(progress.counts["figures"], 1), 2)}
+                          "lvlm_requests_per_figure": round(lvlm["requests"] / max(progress.counts["figures"], 1), 2),
+                          "lvlm_engine_busy_share": round((getattr(backend, "busy_seconds", 0.0) - busy_before)
+                                                                / max(seconds, 1e-9), 3)}
             return _finish(files, about, stop, progress.counts)
 
 

@@ -109,10 +109,11 @@ def every_id_once(out, lines):
     return got, failures
 
 
-def stopped(manifest, out, engine, status):
-    """The ids in the parts a run stopped with `status` kept, having written no failure line."""
+def stopped(manifest, out, engine, status, in_flight=1):
+    """The ids in the parts a run stopped with `status` kept, having written no failure line. One batch
+    in flight unless asked: the engine's calls are then the same in every run."""
     with pytest.raises(SystemExit) as stop:
-        run_shard([manifest], out, QwenBackend(engine, CFG), cfg=CFG, batch_size=BATCH)
+        run_shard([manifest], out, QwenBackend(engine, CFG), cfg=CFG, batch_size=BATCH, batches_in_flight=in_flight)
     assert stop.value.code == status
     files = ShardFiles(out, 0, 1)
     assert not files.summary.exists() and files.failures.read_text() == ""  # no failure line, for any figure
@@ -127,19 +128,24 @@ def cuda_error_after(figures: int):
     return before
 
 
-def test_a_cuda_error_stops_the_shard_and_the_rerun_redoes_its_batch(tmp_path, capsys):
+@pytest.mark.parametrize("in_flight", [1, 2])
+def test_a_cuda_error_stops_the_shard_and_the_rerun_redoes_its_batch(tmp_path, capsys, in_flight):
+    """With two batches in flight the call that fails may hold the requests of both: both are redone."""
     manifest, lines = medicat_manifest(tmp_path)
     out = tmp_path / "out"
-    kept = stopped(manifest, out, ScriptedEngine(cuda_error_after(4)), ENGINE_FAULT_EXIT_STATUS)
-    assert kept == [line["id"] for line in lines[:4]]  # the two batches before the fault
+    kept = stopped(manifest, out, ScriptedEngine(cuda_error_after(4)), ENGINE_FAULT_EXIT_STATUS, in_flight)
+    if in_flight == 1:
+        assert kept == [line["id"] for line in lines[:4]]  # the two batches before the fault
+    else:  # whole batches, in order, none after the fault
+        assert kept == [line["id"] for line in lines[:len(kept)]] and len(kept) in (2, 4)
     assert capsys.readouterr().err.splitlines()[-1] == (
-        "annotate: engine fault, shard 00000-of-00001 stopped after 4 figures this run with its parts closed and no "
-        "failure line for the batch in flight: RuntimeError: CUDA error: an illegal memory access was encountered. "
-        "Fix the node or the engine and rerun to redo the batch")
+        f"annotate: engine fault, shard 00000-of-00001 stopped after {len(kept)} figures this run with its parts "
+        "closed and no failure line for the batches in flight: RuntimeError: CUDA error: an illegal memory access was "
+        "encountered. Fix the node or the engine and rerun to redo them")
 
     summary = run_shard([manifest], out, QwenBackend(ScriptedEngine(), CFG), cfg=CFG, batch_size=BATCH)
     got, failures = every_id_once(out, lines)
-    assert failures == [] and summary["figures_this_run"] == 6 and summary["figures"] == 10
+    assert failures == [] and summary["figures_this_run"] == 10 - len(kept) and summary["figures"] == 10
 
 
 @pytest.mark.parametrize("fault", ["aborted", "dead"])
@@ -202,7 +208,8 @@ def test_a_transient_read_failure_is_tried_again_by_the_next_run(tmp_path, monke
 
     monkeypatch.setattr(Figure, "read_image_bytes", flaky)
     with pytest.raises(SystemExit):
-        run_shard([manifest], out, QwenBackend(ScriptedEngine(cuda_error_after(4)), CFG), cfg=CFG, batch_size=BATCH)
+        run_shard([manifest], out, QwenBackend(ScriptedEngine(cuda_error_after(4)), CFG), cfg=CFG, batch_size=BATCH,
+                  batches_in_flight=1)
     assert [(f["id"], f["final"]) for f in read_failure_lines(out)] == [("medicat-1", False)]
     monkeypatch.setattr(Figure, "read_image_bytes", real_read)
 
@@ -246,20 +253,21 @@ def test_an_error_that_names_no_device_still_fails_only_its_figure():
 
 
 def test_a_vllm_processor_that_ignores_our_pixel_bounds_stops_the_run(tmp_path, capsys):
-    """vLLM's frame is read, not assumed: a processor resizing under the checkpoint's own max_pixels
-    (12845056) rather than ours shows the model another number of image tokens than the frame the
-    boxes would be read in, and the first call stops the run with one line saying so."""
+    """vLLM's frame is read, not assumed: a processor resizing under other bounds than ours (a smaller
+    max_pixels here; the images reach it at their frame, so a larger one changes nothing) shows the
+    model another number of image tokens than the frame the boxes would be read in, and the first call
+    stops the run with one line saying so."""
     manifest, lines = medicat_manifest(tmp_path)
-    llm = StandInLLM(max_pixels=12845056)
+    llm = StandInLLM(max_pixels=28 * 28 * 16)
     assert stopped(manifest, tmp_path / "out", with_questions(vllm_engine(llm)), ENGINE_FAULT_EXIT_STATUS) == []
     width, height = Image.open(lines[0]["image"]).size
     frame_height, frame_width = resized_size(height, width, CFG.min_pixels, CFG.max_pixels)
     assert llm.calls == 1 and capsys.readouterr().err.splitlines()[-1].endswith(
-        f"in flight: vLLM showed the model {len(llm.image_tokens(Image.new('RGB', (width, height))))} image tokens "
-        f"for a {width}x{height} image, where the {frame_width}x{frame_height} frame its boxes are read in has "
-        f"{(frame_height // 28) * (frame_width // 28)}: its processor did not resize under min_pixels=3136, "
-        "max_pixels=50176 (mm_processor_kwargs); check the vllm and transformers versions "
-        "(annotate/requirements-vllm.txt). Fix the node or the engine and rerun to redo the batch")
+        f"in flight: vLLM showed the model {len(llm.image_tokens(Image.new('RGB', (frame_width, frame_height))))} "
+        f"image tokens for a {frame_width}x{frame_height} image, where the {frame_width}x{frame_height} frame its "
+        f"boxes are read in has {(frame_height // 28) * (frame_width // 28)}: its processor resizes under other "
+        "bounds than min_pixels=3136, max_pixels=50176 (mm_processor_kwargs); check the vllm and transformers "
+        "versions (annotate/requirements-vllm.txt). Fix the node or the engine and rerun to redo them")
 
 
 def test_a_round_out_of_memory_is_asked_again_in_halves_without_the_rounds_before_it(tmp_path):

@@ -101,8 +101,9 @@ def test_garbage_answers_become_warnings_not_crashes(tmp_path, tiny_model):
 
 def test_the_request_plan_one_figure_one_split_one_per_panel_and_one_per_region(tiny_model):
     """400x200 is above max_pixels at both scales, so the model would see one size twice: asked once; its
-    caption split asked once (text only, its own generate call). Then one request per panel crop, for its
-    description and its clauses' boxes, and one per region crop for its description: 6 requests, 4 calls."""
+    caption split asked once (text only, in the same generate call). Then one request per panel crop, for
+    its description and its clauses' boxes, and one per region crop for its description: 6 requests, 3
+    calls (one a round)."""
     backend, scripted = scripted_backend(tiny_model)
     image = Image.new("RGB", (400, 200), "white")
     caption = "Kidney. (A) PAS stain; arrows mark crescents. (B) Electron micrograph."
@@ -119,9 +120,9 @@ def test_the_request_plan_one_figure_one_split_one_per_panel_and_one_per_region(
     assert 200 <= phrase_box[0] < phrase_box[2] <= 400  # crop coordinates mapped back into panel B
     # Both of A's phrases are near its arrow and got the same box: one fused region. B has no markers:
     # its phrase box is a region once the region's own crop is said to show it.
-    assert scripted.calls == [(["figure"], CFG.max_new_tokens), (["split"], CFG.max_new_tokens),
-                              (["panel", "panel"], CFG.max_new_tokens), (["region", "region"], CFG.max_new_tokens)]
-    assert backend.counts == {"requests": 6, "generate_calls": 4} and proposal.warnings == []
+    assert scripted.calls == [(["split", "figure"], CFG.max_new_tokens), (["panel", "panel"], CFG.max_new_tokens),
+                              (["region", "region"], CFG.max_new_tokens)]
+    assert backend.counts == {"requests": 6, "generate_calls": 3} and proposal.warnings == []
     record = build_record(Figure("f", "src", caption), b"png", image, proposal, backend, CFG, 0.0)
     assert [(r["panel_id"], r["source"], r["text_sub"], r["text_lvlm"]) for r in record["regions"]] == [
         (0, "fused", "arrows mark crescents", "A dark nucleus."),
@@ -139,7 +140,7 @@ def test_a_second_scale_is_asked_only_where_the_model_would_see_another_size(tin
     backend, scripted = scripted_backend(tiny_model, figure=figure)
     small, large = Image.new("RGB", (200, 100), "white"), Image.new("RGB", (400, 200), "white")
     proposals = backend.propose([small, large], ["Two stains: (a) PAS. (b) HE.", "(A) PAS. (B) HE."])
-    assert scripted.calls[0] == (["figure"] * 3, CFG.max_new_tokens)  # small twice, large once
+    assert scripted.calls[0] == (["split"] * 2 + ["figure"] * 3, CFG.max_new_tokens)  # small twice, large once
     assert [p["label"] for p in proposals[0].panels] == ["a", "b"]
     assert [p["label"] for p in proposals[1].panels] == ["A", "B"]
     assert backend.counts["requests"] == 3 + 2 + 4  # figures, splits, panels (no phrase of two words: no regions)
@@ -177,7 +178,8 @@ def test_an_answer_cut_at_the_budget_is_asked_again_alone_with_a_larger_one(tiny
     for k, panel in enumerate(proposals[0].panels):
         assert panel["box"] == pytest.approx([100 * k, 0, 100 * k + 100, 200], abs=3)
     assert [p["label"] for p in proposals[1].panels] == ["A", "B"]
-    assert [call for call in scripted.calls if "figure" in call[0]] == [(["figure"] * 2, 128), (["figure"], 512)]
+    assert [call for call in scripted.calls if "figure" in call[0]] == [(["split"] * 2 + ["figure"] * 2, 128),
+                                                                          (["figure"], 512)]
     assert all(budget == 128 for kinds, budget in scripted.calls if "panel" in kinds)
     assert proposals[0].warnings == proposals[1].warnings == []
 
@@ -225,7 +227,7 @@ def test_prefilter_sends_single_panel_figures_past_the_lvlm_and_reads_nothing_el
     proposals = PrefilteredBackend(backend).propose([single, double], ["A cell.", "(A) x. (B) y."])
     assert proposals[0].warnings == ["prefilter: one panel found, LVLM skipped"]
     assert len(proposals[1].panels) == 2
-    assert [kinds for kinds, _ in scripted.calls if "figure" in kinds] == [["figure"]]
+    assert [kinds for kinds, _ in scripted.calls if "figure" in kinds] == [["split", "figure"]]
     # Labels and markers only for the figure the LVLM does not see (one find_markers call per panel).
     assert read == {"read_labels": 1, "find_markers": 1}
 
@@ -299,7 +301,7 @@ def test_annotate_run_writes_the_lvlm_split_and_region_descriptions(tmp_path, ti
     assert record["regions"] and all(r["text_lvlm"] == "A dark nucleus." for r in record["regions"])
     assert {r["panel_id"] for r in record["regions"] if r["source"] != "marker"} == set(range(len(read)))
     annotation = record["annotation"]
-    assert annotation["prompt_version"] == prompts.VERSION == "panel2patch-6" and annotation["warnings"] == []
+    assert annotation["prompt_version"] == prompts.VERSION == "panel2patch-7" and annotation["warnings"] == []
     kinds = collections.Counter(kind for call, _ in scripted.calls for kind in call)
     assert kinds == {"figure": 1, "split": 1, "panel": len(read), "region": len(record["regions"])}
 
@@ -372,7 +374,7 @@ def test_node_flags_reach_the_transformers_model(tiny_model, monkeypatch):
     assert model.config._attn_implementation == "eager" and model.device.type == "cpu"
     model.generate = scripted = Scripted(backend.engine, side_by_side(4))
     backend.propose([Image.new("RGB", (400, 100), "white")], ["(A) a. (B) b. (C) c. (D) d."])
-    assert scripted.calls == [(["figure"], 400), (["split"], 400), (["panel"] * 3, 400), (["panel"], 400),
+    assert scripted.calls == [(["split", "figure"], 400), (["panel"] * 3, 400), (["panel"], 400),
                               (["region"], 400)]  # A's arrow
 
 
@@ -402,18 +404,19 @@ def test_node_flags_reach_the_vllm_engine(tiny_model, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM))
     cfg, options = run_flags("--tensor-parallel-size", "8", "--gpu-memory-utilization", "0.8",
-                             "--max-model-len", "16384")
+                             "--max-model-len", "16384", "--max-num-seqs", "512")
     backend = make_backend("vllm", str(tiny_model), CFG, options=options)
     made["image_token_id"] = backend.engine.image_token_id
-    assert {k: made[k] for k in ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len",
+    assert {k: made[k] for k in ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "max_num_seqs",
                                  "enable_prefix_caching", "mm_processor_kwargs")} == {
-        "tensor_parallel_size": 8, "gpu_memory_utilization": 0.8, "max_model_len": 16384,
+        "tensor_parallel_size": 8, "gpu_memory_utilization": 0.8, "max_model_len": 16384, "max_num_seqs": 512,
         "enable_prefix_caching": True, "mm_processor_kwargs": {"min_pixels": CFG.min_pixels, "max_pixels": CFG.max_pixels}}
     answers = backend.engine.generate([Request(prompts.FIGURE, Image.new("RGB", (2000, 1500)), 7),
                                        Request(prompts.PANEL, Image.new("RGB", (60, 60)), 9)])
     assert made["budgets"] == [7, 9] and [a.cut_at for a in answers] == [None, 9]
     assert answers[0].seen == resized_size(1500, 2000, CFG.min_pixels, CFG.max_pixels)
-    assert options == LvlmOptions(tensor_parallel_size=8, gpu_memory_utilization=0.8, max_model_len=16384)
+    assert options == LvlmOptions(tensor_parallel_size=8, gpu_memory_utilization=0.8, max_model_len=16384,
+                                  max_num_seqs=512)
 
 
 def vllm_prompt_tokens(prompt: dict, made: dict) -> list[int]:

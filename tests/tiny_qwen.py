@@ -76,23 +76,18 @@ def _between(text: str, template: str, field: str) -> str | None:
     return text[start:text.index(after, start)]
 
 
-class Scripted:
-    """Stands in for the network's `generate` only, answering as a good Qwen2.5-VL would: in pixels of
-    the resized input it saw, read off its image grid. A figure question gets `figure(height, width)`
-    (a list of {"bbox_2d", "label"}; default two panels side by side and an arrow); a caption split
-    `split(caption)` (default `rule_answer`); a panel question a description and a box (a fifth to a half
-    of the crop's sides) for each phrase it asks about; a region question a description and, where it
-    names a phrase, `shows(phrase)` (default True) as its verdict. Like generate, it ends each answer with
-    the end-of-sequence token unless `max_new_tokens` cuts it first, and pads the rows that ended. `calls`
-    holds each call's question kinds and budget. Everything around it (processor, prompts, parsing,
-    mapping, pooling, fusion) is real."""
+class GoodAnswers:
+    """How a good Qwen2.5-VL answers each question of the request plan (`prompt` holds the question), in
+    pixels of the (height, width) image it saw: a figure question gets `figure(height, width)` (a list of
+    {"bbox_2d", "label"}; default two panels side by side and an arrow); a caption split `split(caption)`
+    (default `rule_answer`); a panel question a description and a box (a fifth to a half of the crop's
+    sides) for each phrase it asks about; a region question a description and, where it names a phrase,
+    `shows(phrase)` (default True) as its verdict. Returns (the question's kind, the answer)."""
 
-    def __init__(self, engine, figure=side_by_side(2), split=rule_answer, shows=lambda phrase: True):
-        self.tokenizer, self.figure, self.split, self.shows, self.calls = (
-            engine.processor.tokenizer, figure, split, shows, [])
-        self.patch = engine.model.config.vision_config.patch_size
+    def __init__(self, figure=side_by_side(2), split=rule_answer, shows=lambda phrase: True):
+        self.figure, self.split, self.shows = figure, split, shows
 
-    def answer(self, prompt: str, height: int | None, width: int | None) -> tuple[str, str]:
+    def __call__(self, prompt: str, height: int | None, width: int | None) -> tuple[str, str]:
         import json
         import re
 
@@ -111,11 +106,26 @@ class Scripted:
         return "panel", json.dumps({"description": "A stained tissue section.",
                                     "boxes": [{"bbox_2d": box, "label": phrase} for phrase in phrases]})
 
+
+class Scripted:
+    """Stands in for the network's `generate` only, answering as GoodAnswers(figure, split, shows) in pixels
+    of the resized input it saw, read off its image grid. Like generate, it ends each answer with the
+    end-of-sequence token unless `max_new_tokens` cuts it first, and pads the rows that ended. `calls`
+    holds each call's question kinds and budget. Everything around it (processor, prompts, parsing,
+    mapping, pooling, fusion) is real."""
+
+    def __init__(self, engine, figure=side_by_side(2), split=rule_answer, shows=lambda phrase: True):
+        self.tokenizer, self.answer, self.calls = engine.processor.tokenizer, GoodAnswers(figure, split, shows), []
+        self.image_token_id = engine.processor.image_token_id
+        self.patch = engine.model.config.vision_config.patch_size
+
     def __call__(self, input_ids, max_new_tokens, image_grid_thw=None, **_):
         import torch
         kinds, answers = [], []
-        grids = image_grid_thw.tolist() if image_grid_thw is not None else [(1, None, None)] * len(input_ids)
-        for prompt, (_, rows, columns) in zip(self.tokenizer.batch_decode(input_ids), grids, strict=True):
+        # One grid per row with an image, in row order (a call mixes image and text-only rows).
+        grids = iter(image_grid_thw.tolist() if image_grid_thw is not None else [])
+        for ids, prompt in zip(input_ids.tolist(), self.tokenizer.batch_decode(input_ids), strict=True):
+            _, rows, columns = next(grids) if self.image_token_id in ids else (1, None, None)
             kind, answer = self.answer(prompt, rows and rows * self.patch, columns and columns * self.patch)
             kinds.append(kind)
             answers.append(answer)

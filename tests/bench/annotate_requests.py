@@ -37,6 +37,14 @@ from conftest import DATA, roco_captions  # noqa: E402
 from tiny_qwen import Scripted, build_tiny_qwen  # noqa: E402
 
 
+def demo_figures(directory: Path, num: int) -> tuple[Path, list[dict]]:
+    """`num` synthetic figures as `make demo` makes them (real layouts, MedMNIST pictures, seed 100) in
+    `directory`, and their ground truth."""
+    data = synthesize(directory, num, seed=100, layouts_csv=str(DATA / "layouts" / "zou_train.csv"),
+                      medmnist_npz=str(DATA / "medmnist" / "pneumoniamnist.npz"))
+    return data, [json.loads(line) for line in (data / "gt.jsonl").read_text().splitlines()]
+
+
 def truth_answers(gt: list[dict], cfg: AnnotateConfig):
     """figure(height, width) for Scripted: the true panels and markers of the figure the model sees at
     that size (each figure is told apart by the sizes it is shown at)."""
@@ -77,9 +85,7 @@ def main() -> None:
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-annotate-"))
     try:
-        data = synthesize(tmp / "synth", args.figures, seed=100, layouts_csv=str(DATA / "layouts" / "zou_train.csv"),
-                          medmnist_npz=str(DATA / "medmnist" / "pneumoniamnist.npz"))
-        gt = [json.loads(line) for line in (data / "gt.jsonl").read_text().splitlines()]
+        data, gt = demo_figures(tmp / "synth", args.figures)
         corpus = roco_captions()[:2000] + [json.dumps([{"bbox_2d": [n, n + 1, n + 50, n + 60], "label": "ABCD"[n % 4]}])
                                            for n in range(300)]
         model = build_tiny_qwen(tmp / "tiny-qwen", corpus)
