@@ -162,7 +162,7 @@ def cmd_run(args) -> int:
                             batch_size=args.batch_size, part_size=args.part_size, part_seconds=args.part_seconds,
                             shard_by=args.shard_by, max_failure_rate=args.max_failure_rate,
                             failure_window=args.failure_window, decode_workers=args.decode_workers,
-                            batches_in_flight=args.batches_in_flight)
+                            batches_in_flight=args.batches_in_flight or (1 if args.backend == "heuristic" else 3))
     except (ValueError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -254,9 +254,10 @@ def main(argv=None) -> int:
     p.add_argument("--decode-workers", type=int, default=max(0, min(8, len(os.sched_getaffinity(0)) - 1)),
                    help="processes that read and decode the next batches while the backend works (default: the "
                         "cores this process may use, less one, at most 8; 0 decodes in the main process)")
-    p.add_argument("--batches-in-flight", type=int, default=3,
+    p.add_argument("--batches-in-flight", type=int,
                    help="batches annotated at once, each in a host thread, so that the LVLM engine runs one "
-                        "batch's requests while the host reads another's answers and builds its records")
+                        "batch's requests while the host reads another's answers and builds its records "
+                        "(default: 3 for qwen and vllm, 1 for heuristic, which has no engine to keep busy)")
     p.add_argument("--part-size", type=int, default=256, help="records per part file (the unit of resume)")
     p.add_argument("--part-seconds", type=float, default=300.0,
                    help="close a part this long after its first record even if not full, so a kill -9 loses "

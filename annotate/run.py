@@ -362,7 +362,7 @@ def _in_flight(batches: Iterable, annotate, depth: int):
 def run_shard(inputs: Sequence[str], out: str | Path, backend: Backend, num_shards: int = 1, shard_index: int = 0,
               cfg: AnnotateConfig = AnnotateConfig(), batch_size: int = 8, part_size: int = 256,
               part_seconds: float = 300.0, shard_by: str = "auto", max_failure_rate: float = 0.5,
-              failure_window: int = 100, decode_workers: int = 0, batches_in_flight: int = 3) -> dict:
+              failure_window: int = 100, decode_workers: int = 0, batches_in_flight: int = 1) -> dict:
     """Annotate this shard's figures; returns the summary (also written to the summary file). `inputs`
     as inputs.expand_inputs takes them; figures are decoded in `decode_workers` processes ahead of the
     backend (0: in this process) and `batches_in_flight` batches are annotated at once (_in_flight).

@@ -283,6 +283,6 @@ def test_a_round_out_of_memory_is_asked_again_in_halves_without_the_rounds_befor
 
     manifest, lines = medicat_manifest(tmp_path)
     summary = run_shard([manifest], tmp_path / "out", QwenBackend(ScriptedEngine(before), CFG), cfg=CFG,
-                        batch_size=4)
+                        batch_size=4, batches_in_flight=3)
     assert every_id_once(tmp_path / "out", lines)[1] == [] and summary["figures"] == 10
     assert max(answered.values()) == 1 and summary["lvlm_requests"] == sum(answered.values())
