@@ -7,9 +7,11 @@ submitted while the call before it ran, whichever batch it comes from. So the en
 from one call to the next while the host threads read answers and crop panels, and the rounds of
 different batches share calls (batch k+1's figure round with batch k's panel round).
 
-An exception of a call (a CUDA error, a stop) reaches every submitter of that call. Out of memory in a
-call of several submissions runs them one by one, so a submitter sees out of memory only for its own
-requests, which it then halves (qwen.QwenBackend).
+A call out of memory is run again in halves, down to single requests, so a round too big for the card
+shrinks without any earlier round being asked again (pipeline.propose_bisecting, which redoes a whole
+batch, then only sees a request that does not fit alone). Another exception of a call (a CUDA error, a
+stop) reaches every submitter of that call; a request out of memory alone, only its own submitter (the
+call's submissions are then run one by one).
 """
 from __future__ import annotations
 
@@ -51,13 +53,26 @@ class EngineWorker:
                 self._pending.clear()
             self._answer(calls)
 
-    def _answer(self, calls: list[tuple[list[Request], Future]]) -> None:
-        """One generate call for `calls`; calls that run out of memory together are run one by one, so
-        that a submitter sees out of memory only for requests of its own (it halves them: qwen.py)."""
-        merged = [request for requests, _ in calls for request in requests]
+    def _generate(self, requests: list[Request]) -> list[Answer]:
+        """engine.generate, run again in halves when out of memory."""
         start = time.perf_counter()
         try:
-            answers = self.engine.generate(merged)
+            return self.engine.generate(requests)
+        except Exception as err:
+            if len(requests) == 1 or not is_out_of_memory(err):
+                raise
+        finally:
+            self.busy_seconds += time.perf_counter() - start
+        free_accelerator_memory()  # outside the except block: the traceback's tensors are gone
+        half = len(requests) // 2
+        return self._generate(requests[:half]) + self._generate(requests[half:])
+
+    def _answer(self, calls: list[tuple[list[Request], Future]]) -> None:
+        """One generate call (halved as needed) for `calls`; when a request is out of memory alone, the
+        calls are run one by one, so only its submitter sees it."""
+        merged = [request for requests, _ in calls for request in requests]
+        try:
+            answers = self._generate(merged)
         except BaseException as err:  # noqa: B036 - a stop or a fault is every submitter's to handle
             alone = len(calls) > 1 and is_out_of_memory(err)
             if not alone:
@@ -68,8 +83,6 @@ class EngineWorker:
             for requests, future in calls:
                 future.set_result(answers[:len(requests)])
                 answers = answers[len(requests):]
-        finally:
-            self.busy_seconds += time.perf_counter() - start
         if alone:  # outside the except block: the traceback's tensors are gone
             free_accelerator_memory()
             for call in calls:

@@ -146,8 +146,8 @@ class TransformersEngine:
         # The image grid counts patch_size-pixel patches of each resized image, rows then columns, in the
         # order of the rows with an image.
         patch = self.processor.image_processor.patch_size
-        frames = [(h * patch, w * patch) for _, h, w in batch["image_grid_thw"].tolist()] if images else []
-        seen = [frames.pop(0) if r.image is not None else None for r in requests]
+        frames = iter([(h * patch, w * patch) for _, h, w in batch["image_grid_thw"].tolist()] if images else [])
+        seen = [next(frames) if r.image is not None else None for r in requests]
         return [Answer(text, max_new_tokens if cut and not row_ended else None, frame)
                 for text, row_ended, frame in zip(texts, ended, seen, strict=True)]
 

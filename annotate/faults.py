@@ -6,7 +6,7 @@ figures in flight: written down as their failures they would never be retried (a
 in the failures file), and a GPU that died after 30k good figures would turn the rest of the shard
 into failure lines within minutes. So such an error becomes an EngineFault, which stops the shard
 with no failure line for its batch, and the rerun redoes the batch. An out-of-memory error is not a
-fault: the generate call is retried in halves (qwen.QwenBackend), then the batch is bisected
+fault: the generate call is retried in halves (engine_worker.py), then the batch is bisected
 (pipeline.propose_bisecting), and only a figure that fails alone fails.
 
 Both exceptions derive from BaseException, as KeyboardInterrupt does, so that no per-figure

@@ -46,7 +46,7 @@ from annotate.captions import (caption_label, groundable_clauses, label_key, pan
 from annotate.config import AnnotateConfig
 from annotate.engine_worker import EngineWorker
 from annotate.engines import Answer, Engine, Request
-from annotate.faults import check_stop, free_accelerator_memory, is_out_of_memory
+from annotate.faults import check_stop
 from annotate.lvlm_output import (Parsed, marker_kind, parse_boxes, parse_caption_split, parse_panel_answer,
                                   parse_region_answer, resized_size)
 from annotate.pipeline import Proposal
@@ -180,18 +180,11 @@ class QwenBackend:
         return answers
 
     def _generate(self, requests: list[Request]) -> list[Answer]:
-        """The engine's answers; a call out of memory is asked again in halves, so a round too big for
-        the card shrinks without the rounds before it being asked again (as the batch's bisection in
-        pipeline.propose_bisecting would). Stops here, between calls, once a stop is requested."""
+        """The engine's answers, through the worker (which halves a call out of memory, so a round too
+        big for the card shrinks without the rounds before it being asked again). Stops here, between
+        calls, once a stop is requested."""
         check_stop()
-        try:
-            return self.worker.generate(requests)
-        except Exception as err:
-            if len(requests) == 1 or not is_out_of_memory(err):
-                raise
-        free_accelerator_memory()  # outside the except block: the traceback's tensors are gone
-        half = len(requests) // 2
-        return self._generate(requests[:half]) + self._generate(requests[half:])
+        return self.worker.generate(requests)
 
     def _seen(self, image: Image.Image) -> tuple[int, int]:
         return resized_size(image.height, image.width, self.cfg.min_pixels, self.cfg.max_pixels)
