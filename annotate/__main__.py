@@ -3,7 +3,7 @@
   run --input PATH|DIR|@LIST... --out DIR --backend heuristic|qwen|vllm [--model DIR] [--num-shards N
       [--shard-index I]] [--shard-by auto|file|figure] [--max-failure-rate R --failure-window M]
       figures (.jsonl manifests, WebDataset .tar shards, JATS .nxml) -> DIR/records-SSSSS-of-NNNNN
-      .array_record, DIR/failures-….jsonl (id, stage, reason), DIR/summary-….json; resumable. The
+      .FFFFF.array_record, DIR/failures-….jsonl (id, stage, reason), DIR/summary-….json; resumable. The
       shard comes from the flags (the index, if not given, from SLURM_ARRAY_TASK_ID or RANK), else
       SLURM_ARRAY_TASK_ID/COUNT, else RANK/WORLD_SIZE. Exit status 143 after SIGTERM (the open part
       closed; a rerun finishes the shard), 3 when more than R of the figures failed, 1 on errors,
@@ -160,6 +160,7 @@ def cmd_run(args) -> int:
         # ValueError from here on: an input list or directory that names nothing.
         summary = run_shard(args.input, args.out, backend, num_shards, shard_index, cfg=cfg,
                             batch_size=args.batch_size, part_size=args.part_size, part_seconds=args.part_seconds,
+                            file_records=args.file_records,
                             shard_by=args.shard_by, max_failure_rate=args.max_failure_rate,
                             failure_window=args.failure_window, decode_workers=args.decode_workers,
                             batches_in_flight=args.batches_in_flight or (1 if args.backend == "heuristic" else 3))
@@ -262,6 +263,9 @@ def main(argv=None) -> int:
     p.add_argument("--part-seconds", type=float, default=300.0,
                    help="close a part this long after its first record even if not full, so a kill -9 loses "
                         "about this much work (SIGTERM closes it and exits with status 143)")
+    p.add_argument("--file-records", type=int, default=2048,
+                   help="records per records file of the finished shard: its parts are packed into files of at most "
+                        "this many, so the disk holds the shard plus one such file while they are written")
     p = sub.add_parser("merge", help="check that the shards account for every input id once; sum their summaries")
     p.add_argument("--out", required=True, help="the folder the shards were written to")
     p.add_argument("--input", nargs="+",

@@ -1,8 +1,7 @@
 """`annotate merge`: after all shards of `annotate run` are done, check that every input id was
 accounted for exactly once and add up the shards' records and failures.
 
-A shard is finished when its records and summary files exist (what `annotate run` writes last);
-any other shard of the count is missing, whatever it left behind. Each id must be one record or
+A shard is finished when its summary exists (what `annotate run` writes last); any other shard of the count is missing, whatever it left behind. Each id must be one record or
 one failure line across all shards; an id may repeat only as the run's duplicate-id failure for
 an input that repeats it, or, when the run sharded by file, in shards whose files both hold it:
 then one is kept (a record before a failure, then the lowest shard) and the others are listed as
@@ -12,9 +11,10 @@ figure). Given the inputs, ids they hold but no finished shard has, and ids the 
 the inputs do not, are listed as well (not the ids of missing shards: rerunning those shards is the
 fix).
 
-A shard's ids, panel and region counts and warnings come from its index (records-….index.msgpack),
-so merge reads no record; a shard without a usable index (from before indexes, or stale) is decoded
-instead and named in the report's decoded_shards with why and how to write its index.
+A shard's ids, panel and region counts and warnings come from the indexes of its records files
+(records-….index.msgpack), so merge reads no record; a file without a usable index (from before
+indexes, or stale) is decoded instead and named in the report's decoded_shards with why and how to
+write its index.
 """
 from __future__ import annotations
 
@@ -34,15 +34,12 @@ _NAMED_IDS = 5  # ids an error line names; the report lists them all
 
 
 def shard_indices_by_count(out: Path) -> dict[int, set[int]]:
-    """Shard count -> indices of the shards that left a records, failures or summary file in OUT
-    (names as ShardFiles writes them; part files of unfinished shards do not count)."""
+    """Shard count -> indices of the shards that left a records, index, failures or summary file in
+    OUT (names as ShardFiles writes them; the parts folders of unfinished shards do not count)."""
     found: dict[int, set[int]] = collections.defaultdict(set)
     for path in out.iterdir():
-        if match := _SHARD_STEM.search(path.name):
-            index, count = int(match[1]), int(match[2])
-            files = ShardFiles(out, index, count)
-            if path in (files.records, files.failures, files.summary):
-                found[count].add(index)
+        if path.is_file() and (match := _SHARD_STEM.search(path.name)):
+            found[int(match[2])].add(int(match[1]))
     return found
 
 
@@ -52,14 +49,19 @@ def _named(ids: Sequence[str]) -> str:
 
 
 def _shard_index(files: ShardFiles, decoded: list[str]) -> dict:
-    """The finished shard's index columns, from its index file, else by decoding its records (why
-    appended to `decoded`, and said on stderr)."""
-    try:
-        return records.load_index(files.records)
-    except records.RecordError as err:
-        print(f"merge: {err}; decoding its records instead", file=sys.stderr, flush=True)
-        decoded.append(str(err))
-    return records.index_of(records.iter_records(files.records))
+    """The finished shard's index columns over its records files, from their index files, else by
+    decoding a file's records (why appended to `decoded`, and said on stderr)."""
+    index = records.new_index()
+    for path in files.records_files():
+        try:
+            held = records.load_index(path)
+        except records.RecordError as err:
+            print(f"merge: {err}; decoding its records instead", file=sys.stderr, flush=True)
+            decoded.append(str(err))
+            held = records.index_of(records.iter_records(path))
+        for column, values in index.items():
+            values.extend(held[column])
+    return index
 
 
 def merge(out: str | Path, inputs: Sequence[str] | None = None) -> dict:
@@ -82,7 +84,7 @@ def merge(out: str | Path, inputs: Sequence[str] | None = None) -> dict:
     per_shard, shard_by, missing, unreadable, decoded = [], {}, [], {}, []
     for index in range(num_shards):
         files = ShardFiles(out, index, num_shards)
-        if not (files.records.exists() and files.summary.exists()):
+        if not files.summary.exists():
             missing.append(index)
             continue
         try:

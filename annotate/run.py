@@ -15,17 +15,19 @@ A lock (OUT/lock-SSSSS-of-NNNNN, flock) keeps a second process off a running sha
 whose old copy still runs exits 1 instead of interleaving parts with it. The kernel drops the lock
 with the process, kill -9 included, so a rerun is never blocked by a dead one.
 
-Records are written in parts that become visible only when closed: when they hold part_size
-records, when part_seconds have passed since their first record, and on SIGTERM. Each closed part
-has its shard index next to it (…part-PPPPP.index.msgpack, records.RecordWriter writes it: figure
-ids, panel kinds and sides, region panels and sides, warnings), so a rerun and the final
-concatenation read no records to learn what the parts hold. Failures are appended line by line.
+Records are written in parts (OUT/parts-SSSSS-of-NNNNN/PPPPP.array_record, a folder of its own so
+that nothing reading OUT's *.array_record sees a running shard) that become visible only when
+closed: when they hold part_size records, when part_seconds have passed since their first record,
+and on SIGTERM. Each closed part has its shard index next to it (PPPPP.index.msgpack,
+records.RecordWriter writes it: figure ids, panel kinds and sides, region panels and sides,
+warnings), so a rerun and the packing at the end read no records to learn what the parts hold.
+Failures are appended line by line.
 Before a record is encoded its text is cleaned (annotate.text: the inputs' when read, the backend's
 answers here, each change a warning of the record); a record that still cannot be encoded is a
 failure of stage "write", so no figure's text or values stop the shard.
-After a crash a rerun treats the ids in closed parts and in the failures file as done, drops the
-unfinished part, and redoes the rest, so each input id ends up exactly once across records and
-failures.
+After a crash a rerun treats the ids in closed parts, in the shard's records files and in the
+failures file as done, drops the unfinished part, and redoes the rest, so each input id ends up
+exactly once across records and failures.
 
 Batches are annotated `batches_in_flight` at a time, in host threads, through one engine thread
 (engine_worker.py): their results are written in input order.
@@ -50,13 +52,17 @@ Each failure line says whether it is final (a property of the figure) or transie
 reading it): a rerun skips the final ones and tries the transient ones again, the last line of an
 id standing.
 
-When the shard is complete its parts' serialized records are copied, never decoded, into
-DIR/records-SSSSS-of-NNNNN.array_record (one file per shard is what annotate merge, eval, show and
-the tests read by name), keeping the first record of an id that two parts hold, with their entries
-of the parts' indexes as the shard's index (DIR/records-SSSSS-of-NNNNN.index.msgpack: what training
-builds its level indexes from and annotate merge counts from), and
-DIR/summary-SSSSS-of-NNNNN.json is written: totals, failures and warnings by reason, and the input
-files this shard read (inputs_read), which shows what each task opened.
+When the shard is complete its parts become its records files, DIR/records-SSSSS-of-NNNNN.FFFFF
+.array_record, each with its index (records-….index.msgpack: what training builds its level indexes
+from and annotate merge counts from): runs of consecutive parts are packed into files of at most
+file_records records, their serialized records copied, never decoded, and each part is deleted as
+soon as the file holding its records is closed; a part that fills a file alone is renamed. So the
+disk never holds more than the shard plus one file (one copy of the whole shard is what a single
+file per shard cost), and a crash while packing loses nothing: a record already in a records file
+wins over its part, which the rerun deletes. An id two parts hold keeps its first record. Then
+DIR/summary-SSSSS-of-NNNNN.json is written, last: totals, failures and warnings by reason, the
+records files, and the input files this shard read (inputs_read), which shows what each task opened.
+A shard is finished when its summary exists.
 """
 from __future__ import annotations
 
@@ -66,6 +72,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -172,23 +179,28 @@ class ShardFiles:
     def __init__(self, out: Path, index: int, count: int):
         self.stem = stem = f"{index:05d}-of-{count:05d}"
         self.out = out
-        self.records = out / f"records-{stem}.array_record"
         self.failures = out / f"failures-{stem}.jsonl"
         self.summary = out / f"summary-{stem}.json"
         self.lock = out / f"lock-{stem}"
-        self.index = Path(records.index_path(self.records))
-        self.part_glob = f"records-{stem}.part-*.array_record"
+        self.parts_dir = out / f"parts-{stem}"
 
     def part(self, number: int) -> Path:
-        return self.out / self.part_glob.replace("*", f"{number:05d}")
+        return self.parts_dir / f"{number:05d}.array_record"
 
     def parts(self) -> list[Path]:
-        return sorted(self.out.glob(self.part_glob))
+        return sorted(self.parts_dir.glob("*.array_record"))
 
-    def remove_parts(self) -> None:
-        for part in self.parts():
-            Path(records.index_path(part)).unlink(missing_ok=True)
-            part.unlink()
+    def records_file(self, number: int) -> Path:
+        return self.out / f"records-{self.stem}.{number:05d}.array_record"
+
+    def records_files(self) -> list[Path]:
+        """The shard's records files, in order (all of them once the shard is finished)."""
+        return sorted(self.out.glob(f"records-{self.stem}.[0-9]*.array_record"))
+
+    def remove_partials(self) -> None:
+        """What a crash left half written: a part, a records file, an index (rebuilt from its file)."""
+        for partial in [*self.parts_dir.glob("*.partial"), *self.out.glob(f"records-{self.stem}.*.partial")]:
+            partial.unlink()
 
     def read_failures(self, repair: bool = True) -> list[dict]:
         """Failure lines so far; a line cut off by a crash is dropped (its figure is redone) and, with
@@ -202,10 +214,15 @@ class ShardFiles:
         return kept
 
 
+def _next_number(paths: list[Path]) -> int:
+    """The number after the highest of the files numbered PPPPP or ….PPPPP.array_record."""
+    return max((int(path.name.removesuffix(".array_record").rsplit(".", 1)[-1]) for path in paths), default=-1) + 1
+
+
 def _part_index(part: Path) -> tuple[dict, int]:
-    """The part's index (records.INDEX_COLUMNS) and how many records were decoded for it: none,
-    unless the part has no usable index (a crash between closing the part and writing its index, a
-    part from before indexes), which is then written."""
+    """The index (records.INDEX_COLUMNS) of a part or records file and how many records were decoded
+    for it: none, unless it has no usable index (a crash between closing the file and writing its
+    index, a file from before indexes), which is then written."""
     try:
         return records.load_index(part), 0
     except records.RecordError:
@@ -221,7 +238,7 @@ class _Progress:
         self.files, self.part_size, self.part_seconds = files, part_size, part_seconds
         self.failures = open(files.failures, "a")
         self.failures_before = self.failures.tell()  # the lines of earlier runs end here
-        self.writer, self.next_part, self.opened = None, len(files.parts()), 0.0
+        self.writer, self.next_part, self.opened = None, _next_number(files.parts()), 0.0
         self.counts, self.reasons = collections.Counter(), collections.Counter()
         self.recent = collections.deque(maxlen=failure_window)  # True: the figure failed
 
@@ -361,8 +378,9 @@ def _in_flight(batches: Iterable, annotate, depth: int):
 
 def run_shard(inputs: Sequence[str], out: str | Path, backend: Backend, num_shards: int = 1, shard_index: int = 0,
               cfg: AnnotateConfig = AnnotateConfig(), batch_size: int = 8, part_size: int = 256,
-              part_seconds: float = 300.0, shard_by: str = "auto", max_failure_rate: float = 0.5,
-              failure_window: int = 100, decode_workers: int = 0, batches_in_flight: int = 1) -> dict:
+              part_seconds: float = 300.0, file_records: int = 2048, shard_by: str = "auto",
+              max_failure_rate: float = 0.5, failure_window: int = 100, decode_workers: int = 0,
+              batches_in_flight: int = 1) -> dict:
     """Annotate this shard's figures; returns the summary (also written to the summary file). `inputs`
     as inputs.expand_inputs takes them; figures are decoded in `decode_workers` processes ahead of the
     backend (0: in this process) and `batches_in_flight` batches are annotated at once (_in_flight).
@@ -378,15 +396,13 @@ def run_shard(inputs: Sequence[str], out: str | Path, backend: Backend, num_shar
         owner = file_shards(paths, num_shards)
         paths = [path for path in paths if owner[path] == shard_index]
     with _shard_lock(files):
-        if files.records.exists() and files.summary.exists():
-            files.remove_parts()  # left by a crash between the summary and the clean-up
+        if files.summary.exists():
             return json.loads(files.summary.read_text())
-        for partial in out.glob(f"records-{files.stem}.part-*.partial"):
-            partial.unlink()  # records of an interrupted part are redone; an index is rebuilt from its part
+        files.remove_partials()
         done = {f["id"] for f in files.read_failures() if f.get("final", True)}
         resume = collections.Counter()
-        for part in files.parts():
-            index, decoded = _part_index(part)
+        for path in [*files.records_files(), *files.parts()]:  # records files: left by a crash while packing
+            index, decoded = _part_index(path)
             done.update(index["ids"])
             resume["parts_from_indexes"] += decoded == 0
             resume["records_decoded"] += decoded
@@ -463,32 +479,73 @@ def run_shard(inputs: Sequence[str], out: str | Path, backend: Backend, num_shar
                           "lvlm_requests_per_figure": round(lvlm["requests"] / max(progress.counts["figures"], 1), 2),
                           "lvlm_engine_busy_share": round((getattr(backend, "busy_seconds", 0.0) - busy_before)
                                                                 / max(seconds, 1e-9), 3)}
-            return _finish(files, about, stop, progress.counts)
+            return _finish(files, about, stop, progress.counts, file_records)
 
 
-def _finish(files: ShardFiles, about: dict, stop: _StopOnSigterm, counts: collections.Counter) -> dict:
-    """Concatenates the parts into the shard's records file (and index) and writes its summary
-    (`about` and the totals)."""
+def _remove_part(part: Path) -> None:
+    part.unlink()
+    Path(records.index_path(part)).unlink(missing_ok=True)
+
+
+def _pack(files: ShardFiles, file_records: int, stop: _StopOnSigterm, counts: collections.Counter) -> dict:
+    """Turns the shard's parts into its records files (see the module docstring); returns the index
+    of all its records."""
     from array_record.python.array_record_module import ArrayRecordReader
-    recorded = set()
-    with records.RecordWriter(files.records) as writer:
-        for part in files.parts():
-            stop.exit_if_requested(files, counts)  # the unfinished .partial is removed on the way out
-            index, _ = _part_index(part)
-            keep = []
-            for n, figure_id in enumerate(index["ids"]):
-                if figure_id not in recorded:  # a part that repeats an id: the first record is kept
-                    recorded.add(figure_id)
-                    keep.append(n)
-            reader = ArrayRecordReader(str(part))
-            try:
-                for start in range(0, len(keep), _COPY_CHUNK):
-                    chunk = keep[start:start + _COPY_CHUNK]
-                    for n, data in zip(chunk, reader.read(chunk), strict=True):
-                        writer.write_encoded(data, records.entry_at(index, n))
-            finally:
-                reader.close()
-    kept = writer.index
+    kept = records.new_index()
+    for path in files.records_files():
+        index, _ = _part_index(path)
+        for n in range(len(index["ids"])):
+            records.add_entry(kept, records.entry_at(index, n))
+    recorded = set(kept["ids"])
+    groups, size = [], file_records  # runs of consecutive parts of at most file_records new records
+    for part in files.parts():
+        index, _ = _part_index(part)
+        new = [n for n, figure_id in enumerate(index["ids"]) if figure_id not in recorded]
+        recorded.update(index["ids"][n] for n in new)
+        if not new:  # its records went into a records file before a crash
+            _remove_part(part)
+            continue
+        if size + len(new) > file_records:
+            groups.append([])
+            size = 0
+        groups[-1].append((part, index, new))
+        size += len(new)
+    number = _next_number(files.records_files())
+    for group in groups:
+        stop.exit_if_requested(files, counts)  # an unfinished .partial is removed by the rerun
+        target = files.records_file(number)
+        if len(group) == 1 and len(group[0][2]) == len(group[0][1]["ids"]):
+            # The index first: a crash between the two renames leaves the part whole (its index is
+            # rebuilt) and an index without a records file, which the next file of its number replaces.
+            os.replace(records.index_path(group[0][0]), records.index_path(target))
+            os.replace(group[0][0], target)
+        else:
+            with records.RecordWriter(target) as writer:
+                for part, index, new in group:
+                    reader = ArrayRecordReader(str(part))
+                    try:
+                        for start in range(0, len(new), _COPY_CHUNK):
+                            chunk = new[start:start + _COPY_CHUNK]
+                            for n, data in zip(chunk, reader.read(chunk), strict=True):
+                                writer.write_encoded(data, records.entry_at(index, n))
+                    finally:
+                        reader.close()
+            for part, _, _ in group:
+                _remove_part(part)
+        for _, index, new in group:
+            for n in new:
+                records.add_entry(kept, records.entry_at(index, n))
+        number += 1
+    shutil.rmtree(files.parts_dir, ignore_errors=True)  # empty, or an index whose part was renamed
+    return kept
+
+
+def _finish(files: ShardFiles, about: dict, stop: _StopOnSigterm, counts: collections.Counter,
+            file_records: int) -> dict:
+    """Packs the parts into the shard's records files and writes its summary (`about` and the
+    totals)."""
+    kept = _pack(files, file_records, stop, counts)
+    recorded = set(kept["ids"])
     warnings = collections.Counter(warning_key(w) for figure in kept["warnings"] for w in figure)
     # A record wins over a failure line for its id, and one failure line per id is kept, its last (a
     # transient failure tried again), save the duplicate-id lines that stand for repeated inputs: each
@@ -499,10 +556,9 @@ def _finish(files: ShardFiles, about: dict, stop: _StopOnSigterm, counts: collec
                 or (failure["id"] not in recorded and last[failure["id"]] == n)]
     _replace_text(files.failures, "".join(json.dumps(f) + "\n" for f in failures))
     by_reason = collections.Counter(failure_key(f["stage"], f["reason"]) for f in failures)
-    summary = {"records": files.records.name, "figures": len(recorded),
+    summary = {"records": [path.name for path in files.records_files()], "figures": len(recorded),
                "panels": sum(map(len, kept["panel_kinds"])), "regions": sum(map(len, kept["region_panels"])),
                "failures": len(failures), "failures_transient": sum(not f.get("final", True) for f in failures),
                "failures_by_reason": dict(by_reason), "warnings_by_reason": dict(warnings), **about}
     _replace_text(files.summary, json.dumps(summary, indent=2) + "\n")
-    files.remove_parts()
     return summary

@@ -52,7 +52,7 @@ def medicat_manifest(tmp_path, extra: list[dict] = ()) -> tuple[str, list[dict]]
 
 
 def read_shard(out):
-    got = [r["figure_id"] for r in records.iter_records(out / "records-00000-of-00001.array_record")]
+    got = [r["figure_id"] for r in records.iter_records(sorted((out).glob("records-*.array_record")))]
     failures = [json.loads(line) for line in (out / "failures-00000-of-00001.jsonl").read_text().splitlines()]
     return got, failures
 
@@ -149,7 +149,7 @@ def test_answers_no_encoder_takes_are_cleaned_and_a_record_that_cannot_be_built_
 
     summary = run_shard([manifest], tmp_path / "out", OddAnswers(max_batch=16), batch_size=4)
 
-    got = {r["figure_id"]: r for r in records.iter_records(tmp_path / "out" / "records-00000-of-00001.array_record")}
+    got = {r["figure_id"]: r for r in records.iter_records(sorted((tmp_path / "out").glob("records-*.array_record")))}
     _, failures = read_shard(tmp_path / "out")
     ids = list(got) + [f["id"] for f in failures]
     assert len(ids) == len(set(ids)) == len(lines) == 13 and set(ids) == {line["id"] for line in lines}

@@ -137,7 +137,7 @@ def test_random_unicode_through_annotate_run_accounts_every_id_once(tmp_path, fu
     assert report["complete"], report["problems"]
     assert summary["figures"] == 23 and summary["failures"] == 4
     noted = 0
-    for record in records.iter_records(out / "records-00000-of-00001.array_record"):
+    for record in records.iter_records(sorted((out).glob("records-*.array_record"))):
         assert not any(odd(c) for text in strings_in(record) for c in text), record["figure_id"]
         caption_noted = any(w.startswith("caption: text normalised") for w in record["annotation"]["warnings"])
         assert caption_noted == odd_caption[record["figure_id"]], record["figure_id"]
@@ -171,7 +171,7 @@ def test_a_kill_9_mid_shard_of_odd_text_then_a_rerun_redoes_only_the_unfinished(
     killed = subprocess.run([sys.executable, "-c", KILLED_RUN.replace("KILL_AT", "7"),
                              json.dumps([inputs, str(out), settings])], cwd=REPO, capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    parts = sorted(out.glob("records-*.part-*.array_record"))
+    parts = sorted(out.glob("parts-*/*.array_record"))
     recorded = [i for part in parts for i in records.load_index(part)["ids"]]
     failed = [json.loads(line)["id"] for line in (out / "failures-00000-of-00001.jsonl").read_text().splitlines()]
     assert len(recorded) >= 9 and not (out / "summary-00000-of-00001.json").exists()
@@ -182,4 +182,4 @@ def test_a_kill_9_mid_shard_of_odd_text_then_a_rerun_redoes_only_the_unfinished(
     assert len(got) == len(set(got)) == 27 and set(got) == set(odd_caption)
     assert summary["resumed_with_done"] == len(recorded) + len(failed)
     assert summary["figures_this_run"] == summary["figures"] - len(recorded) == 23 - len(recorded)
-    assert not list(out.glob("*.part-*")) and not list(out.glob("*.partial"))
+    assert not list(out.glob("parts-*")) and not list(out.rglob("*.partial"))

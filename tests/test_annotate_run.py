@@ -72,7 +72,7 @@ def test_bad_inputs_are_recorded_and_the_shard_finishes(tmp_path, figures, decod
     out = tmp_path / "out"
     summary = run_shard([str(tmp_path / "manifest.jsonl"), str(tmp_path / "evil.tar"), str(tmp_path / "broken.tar")],
                         out, HeuristicBackend(), decode_workers=decode_workers)
-    got = {r["figure_id"]: r for r in records.iter_records(out / "records-00000-of-00001.array_record")}
+    got = {r["figure_id"]: r for r in records.iter_records(sorted((out).glob("records-*.array_record")))}
     assert sorted(got) == ["alpha", "cmyk", "latin1", "nocaption", "ok", "palette", "sixteen"]
     assert got["cmyk"]["image_bytes"] == (d / "cmyk.jpg").read_bytes()  # original bytes, untouched
     # Latin-1 is not UTF-8: its letters are replaced, and the record says so.
@@ -120,7 +120,7 @@ def test_kill_9_mid_shard_then_resume_gives_each_id_once(tmp_path):
     expected, out, command = shard_run(tmp_path, num=120, seed=5, missing=15)
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while len(list(out.glob("records-*.part-*.array_record"))) < 3 and time.time() < deadline:
+    while len(list(out.glob("parts-*/*.array_record"))) < 3 and time.time() < deadline:
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -130,7 +130,7 @@ def test_kill_9_mid_shard_then_resume_gives_each_id_once(tmp_path):
     assert len(got) == len(set(got)) == len(expected) and set(got) == set(expected)
     summary = json.loads((out / "summary-00000-of-00001.json").read_text())
     assert summary["resumed_with_done"] >= 30 and summary["figures"] == 120 and summary["failures"] == 15
-    assert not list(out.glob("*.part-*")) and not list(out.glob("*.partial"))
+    assert not list(out.glob("parts-*")) and not list(out.rglob("*.partial"))
 
 
 def part_ids(part):
@@ -142,14 +142,14 @@ def test_sigterm_closes_the_part_exits_143_and_a_rerun_reads_only_part_indexes(t
     with open(tmp_path / "stderr", "w") as stderr:
         process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
         deadline = time.time() + 120
-        while len(list(out.glob("records-*.part-*.index.msgpack"))) < 2 and time.time() < deadline:
+        while len(list(out.glob("parts-*/*.index.msgpack"))) < 2 and time.time() < deadline:
             time.sleep(0.05)
         process.send_signal(signal.SIGTERM)
         sent = time.time()
         assert process.wait(timeout=30) == 143, (tmp_path / "stderr").read_text()
     assert time.time() - sent < 15 and "SIGTERM" in (tmp_path / "stderr").read_text()
     assert not (out / "summary-00000-of-00001.json").exists() and not list(out.glob("*.partial"))
-    parts = sorted(out.glob("records-*.part-*.array_record"))
+    parts = sorted(out.glob("parts-*/*.array_record"))
     assert len(parts) >= 2
     recorded = [i for part in parts for i in part_ids(part)]
     assert recorded == [r["figure_id"] for r in records.iter_records(parts)]
@@ -162,7 +162,7 @@ def test_sigterm_closes_the_part_exits_143_and_a_rerun_reads_only_part_indexes(t
     assert summary["resume_records_decoded"] == 0 and summary["resume_parts_from_indexes"] == len(parts)
     assert summary["resumed_with_done"] == len(recorded) + len(failed)
     assert summary["figures_this_run"] == 80 - len(recorded) and summary["figures"] == 80
-    assert not list(out.glob("*.part-*")) and not list(out.glob("*.partial"))
+    assert not list(out.glob("parts-*")) and not list(out.rglob("*.partial"))
 
 
 class SigtermDuring(HeuristicBackend):
@@ -187,20 +187,19 @@ def test_the_timer_closes_parts_and_old_or_repeating_parts_still_resume(tmp_path
         with pytest.raises(SystemExit) as stopped:
             run_shard(manifest, out, SigtermDuring(3), batch_size=2, part_seconds=part_seconds)
         assert stopped.value.code == 143 and signal.getsignal(signal.SIGTERM) is previous
-        assert [len(part_ids(part)) for part in sorted(out.glob("records-*.part-*.array_record"))] == sizes
+        assert [len(part_ids(part)) for part in sorted(out.glob("parts-*/*.array_record"))] == sizes
 
     # Part 1 as a part from before indexes, and part 0 again as part 3: its ids are in two parts.
-    Path(records.index_path(out / "records-00000-of-00001.part-00001.array_record")).unlink()
+    Path(records.index_path(out / "parts-00000-of-00001" / "00001.array_record")).unlink()
     for suffix in (".array_record", ".index.msgpack"):
-        shutil.copy(out / f"records-00000-of-00001.part-00000{suffix}",
-                    out / f"records-00000-of-00001.part-00003{suffix}")
+        shutil.copy(out / "parts-00000-of-00001" / f"00000{suffix}", out / "parts-00000-of-00001" / f"00003{suffix}")
     summary = run_shard(manifest, out, HeuristicBackend(), batch_size=2)
     assert summary["resume_records_decoded"] == 2 and summary["resume_parts_from_indexes"] == 3
     got = ids_in(out)
     expected = [json.loads(line)["id"] for line in (figures / "manifest.jsonl").read_text().splitlines()]
     assert len(got) == len(set(got)) and sorted(got) == sorted(expected)
     assert summary["figures"] + summary["failures"] == len(expected) and summary["figures_this_run"] == 40 - 6
-    assert not list(out.glob("*.part-*")) and not list(out.glob("*.partial"))
+    assert not list(out.glob("parts-*")) and not list(out.rglob("*.partial"))
 
 
 def test_dropped_proposals_keep_markers_with_their_own_panel():
@@ -218,3 +217,73 @@ def test_dropped_proposals_keep_markers_with_their_own_panel():
                           HeuristicBackend(), AnnotateConfig(), 0.0)
     assert [(p["panel_id"], p["label"], p["text_lvlm"]) for p in record["panels"]] == [(0, "B", "a purple field")]
     assert [(r["panel_id"], r["source"], r["marker_kind"]) for r in record["regions"]] == [(0, "marker", "arrow")]
+
+
+def array_record_bytes(out: Path) -> int:
+    return sum(path.stat().st_size for path in out.rglob("*.array_record*"))
+
+
+@pytest.mark.parametrize("file_records", [4, 10])
+def test_packing_the_parts_holds_the_shard_plus_one_file_on_disk(tmp_path, figures, monkeypatch, file_records):
+    """Parts of 4 records become files of at most file_records: 4 renames each part (no copy), 10 joins
+    two parts a file; the disk never holds more than the shard and the file being written."""
+    import annotate.run as run
+    seen = {"writers": 0, "peak": 0, "shard": 0, "largest": 0}
+    pack, close = run._pack, records.RecordWriter.close
+
+    def measured_pack(files, *args):
+        seen["shard"] = array_record_bytes(files.out)
+        seen["writers"] = -len(writers)
+        return pack(files, *args)
+
+    writers = []
+
+    def measured_close(writer):
+        close(writer)
+        writers.append(writer.path)
+        seen["peak"] = max(seen["peak"], array_record_bytes(writer.path.parent.parent if "parts-" in str(writer.path)
+                                                            else writer.path.parent))
+        seen["largest"] = max(seen["largest"], writer.path.stat().st_size)
+
+    monkeypatch.setattr(run, "_pack", measured_pack)
+    monkeypatch.setattr(records.RecordWriter, "close", measured_close)
+    out = tmp_path / "out"
+    summary = run_shard([str(figures / "manifest.jsonl")], out, HeuristicBackend(), batch_size=2, part_size=4,
+                        file_records=file_records)
+    written_by_pack = len(writers) + seen["writers"]
+    files = sorted(out.glob("records-*.array_record"))
+    sizes = [len(records.load_index(path)["ids"]) for path in files]
+    assert summary["records"] == [path.name for path in files] and sum(sizes) == summary["figures"] == 40
+    assert files[0].name == "records-00000-of-00001.00000.array_record" and not (out / "parts-00000-of-00001").exists()
+    if file_records == 4:
+        assert sizes == [4] * 10 and written_by_pack == 0  # renamed, not copied
+    else:
+        assert sizes == [8] * 5 and written_by_pack == 5
+        assert seen["peak"] <= seen["shard"] + seen["largest"] < 1.3 * seen["shard"]
+    assert sorted(ids_in(out)) == sorted(json.loads(line)["id"] for line in
+                                         (figures / "manifest.jsonl").read_text().splitlines())
+
+
+def test_a_crash_while_packing_loses_nothing_and_the_rerun_finishes(tmp_path, figures, monkeypatch):
+    import annotate.run as run
+    remove = run._remove_part
+    removed = []
+
+    def crash_after_the_first_file(part):
+        if len(removed) == 1:  # the first file is written, one of its two parts deleted
+            raise KeyboardInterrupt
+        removed.append(part)
+        remove(part)
+
+    monkeypatch.setattr(run, "_remove_part", crash_after_the_first_file)
+    out, manifest = tmp_path / "out", [str(figures / "manifest.jsonl")]
+    with pytest.raises(KeyboardInterrupt):
+        run_shard(manifest, out, HeuristicBackend(), batch_size=2, part_size=4, file_records=8)
+    assert [path.name for path in out.glob("records-*.array_record")] == ["records-00000-of-00001.00000.array_record"]
+    assert len(list(out.glob("parts-*/*.array_record"))) == 9 and not (out / "summary-00000-of-00001.json").exists()
+    monkeypatch.setattr(run, "_remove_part", remove)
+
+    summary = run_shard(manifest, out, HeuristicBackend(), batch_size=2, part_size=4, file_records=8)
+    got = ids_in(out)
+    assert len(got) == len(set(got)) == 40 and summary["figures"] == 40 and summary["figures_this_run"] == 0
+    assert len(summary["records"]) == 5 and not (out / "parts-00000-of-00001").exists()

@@ -33,7 +33,7 @@ class Warns:
 
 def shard_lines(out, index, count):
     files = ShardFiles(out, index, count)
-    recorded = list(records.iter_records(files.records))
+    recorded = list(records.iter_records(files.records_files()))
     return recorded, [json.loads(line) for line in files.failures.read_text().splitlines()]
 
 
@@ -166,7 +166,7 @@ def test_most_figures_failing_stops_the_shard_and_a_rerun_retries_them(tmp_path,
         "top reasons this run: propose: backend raised ValueError (4). Its records are kept and this run's failures "
         "are not: fix the cause and rerun to retry them")
     files = ShardFiles(out, 0, 1)
-    assert not files.summary.exists() and not files.records.exists() and files.failures.read_text() == ""
+    assert not files.summary.exists() and not files.records_files() and files.failures.read_text() == ""
     assert [records.load_index(part)["ids"] for part in files.parts()] == [
         ["medicat-0", "medicat-1"]]
 

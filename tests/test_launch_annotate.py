@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from annotate.run import ShardFiles
 from annotate.synth import synthesize
 from conftest import DATA, REPO, run_cli
 from zoomin_jax import records
@@ -95,9 +96,9 @@ def test_array_tasks_then_merge_account_for_every_id_once(annotated):
 def test_merge_names_the_lost_shard(annotated, tmp_path):
     out, manifest, ids = annotated
     copy = shutil.copytree(out, tmp_path / "out")
-    lost = [r["figure_id"] for r in records.iter_records(copy / "records-00001-of-00003.array_record")]
-    for kind in ("summary-00001-of-00003.json", "records-00001-of-00003.array_record", "failures-00001-of-00003.jsonl"):
-        (copy / kind).unlink()
+    lost = [r["figure_id"] for r in records.iter_records(ShardFiles(copy, 1, 3).records_files())]
+    for path in copy.glob("*-00001-of-00003*"):
+        path.unlink()
     result = run_cli("-m", "annotate", "merge", "--out", str(copy), "--input", str(manifest), check=False)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 1 and len(errors) == 1, result.stderr
@@ -151,7 +152,7 @@ def test_array_over_tars_each_task_reads_its_own_and_merge_accounts_for_every_id
         summary = json.loads((out / f"summary-0000{task}-of-00003.json").read_text())
         assert summary["shard_by"] == "file" and summary["inputs_read"] == owned[task]
         sources = {r["source"].rsplit(":", 1)[0]
-                   for r in records.iter_records(out / f"records-0000{task}-of-00003.array_record")}
+                   for r in records.iter_records(ShardFiles(out, task, 3).records_files())}
         assert sources == set(owned[task]), "a task's records came from another task's tars"
         failed = [json.loads(line) for line in (out / f"failures-0000{task}-of-00003.jsonl").read_text().splitlines()]
         assert [(f["id"], f["stage"]) for f in failed] == ([(str(cut), "file")] if task == 0 else [])
@@ -187,7 +188,7 @@ def test_a_task_signalled_before_its_time_limit_requeues_itself_and_the_rerun_fi
     task = subprocess.Popen(["bash", str(SCRIPT)], env=env, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while len(list(out.glob("records-*.part-*.index.msgpack"))) < 2 and time.monotonic() < deadline:
+    while len(list(out.glob("parts-*/*.index.msgpack"))) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
     task.send_signal(signal.SIGTERM)  # the shell only, as B: does
     _, stderr = task.communicate(timeout=60)

@@ -49,7 +49,7 @@ def write_shards(folder: Path, num_records: int, num_shards: int) -> str:
     manifest.write_text("".join(json.dumps(line) + "\n" for line in medicat_figures()))
     with contextlib.redirect_stderr(io.StringIO()):  # the progress bar
         run_shard([str(manifest)], folder / "annotated", HeuristicBackend())
-    figures = list(records.iter_records(folder / "annotated" / "records-00000-of-00001.array_record"))
+    figures = list(records.iter_records(sorted((folder / "annotated").glob("records-*.array_record"))))
     per_shard = -(-num_records // num_shards)
     for shard in range(num_shards):
         with records.RecordWriter(folder / "data" / f"records-{shard:05d}-of-{num_shards:05d}.array_record") as writer:
