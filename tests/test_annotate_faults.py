@@ -16,6 +16,7 @@ from annotate import prompts
 from annotate.config import AnnotateConfig
 from annotate.decode import FigureError
 from annotate.engines import Answer, VllmEngine
+from annotate.faults import STOP
 from annotate.inputs import Figure
 from annotate.lvlm_output import resized_size
 from annotate.qwen import QwenBackend
@@ -182,6 +183,9 @@ def test_sigterm_mid_round_stops_before_the_next_generate_call(tmp_path, capsys)
         calls.append(requests[0].question[:20])
         if len(calls) == 5:  # batch 1: figure+split, panel, region; batch 2: figure+split, panel (this one)
             os.kill(os.getpid(), signal.SIGTERM)
+            # The main thread runs the handler when it next gets the GIL; a GPU call takes that long and
+            # more, this scripted one may not (a machine under load ran the next round first).
+            assert STOP.wait(timeout=30)
 
     manifest, lines = medicat_manifest(tmp_path)
     out = tmp_path / "out"

@@ -92,8 +92,8 @@ def decodes(monkeypatch):
 
 
 def level_rows(pattern, cfg):
-    """{level: [[record, item, children]]} from the shard index."""
-    return {level: np.column_stack([index.rows, index.child_counts]).tolist()
+    """{level: ([[record, item]], [items holding c children])} from the shard index."""
+    return {level: (index.rows.tolist(), index.child_histogram.tolist())
             for level, index in build_indexes(RecordSource(pattern), LEVELS, cfg).items()}
 
 
@@ -106,10 +106,12 @@ def test_level_indexes_read_no_record_and_match_decoding(request, data, tmp_path
     for cfg in CONFIGS:
         decodes.clear()
         indexed = level_rows(pattern, cfg)
-        items_per_config.append({level: len(rows) for level, rows in indexed.items()})
+        items_per_config.append({level: len(rows) for level, (rows, _) in indexed.items()})
         assert not decodes and "warning" not in capfd.readouterr().err
         for level in LEVELS:
-            assert indexed[level] == [list(row) for row in expected_rows(pattern, level, cfg)], (level, cfg)
+            expected = expected_rows(pattern, level, cfg)
+            children = np.bincount([children for _, _, children in expected], minlength=1).tolist()
+            assert indexed[level] == ([[n, k] for n, k, _ in expected], children), (level, cfg)
         assert level_rows(str(bare), cfg) == indexed and decodes
         assert capfd.readouterr().err.count("has no shard index") == len(glob.glob(pattern))
     # Not vacuous: the default config indexes panels and regions, and the configs differ in what they keep
@@ -159,7 +161,7 @@ def test_merge_counts_from_the_indexes_and_decodes_a_shard_without_one(annotated
     assert report["figures"] == 10 and report["panels"] > 10
     copy = tmp_path / "out"
     shutil.copytree(annotated, copy)
-    (copy / "records-00001-of-00002.index.msgpack").unlink()
+    (copy / "records-00001-of-00002.00000.index.msgpack").unlink()
     again = merge(copy)
     assert decodes and again["decoded_shards"] == [next(line for line in capfd.readouterr().err.splitlines())
                                                    .removeprefix("merge: ").removesuffix("; decoding its records instead")]
