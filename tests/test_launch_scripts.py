@@ -6,13 +6,15 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 from annotate.synth import synthesize, write_truth_records
-from conftest import REPO
+from conftest import REPO, logged
 
 LAUNCH = REPO / "launch"
 SCRIPTS = sorted([*LAUNCH.glob("*.sbatch"), *LAUNCH.glob("*.sh")])
@@ -59,12 +61,15 @@ def test_sbatch_headers():
 
 
 FAKE_SRUN = """#!/usr/bin/env bash
-# srun for tests: the step's tasks as local processes, with the variables a real step gives them.
+# srun for tests: the step's tasks as local processes, with the variables a real step gives them;
+# its options go to srun-args and each task's process id to task-N.pid (for SIGTERM as SLURM sends it).
+echo "$*" >> "$SRUN_LOGS/srun-args"
 while [[ $1 == --* ]]; do shift; done
 pids=()
 for ((task = 0; task < SLURM_NTASKS; task++)); do
     SLURM_STEP_NODELIST=localhost SLURM_PROCID=$task SLURM_LOCALID=$task "$@" > "$SRUN_LOGS/task-$task.log" 2>&1 &
     pids+=($!)
+    echo $! > "$SRUN_LOGS/task-$task.pid"
 done
 status=0
 for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
@@ -72,18 +77,31 @@ exit $status
 """
 
 
+FAKE_SCONTROL = """#!/usr/bin/env bash
+echo "$*" >> "$SRUN_LOGS/scontrol"
+"""
+
+
+def fake_slurm(tmp_path):
+    """A directory for PATH with the stand-in srun and scontrol."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return bin_dir
+
+
 @pytest.mark.slow
 def test_slurm_train_runs_two_tasks_that_find_each_other_through_slurm(tmp_path):
     records = write_truth_records(synthesize(tmp_path / "synth", num=24, seed=2))
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "srun").write_text(FAKE_SRUN)
-    (bin_dir / "srun").chmod(0o755)
+    bin_dir = fake_slurm(tmp_path)
     workdir = tmp_path / "run"
     env = {key: value for key, value in os.environ.items() if not key.startswith(("SLURM_", "ZOOMIN_"))} | {
         "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable, "SRUN_LOGS": str(tmp_path),
         "SLURM_JOB_ID": str(random.randrange(10_000, 1_000_000)), "SLURM_NTASKS": "2", "SLURM_JOB_NUM_NODES": "1",
         "SLURM_NTASKS_PER_NODE": "2",  # the compile check's default target: h100x2
+        "SLURM_CPUS_PER_TASK": "2",
         "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
         "TRAIN_CONFIG": f"configs/demo_cpu.py:records={records},variant=figure_only",
         "TRAIN_WORKDIR": str(workdir),
@@ -94,11 +112,41 @@ def test_slurm_train_runs_two_tasks_that_find_each_other_through_slurm(tmp_path)
                    (tmp_path / f"task-{task}.log").exists())
     assert result.returncode == 0, result.stderr + logs[-4000:]
     assert "compile check for h100x2" in result.stdout and "train: 1 node(s)" in result.stdout
+    assert (tmp_path / "srun-args").read_text().startswith("--kill-on-bad-exit=1 --cpus-per-task=2 ")
+    assert not (tmp_path / "scontrol").exists() and "train: stopped" not in result.stderr  # finished: not requeued
     steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
     # Both tasks were one run: each saved its own data-iterator position into the shared checkpoint.
     assert {"process_0-of-2.json", "process_1-of-2.json"} <= {
         path.name for path in (workdir / "checkpoints" / "2" / "data_figure").iterdir()}
+
+
+def test_slurm_train_gives_srun_its_cpus_and_requeues_a_run_stopped_before_its_end(tmp_path):
+    """SIGTERM to the task, as SLURM sends it before the time limit: the trainer saves its step and
+    exits 0, and the script requeues the job once. srun gets the job's --cpus-per-task, which it no
+    longer inherits (Slurm 22.05). A finished run is not requeued: the two-task test above."""
+    records = write_truth_records(synthesize(tmp_path / "synth", num=24, seed=2))
+    bin_dir = fake_slurm(tmp_path)
+    workdir, job = tmp_path / "run", str(random.randrange(10_000, 1_000_000))
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("SLURM_", "ZOOMIN_", "TRAIN_"))} | {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable, "SRUN_LOGS": str(tmp_path),
+        "SLURM_JOB_ID": job, "SLURM_NTASKS": "1", "SLURM_CPUS_PER_TASK": "3", "CHECK_TARGET": "none",
+        "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+        "TRAIN_CONFIG": f"configs/demo_cpu.py:records={records},variant=figure_only", "TRAIN_WORKDIR": str(workdir),
+        "TRAIN_ARGS": "--config.total_steps=1000 --config.log_every=1 --config.data.workers=0"}
+    script = subprocess.Popen(["bash", str(LAUNCH / "slurm_train.sbatch")], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not logged(workdir):  # a logged step: the trainer's SIGTERM handler is in place
+        assert script.poll() is None, script.communicate()[1] + (tmp_path / "task-0.log").read_text()[-4000:]
+        time.sleep(0.05)
+    os.kill(int((tmp_path / "task-0.pid").read_text()), signal.SIGTERM)
+    stderr = script.communicate(timeout=120)[1]
+    assert script.returncode == 0, stderr + (tmp_path / "task-0.log").read_text()[-4000:]
+    stopped = max(int(path.name) for path in (workdir / "checkpoints").iterdir() if path.name.isdigit())
+    assert 1 <= stopped < 1000
+    assert stderr.splitlines()[-1] == f"train: stopped at step {stopped} of 1000; requeueing job {job} (restart 1)"
+    assert (tmp_path / "scontrol").read_text() == f"requeue {job}\n"
+    assert (tmp_path / "srun-args").read_text().startswith("--kill-on-bad-exit=1 --cpus-per-task=3 ")
 
 
 def test_slurm_train_refuses_a_job_whose_steps_do_not_fit(tmp_path):
