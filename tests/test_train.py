@@ -192,6 +192,8 @@ def test_frozen_text_tower_uses_the_text_cache_and_gives_the_same_losses(tmp_pat
         logs[cached] = logged(tmp_path / str(cached))
     cache = tmp_path / "True" / "text_cache"
     assert (cache / "keys.npy").exists() and not (tmp_path / "False" / "text_cache").exists()
+    # The cache holds float16 embeddings (text_cache.py says why): 7.5e-5 of relative difference was
+    # measured where float32 gave 3.1e-7.
     for plain, cached in zip(logs[False], logs[True], strict=True):
         for key in ("loss", plain["level"], "grad_norm"):
-            assert np.isclose(cached[key], plain[key], rtol=1e-5), (plain["step"], key)
+            assert np.isclose(cached[key], plain[key], rtol=2e-4), (plain["step"], key)

@@ -1,5 +1,6 @@
 """Run as two processes by test_text_cache: the two build one run's text cache through train.py's
-own path, each noting every text it embedded, then check the cache against direct encoding."""
+own path, each noting every text it embedded and the size of its embedding calls, then check the
+cache (its part in float16) against direct encoding in float32."""
 import json
 import os
 import sys
@@ -26,19 +27,23 @@ def main(records: str, out: str) -> None:
     config.train_rules = (("visual/.*", 1.0), (".*", None))  # the text tower frozen
     config.data.text_cache = True
     run = run_setup.setup(config)
-    embedded = []
-    tokenize = train.tokenize
+    embedded, calls = [], []
+    tokenize, encode_text_share = train.tokenize, CLIPEncoder.encode_text_share
     train.tokenize = lambda texts: embedded.extend(texts) or tokenize(texts)
+    CLIPEncoder.encode_text_share = lambda self, tokens: calls.append(self.process_batch_size) or encode_text_share(
+        self, tokens)
     directory = train.build_text_cache(config, run, epath.Path(out) / "workdir" / "text_cache")
-    train.tokenize = tokenize
+    train.tokenize, CLIPEncoder.encode_text_share = tokenize, encode_text_share
 
     texts = sorted(json.loads(epath.Path(out, "texts.json").read_text()))
     encoder = CLIPEncoder(run.model_cfg, merge(run.state["params"], run.frozen),
                           run_dir.preprocess_cfg(config, run.model_cfg), run.mesh)
     direct = encoder.encode_text(tokenize(texts))
     cached = text_cache.TextCache(directory).lookup(texts)
+    part = np.load(epath.Path(directory) / text_cache.part_name(process_id, 2), mmap_mode="r")
     with open(f"{out}/process{process_id}.json", "w") as f:
-        json.dump({"embedded": embedded, "max_abs_diff": float(np.abs(cached - direct).max()),
+        json.dump({"embedded": embedded, "calls": calls, "part_dtype": part.dtype.str,
+                   "max_excess": float((np.abs(cached - direct) - 2**-11 * np.abs(direct)).max()),
                    "scale": float(np.abs(direct).max())}, f)
     jax.distributed.shutdown()
 
