@@ -50,6 +50,10 @@ def get_config(arg=None):
                        pack_quantile=0.99, child_slots=dict(figure=config_dict.placeholder(int),
                                                             panel=config_dict.placeholder(int)),
                        cached_images=512,  # each worker keeps the demo's figures decoded (decoding: 3/4 of a sample)
+                       # Items dealt to this many data shards (0: one per process; data.pipeline): global batches
+                       # depend on it, not on the process count (1 x 8 devices trains on what 2 x 4 do when both
+                       # set 2).
+                       data_shards=0,
                        text_cache=False)  # True: embed each text once with the frozen text tower
     config.evals = {}
     if args["eval_records"]:

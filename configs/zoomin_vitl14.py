@@ -85,6 +85,10 @@ def get_config(arg=None):
                        # per device get 120 panel slots of the padded 240, dropping 0.22% of panels.
                        pack_quantile=0.95, child_slots=dict(figure=config_dict.placeholder(int),
                                                             panel=config_dict.placeholder(int)),
+                       # Items dealt to this many data shards (0: one per process; data.pipeline): global batches
+                       # depend on it, not on the process count (1 x 8 devices trains on what 2 x 4 do when both
+                       # set 2).
+                       data_shards=0,
                        text_cache=True)  # the text tower is frozen: each text is embedded once, up front
     # Held-out retrieval at the three levels (each process embeds its share) and zero-shot
     # classification on MedMNIST built as TFDS datasets (python -m zoomin_jax.data.medmnist_tfds).

@@ -20,8 +20,8 @@ def main(pattern: str, out: str) -> None:
     sharding.initialize_distributed()
     process_id = jax.process_index()
     mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
-    local = make_dataset(pattern, "panel", 4, seed=2, process_index=jax.process_index(),
-                         process_count=jax.process_count(), cfg=SampleConfig(image_size=32, patch_size=8))[0]
+    local = next(iter(make_dataset(pattern, "panel", 4, seed=2, process_index=jax.process_index(),
+                                   process_count=jax.process_count(), cfg=SampleConfig(image_size=32, patch_size=8))))
     batch = to_global(local, mesh)
     # Sum of each example's tokens: small enough to gather, and it identifies the examples.
     signature = jax.jit(lambda tokens: tokens.sum(axis=1), out_shardings=jax.sharding.NamedSharding(

@@ -5,14 +5,13 @@ import sys
 
 import numpy as np
 
-from zoomin_jax.data.pipeline import batch_iterator, make_dataset
+from zoomin_jax.data.pipeline import make_dataset
 from zoomin_jax.data.samples import SampleConfig
 
 
 def main(phase: str, pattern: str, workdir: str, num_workers: int) -> None:
-    dataset = make_dataset(pattern, "panel", 2, seed=9, num_epochs=3,
-                           cfg=SampleConfig(image_size=64, patch_size=8, max_regions=2))
-    iterator = batch_iterator(dataset, num_workers=num_workers)
+    iterator = iter(make_dataset(pattern, "panel", 2, seed=9, num_epochs=3, workers=num_workers,
+                                 cfg=SampleConfig(image_size=64, patch_size=8, max_regions=2)))
     if phase == "save":
         for _ in range(5):
             next(iterator)

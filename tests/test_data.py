@@ -13,12 +13,22 @@ from conftest import run_cli, two_processes
 from zoomin_jax import records
 from zoomin_jax.batch_layout import LAYOUTS, batch_arrays, example_arrays
 from zoomin_jax.data import samples
-from zoomin_jax.data.pipeline import build_index, item_rows, make_dataset
+from zoomin_jax.data.pipeline import SKIPPED, build_index, make_dataset
 from zoomin_jax.data.source import RecordSource
 from zoomin_jax.errors import UserError
 from zoomin_jax.image_transform import eval_uint8, normalize
 
 CFG = samples.SampleConfig(image_size=64, patch_size=8, max_panels=3, max_regions=2)
+
+
+def batch_at(dataset, k: int = 0) -> dict:
+    """Batch k of a dataset, without the count of skipped records (not a batch_layout array)."""
+    iterator = iter(dataset)
+    for _ in range(k):
+        next(iterator)
+    batch = next(iterator)
+    assert (batch.pop(SKIPPED) == 0).all()
+    return batch
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +47,11 @@ def test_one_batch_per_level(shards):
     dims = samples.dims(CFG)
     packed_dims = dataclasses.replace(dims, shards=2, packed=(("figure", 6),))  # panel: every slot
     for level, source in (("figure", "heuristic"), ("panel", "truth"), ("region", "truth")):
-        examples = make_dataset(shards[source], level, 4, cfg=CFG)[0]
+        examples = batch_at(make_dataset(shards[source], level, 4, cfg=CFG))
         layout = {key: ((4, *array.shape), array.dtype) for key, array in example_arrays(level, dims).items()}
         assert {key: (value.shape, value.dtype) for key, value in examples.items()} == layout, level
         slots = packed_dims.slots_per_shard(level, 4)
-        batch = make_dataset(shards[source], level, 4, cfg=CFG, pack_children=(2, slots))[0]
+        batch = batch_at(make_dataset(shards[source], level, 4, cfg=CFG, pack_children=(2, slots)))
         layout = {key: (array.shape, array.dtype) for key, array in batch_arrays(level, 4, packed_dims).items()}
         assert {key: (value.shape, value.dtype) for key, value in batch.items()} == layout, level
         if level != "region":
@@ -49,7 +59,7 @@ def test_one_batch_per_level(shards):
             assert batch[f"{child}_dropped"].sum() == 0
             np.testing.assert_array_equal(batch[f"{child}_images"][batch[f"{child}_parent"] >= 0],
                                           examples[f"{child}_images"][examples[f"{child}_mask"]])
-    figure = make_dataset(shards["heuristic"], "figure", 4, cfg=CFG)[0]
+    figure = batch_at(make_dataset(shards["heuristic"], "figure", 4, cfg=CFG))
     assert figure["image"].shape == (4, 64, 64, 3) and figure["image"].dtype == np.uint8
     assert figure["panel_images"].shape == (4, 3, 64, 64, 3) and figure["panel_tokens"].shape == (4, 3, 77)
     assert figure["text_id"].shape == (4,) and figure["panel_text_id"].shape == (4, 3)
@@ -57,9 +67,9 @@ def test_one_batch_per_level(shards):
     assert figure["panel_mask"].any(axis=1).all() and (figure["tokens"][:, 0] == 49406).all()
     # Padded slots are empty.
     assert (figure["panel_images"][~figure["panel_mask"]] == 0).all()
-    panel = make_dataset(shards["truth"], "panel", 4, cfg=CFG)[0]
+    panel = batch_at(make_dataset(shards["truth"], "panel", 4, cfg=CFG))
     assert panel["region_images"].shape == (4, 2, 64, 64, 3) and panel["region_grid_boxes"].shape == (4, 2, 4)
-    region = make_dataset(shards["truth"], "region", 4, cfg=CFG)[0]
+    region = batch_at(make_dataset(shards["truth"], "region", 4, cfg=CFG))
     assert region["image"].shape == (4, 64, 64, 3) and region["tokens"].shape == (4, 77)
     with pytest.raises(UserError, match="no region-level items"):  # every box below the minimum side
         make_dataset(shards["heuristic"], "region", 4, cfg=dataclasses.replace(CFG, min_box_side=10_000))
@@ -77,9 +87,9 @@ def test_decoded_image_cache_gives_the_same_batches(shards):
 
 
 def test_same_seed_same_batches_other_seed_other_order(shards):
-    first = [make_dataset(shards["truth"], "panel", 2, seed=5, cfg=CFG)[n] for n in range(3)]
-    again = [make_dataset(shards["truth"], "panel", 2, seed=5, cfg=CFG)[n] for n in range(3)]
-    other = [make_dataset(shards["truth"], "panel", 2, seed=6, cfg=CFG)[n] for n in range(3)]
+    first = [batch_at(make_dataset(shards["truth"], "panel", 2, seed=5, cfg=CFG), n) for n in range(3)]
+    again = [batch_at(make_dataset(shards["truth"], "panel", 2, seed=5, cfg=CFG), n) for n in range(3)]
+    other = [batch_at(make_dataset(shards["truth"], "panel", 2, seed=6, cfg=CFG), n) for n in range(3)]
     for a, b in zip(first, again):
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
@@ -87,11 +97,17 @@ def test_same_seed_same_batches_other_seed_other_order(shards):
 
 
 @pytest.mark.parametrize("process_count", [2, 3])
-def test_process_slices_are_disjoint_and_cover_every_item_once(shards, process_count):
-    index = build_index(RecordSource(shards["truth"]), "region", CFG)
-    rows = [tuple(r) for p in range(process_count)
-            for r in item_rows(index, seed=3, process_index=p, process_count=process_count)]
-    assert sorted(rows) == sorted(map(tuple, index.rows)) and len(rows) == len(set(rows))
+def test_process_slices_are_disjoint_cover_every_item_once_and_hold_only_their_share(shards, process_count):
+    source = RecordSource(shards["truth"])
+    whole = build_index(source, "region", CFG)
+    slices = [build_index(source, "region", CFG, process_index=p, process_count=process_count)
+              for p in range(process_count)]
+    rows = [tuple(r) for index in slices for r in index.rows]
+    assert sorted(rows) == sorted(map(tuple, whole.rows)) and len(rows) == len(set(rows))
+    assert [len(index.rows) for index in slices] == [len(range(p, whole.total, process_count))
+                                                     for p in range(process_count)]
+    assert all(index.rows.dtype == np.int32 and index.total == whole.total for index in slices)
+    np.testing.assert_array_equal(slices[0].child_histogram, whole.child_histogram)  # of all processes' items
 
 
 def test_region_pixels_match_open_clip_on_the_pil_crop(shards):
@@ -119,7 +135,40 @@ def test_corrupt_record_strict_names_it_default_skips_and_counts(tmp_path, shard
         build_index(RecordSource(str(path), strict=True), "figure", CFG)
     index = build_index(RecordSource(str(path)), "figure", CFG)
     assert index.skipped_records == 1 and len(index.rows) == 2
-    assert make_dataset(str(path), "figure", 2, cfg=CFG, index=index)[0]["image"].shape == (2, 64, 64, 3)
+    assert batch_at(make_dataset(str(path), "figure", 2, cfg=CFG, index=index))["image"].shape == (2, 64, 64, 3)
+
+
+def bad_records_shard(tmp_path, shards) -> str:
+    """A shard whose index lists 4 figures: two good, one whose PNG is cut short, one whose record
+    bytes are (written whole, then damaged: the index was written before)."""
+    good = list(records.iter_records(shards["truth"]))[:3]
+    path = tmp_path / "records-00000-of-00001.array_record"
+    cut_image = dict(good[2], figure_id="cut-image", image_bytes=good[2]["image_bytes"][:200])
+    with records.RecordWriter(path) as writer:
+        writer.write(good[0])
+        writer.write(cut_image)
+        data = records.encode(good[2])
+        writer.write_encoded(data[:len(data) // 2], records.index_entry(good[2]))
+        writer.write(good[1])
+    return str(path)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_bad_records_under_workers_are_skipped_and_counted(tmp_path, shards, num_workers):
+    path = bad_records_shard(tmp_path, shards)
+    batches = list(make_dataset(path, "figure", 2, cfg=CFG, shuffle=False, num_epochs=4, workers=num_workers))
+    # 8 good examples in 4 batches. In order, the two bad records precede every second good one: 2 an
+    # epoch. Two workers take every other example each (grain slices the stream): the one with the cut
+    # record ends on it, which no later example counts.
+    assert len(batches) == 4 and all(batch["image"].shape == (2, 64, 64, 3) for batch in batches)
+    assert sum(int(batch[SKIPPED].sum()) for batch in batches) == (8 if num_workers == 0 else 7)
+
+
+def test_bad_records_under_workers_stop_a_strict_run_naming_them(tmp_path, shards):
+    path = bad_records_shard(tmp_path, shards)
+    iterator = iter(make_dataset(path, "figure", 2, cfg=CFG, shuffle=False, strict=True, workers=2))
+    with pytest.raises(Exception, match=f"{path} record [12] (has an undecodable image|is not a msgpack figure record)"):
+        next(iterator)
 
 
 def test_missing_shards_are_a_clear_error(tmp_path):
@@ -145,29 +194,52 @@ def test_iterator_state_restores_in_a_fresh_process(tmp_path, shards, num_worker
         np.testing.assert_array_equal(expected[key], restored[key])
 
 
-def test_epochs_reshuffle_and_process_slices_interleave_into_the_one_process_stream(shards):
-    index = build_index(RecordSource(shards["truth"]), "panel", CFG)
-    one_process = [tuple(r) for r in item_rows(index, seed=3, process_index=0, process_count=1, num_epochs=2)]
-    n = len(index.rows)
-    assert sorted(one_process[:n]) == sorted(one_process[n:]) == sorted(map(tuple, index.rows))
-    assert one_process[:n] != one_process[n:]
-    slices = [[tuple(r) for r in item_rows(index, seed=3, process_index=p, process_count=3, num_epochs=2)]
-              for p in range(3)]
-    assert [slices[k % 3][k // 3] for k in range(2 * n)] == one_process
+def images(dataset, batches: int | None = None) -> list[bytes]:
+    """Each example's pixels, batch after batch: a signature of the example and its random draws."""
+    iterator = iter(dataset)
+    taken = iterator if batches is None else (next(iterator) for _ in range(batches))
+    return [bytes(image) for batch in taken for image in batch["image"]]
 
 
-def test_augmentation_follows_the_example_not_the_process(shards):
-    """Global batch k of 2 processes holds the examples, crops and text draws of the one-process
-    batch k (in another order): a run's data does not depend on how many hosts share it."""
+def test_epochs_reshuffle(shards):
+    one = images(make_dataset(shards["truth"], "region", 1, seed=3, cfg=CFG, num_epochs=2))
+    n = len(one) // 2
+    assert sorted(one[:n]) == sorted(one[n:]) and one[:n] != one[n:]
+
+
+@pytest.mark.parametrize("level", ["panel", "region"])
+def test_global_batches_and_draws_do_not_depend_on_the_process_count(shards, level):
+    """With 6 data shards, global batch k of 1, 2 or 3 processes (their local batches in process order)
+    holds the same examples with the same crops, children and text draws, epoch after epoch."""
     cfg = dataclasses.replace(CFG, train=True)
-    one = make_dataset(shards["truth"], "panel", 4, seed=5, cfg=cfg)
-    halves = [make_dataset(shards["truth"], "panel", 2, seed=5, cfg=cfg, process_index=p, process_count=2)
-              for p in range(2)]
-    for k in range(2):
-        expected = one[k]["image"]
-        got = np.concatenate([halves[0][k]["image"], halves[1][k]["image"]])
-        assert sorted(map(bytes, expected)) == sorted(map(bytes, got))
-    assert not np.array_equal(halves[0][0]["image"][0], halves[1][0]["image"][0])
+
+    def global_batches(processes: int) -> list[bytes]:
+        local = [images(make_dataset(shards["truth"], level, 12 // processes, seed=5, cfg=cfg, num_epochs=None,
+                                     process_index=p, process_count=processes, data_shards=6), batches=4)
+                 for p in range(processes)]
+        per_batch = 12 // processes
+        return [x for k in range(4) for p in range(processes) for x in local[p][k * per_batch:(k + 1) * per_batch]]
+
+    one = global_batches(1)
+    assert global_batches(2) == one == global_batches(3)
+    assert len(set(one)) > 12  # 4 batches of 12 over more than one epoch of some shards: not one example repeated
+    plain = images(make_dataset(shards["truth"], level, 12, seed=5, cfg=CFG, num_epochs=None, data_shards=6), 4)
+    assert sorted(plain) != sorted(one)  # the draws are random crops
+
+
+def test_workers_make_the_batches_one_process_makes(shards):
+    """grain's workers take whole batches: two data shards, two workers, the same batches in order."""
+    cfg = dataclasses.replace(CFG, train=True)
+    made = [make_dataset(shards["truth"], "panel", 4, seed=5, cfg=cfg, num_epochs=None, data_shards=2, workers=workers)
+            for workers in (0, 2)]
+    assert images(made[0], batches=5) == images(made[1], batches=5)
+
+
+def test_a_process_batch_must_split_into_its_data_shards(shards):
+    with pytest.raises(UserError, match="not a multiple of the 4 processes"):
+        make_dataset(shards["truth"], "panel", 4, process_count=4, data_shards=6, num_epochs=None)
+    with pytest.raises(UserError, match="does not split into this process's 3 data shards"):
+        make_dataset(shards["truth"], "panel", 4, data_shards=3, num_epochs=None)
 
 
 def test_global_batch_is_sharded_over_the_data_axes(shards):
@@ -177,7 +249,7 @@ def test_global_batch_is_sharded_over_the_data_axes(shards):
     from zoomin_jax.data.device import to_global
     assert jax.device_count() == 8, "make test runs with XLA_FLAGS=--xla_force_host_platform_device_count=8"
     mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
-    local = make_dataset(shards["truth"], "panel", 8, cfg=CFG)[0]
+    local = batch_at(make_dataset(shards["truth"], "panel", 8, cfg=CFG))
     batch = to_global(local, mesh, data_axes=("data", "fsdp"))
     assert batch["image"].shape == (8, 64, 64, 3) and len(batch["image"].addressable_shards) == 8
     assert batch["image"].addressable_shards[0].data.shape == (1, 64, 64, 3)
@@ -186,11 +258,11 @@ def test_global_batch_is_sharded_over_the_data_axes(shards):
 
 def test_training_views_are_random_resized_crops_without_flips(shards):
     train = samples.SampleConfig(image_size=64, patch_size=8, max_regions=2, train=True, crop_scale=(0.3, 0.6))
-    a = make_dataset(shards["truth"], "panel", 4, seed=1, cfg=train)[0]
-    b = make_dataset(shards["truth"], "panel", 4, seed=1, cfg=train)[0]
+    a = batch_at(make_dataset(shards["truth"], "panel", 4, seed=1, cfg=train))
+    b = batch_at(make_dataset(shards["truth"], "panel", 4, seed=1, cfg=train))
     np.testing.assert_array_equal(a["image"], b["image"])
-    shown = make_dataset(shards["truth"], "panel", 4, seed=1, cfg=CFG, shuffle=False)[0]
-    random = make_dataset(shards["truth"], "panel", 4, seed=1, cfg=train, shuffle=False)[0]
+    shown = batch_at(make_dataset(shards["truth"], "panel", 4, seed=1, cfg=CFG, shuffle=False))
+    random = batch_at(make_dataset(shards["truth"], "panel", 4, seed=1, cfg=train, shuffle=False))
     assert not np.array_equal(shown["image"], random["image"])
     rng = np.random.default_rng(0)
     for _ in range(50):
@@ -224,7 +296,7 @@ def test_bench_prints_rates_and_where_the_time_goes(shards):
     out = run_cli("-m", "zoomin_jax.data.bench", "--records", shards["truth"], "--level", "panel", "--workers", "0",
                   "--batch-size", "4", "--batches", "2", "--repeats", "2", "--image-size", "64", "--breakdown").stdout
     rate, shares = out.strip().splitlines()[-2:]
-    assert rate.startswith("level=panel views=train workers=0 samples/s median=")
+    assert rate.startswith("level=panel views=train workers=0 read_threads=16 latency_ms=0 samples/s median=")
     stages = dict(part.rsplit(" ", 1) for part in shares.split("time: ")[1].split(", "))
     assert list(stages) == ["read record", "decode image", "crop", "convert", "resize", "tokenize", "other"]
     percent = {stage: float(share.rstrip("%")) for stage, share in stages.items()}

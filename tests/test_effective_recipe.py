@@ -2,6 +2,7 @@
 recipe, the per-device batch is derived, and any departure is a stated rule."""
 import math
 
+import numpy as np
 import pytest
 
 from configs.zoomin_vitl14 import get_config as paper_config
@@ -81,7 +82,7 @@ def test_a_level_without_a_batch_size_and_unknown_rules_are_refused():
 def test_child_slots_are_stated_or_sized_from_the_child_counts_or_padded():
     """Figures holding 1 or 2 kept panels, half each: 40 per device have a total of 40-80, median
     60; its 95th percentile is 65 (binomial(40, 1/2): P(<= 64) = 0.919, P(<= 65) = 0.960)."""
-    counts = {"figure": [1, 2] * 50, "panel": [0] * 100}
+    counts = {"figure": np.bincount([1, 2] * 50), "panel": np.bincount([0] * 100)}
     on_8 = effective_recipe.derive(paper_config(), 8, ITEMS, counts)
     assert on_8.child_slots == {"figure": 65, "panel": 1}
     assert "figure: global batch 320, 40 per device, 21880 steps" in "\n".join(on_8.lines())

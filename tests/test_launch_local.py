@@ -41,7 +41,8 @@ def run(command):
 def one_process(tmp_path_factory, records):
     """{step: logged entry} of 1 process x 8 devices trained straight to step 9."""
     tmp_path = tmp_path_factory.mktemp("one")
-    run(launch_command(tmp_path, tmp_path / "one", records, 1, 8, "--config.total_steps=9"))
+    # Two data shards, as the 2-process runs have by default: the same global batches.
+    run(launch_command(tmp_path, tmp_path / "one", records, 1, 8, "--config.total_steps=9", "--config.data.data_shards=2"))
     return {entry["step"]: entry for entry in logged(tmp_path / "one")}
 
 

@@ -11,7 +11,7 @@ from flax import nnx
 from zoomin_jax import losses, trainer
 from zoomin_jax.batch_layout import LAYOUTS, Dims, batch_arrays, example_arrays
 from zoomin_jax.bench_train import random_examples
-from zoomin_jax.data.packing import pack, slots_for
+from zoomin_jax.data.packing import capped, median, pack, slots_for
 from zoomin_jax.models.clip import CLIP
 from zoomin_jax.models.config import get_preset
 
@@ -20,9 +20,11 @@ def test_slots_are_the_quantile_of_the_total_child_count():
     """Counts 0, 1, 2, 5 with 2 slots per example (5 capped to 2): one example has 0 / 1 / 2 children
     with probability 1/4, 1/4, 1/2 (cumulative 1/4, 1/2, 1); two examples' total 0..4 with 1/16,
     2/16, 5/16, 4/16, 4/16, so a cumulative 1/16, 3/16, 8/16, 12/16, 1."""
-    counts = [0, 1, 2, 5]
-    assert [slots_for(counts, 2, 2, q) for q in (0.1, 0.5, 0.51, 0.75, 0.99, 1.0)] == [1, 2, 3, 3, 4, 4]
-    assert [slots_for(counts, 2, 1, q) for q in (0.5, 0.51)] == [1, 2] and slots_for([0, 0], 6, 40, 0.99) == 1
+    histogram = np.bincount([0, 1, 2, 5])
+    assert [slots_for(histogram, 2, 2, q) for q in (0.1, 0.5, 0.51, 0.75, 0.99, 1.0)] == [1, 2, 3, 3, 4, 4]
+    assert [slots_for(histogram, 2, 1, q) for q in (0.5, 0.51)] == [1, 2] and slots_for([2], 6, 40, 0.99) == 1
+    assert capped(histogram, 2).tolist() == [1, 1, 2] and median(capped(histogram, 2)) == 1.5
+    assert median([0, 3, 0, 1]) == 1 and median([1, 0, 0, 0, 0, 1]) == 2.5
 
 
 def padded_examples(level, masks, dims):

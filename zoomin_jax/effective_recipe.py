@@ -28,7 +28,7 @@ import math
 import numpy as np
 
 from zoomin_jax.batch_layout import LAYOUTS
-from zoomin_jax.data.packing import slots_for
+from zoomin_jax.data.packing import capped, median, slots_for
 from zoomin_jax.errors import UserError
 from zoomin_jax.recipes import JOINT, LEVELS
 
@@ -136,26 +136,26 @@ def max_children(config, level: str) -> int:
     return {"figure": config.data.max_panels, "panel": config.data.max_regions}[level]
 
 
-def child_slots(config, level: str, per_device: int, counts: np.ndarray | None) -> tuple[int, str]:
+def child_slots(config, level: str, per_device: int, histogram: np.ndarray | None) -> tuple[int, str]:
     """(packed child slots per device, how they were sized) of one level: see the module docstring."""
     stated = {name: slots for name, slots in dict(config.data.get("child_slots") or {}).items() if slots}
     padded = per_device * max_children(config, level)
     if level in stated:
         return int(stated[level]), f"config.data.child_slots; padded: {padded}"
     quantile = config.data.get("pack_quantile")
-    if counts is None or not quantile:
+    if histogram is None or not quantile:
         return padded, f"padded: {max_children(config, level)} per example, no child counts to pack to"
-    slots = slots_for(counts, max_children(config, level), per_device, quantile)
+    slots = slots_for(histogram, max_children(config, level), per_device, quantile)
     return slots, (f"p{quantile * 100:g} of {per_device} examples' total in the records, median "
-                   f"{np.median(np.minimum(counts, max_children(config, level))):g} each; padded: {padded}")
+                   f"{median(capped(histogram, max_children(config, level))):g} each; padded: {padded}")
 
 
 def derive(config, devices: int, items: dict[str, int] | None = None,
-           child_counts: dict | None = None) -> Recipe:
+           child_histograms: dict | None = None) -> Recipe:
     """The recipe `config` trains on `devices` devices; `items` ({level: items in the records}) when
     the records have been indexed: the run's length comes from config.epochs unless
-    config.total_steps is set; `child_counts` ({level: [items] children each can hold}) for sizing
-    the packed child slots."""
+    config.total_steps is set; `child_histograms` ({level: [c] items whose example can hold c
+    children}) for sizing the packed child slots."""
     stated = stated_batches(config)
     rounding = config.get("batch_rounding", "none")
     if rounding not in ROUNDING:
@@ -178,7 +178,7 @@ def derive(config, devices: int, items: dict[str, int] | None = None,
         stated_total = epoch_steps(config, stated, items)
         total = epoch_steps(config, batch, items)
         warmup = round(warmup * total / stated_total)
-    slots = {level: child_slots(config, level, batch[level] // devices, (child_counts or {}).get(level))
+    slots = {level: child_slots(config, level, batch[level] // devices, (child_histograms or {}).get(level))
              for level in batch if LAYOUTS[level].child is not None}
     return Recipe(devices, batch, stated, rounding, stated_lr * LR_SCALING[scaling](ratio), stated_lr, warmup,
                   int(total), level_steps(config, int(total)), items, {level: n for level, (n, _) in slots.items()},

@@ -58,11 +58,10 @@ def retrieval(encoder: CLIPEncoder, records: str, level: str, *, batch_size: int
     encoder = encoder if batch_size == encoder.batch_size else encoder.with_batch_size(batch_size)
     share, processes = encoder.process_batch_size, jax.process_count()
     source = RecordSource(records, strict=strict)
-    index = pipeline.build_index(source, level, cfg)
-    dataset = pipeline.make_dataset(records, level, share, cfg=cfg, shuffle=False, strict=strict, drop_remainder=False,
-                                    process_index=jax.process_index(), process_count=processes, index=index)
+    index = pipeline.build_index(source, level, cfg, jax.process_index(), processes)
+    dataset = pipeline.make_dataset(source, level, share, cfg=cfg, shuffle=False, drop_remainder=False, index=index)
     # Every process embeds together, so each makes as many calls as the largest share needs.
-    calls = -(-len(range(0, len(index.rows), processes)) // share)
+    calls = -(-len(range(0, index.total, processes)) // share)
     image_emb, tokens = [], []
     for batch in tqdm(dataset, desc=f"retrieval {level}", disable=not progress, leave=False):
         image_emb.append(encoder.encode_uint8_share(batch["image"], normalize=True))

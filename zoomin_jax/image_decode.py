@@ -29,11 +29,19 @@ def _spng_mode(data: bytes) -> str | None:
     return _SPNG_MODES.get(colour_type)
 
 
+class ImageError(ValueError):
+    """Bytes that are no image either decoder reads: truncated, corrupt, unknown, or a decompression bomb."""
+
+
 def decode(data: bytes) -> Image.Image:
-    """A loaded PIL image of `data`: the pixels and mode of `Image.open(data).load()`."""
-    mode = _spng_mode(data)
-    if mode is not None:
-        return Image.fromarray(pyspng.load(data, mode), mode)
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image
+    """A loaded PIL image of `data`: the pixels and mode of `Image.open(data).load()`; ImageError
+    when neither decoder can read it."""
+    try:
+        mode = _spng_mode(data)
+        if mode is not None:
+            return Image.fromarray(pyspng.load(data, mode), mode)
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return image
+    except (OSError, RuntimeError, ValueError, Image.DecompressionBombError) as err:  # PIL's, then pyspng's
+        raise ImageError(f"undecodable image ({type(err).__name__}: {err})") from None

@@ -69,11 +69,11 @@ def attention_of(config, compute_dtype, platform: str | None = None) -> str:
 
 
 def effective(config, devices=None, items: dict | None = None,
-              child_counts: dict | None = None) -> tuple[object, effective_recipe.Recipe]:
+              child_histograms: dict | None = None) -> tuple[object, effective_recipe.Recipe]:
     """The recipe `config` trains over the mesh it makes of `devices` (default all: every batch is split
-    over the whole mesh), and the copy of `config` that trains it; `items` and `child_counts` as
+    over the whole mesh), and the copy of `config` that trains it; `items` and `child_histograms` as
     effective_recipe.derive."""
-    recipe = effective_recipe.derive(config, sharding.config_mesh(config, devices).devices.size, items, child_counts)
+    recipe = effective_recipe.derive(config, sharding.config_mesh(config, devices).devices.size, items, child_histograms)
     return effective_recipe.apply(config, recipe), recipe
 
 

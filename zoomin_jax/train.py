@@ -37,7 +37,8 @@ def build_text_cache(config, run: run_setup.Setup, directory: epath.Path) -> str
     """The frozen text tower's embedding of every text in the records, computed once per run into
     the workdir by all processes together (each reads its share of the records and embeds its share
     of the distinct texts; see text_cache.build), reused on resume; the data pipeline then emits
-    embeddings instead of tokens. Returns the local directory the workers map it from."""
+    embeddings instead of tokens. Returns the local directory the workers open it from (a gs://
+    cache's host mirror: text_cache.local)."""
     if not run.part.text_frozen:
         raise UserError("config.data.text_cache needs a frozen text tower (no text parameter in config.train_rules)")
     if not text_cache.is_built(directory):
@@ -48,8 +49,11 @@ def build_text_cache(config, run: run_setup.Setup, directory: epath.Path) -> str
         context = config.data.get("context_text_prob", 0) > 0
         texts = (text for n in records if (record := source[int(n)]) is not None
                  for text in text_cache.record_texts(record, context))
+        # A call per TEXTS_PER_DEVICE texts on every device of the run: 64 chips take 16k texts a
+        # call, where a fixed global batch would leave each chip a handful and a round trip per handful.
         encoder = CLIPEncoder(run.model_cfg, merge(run.state["params"], run.frozen),
-                              run_dir.preprocess_cfg(config, run.model_cfg), run.mesh, batch_size=256)
+                              run_dir.preprocess_cfg(config, run.model_cfg), run.mesh,
+                              batch_size=text_cache.TEXTS_PER_DEVICE * run.mesh.size)
         built = text_cache.build(directory, texts, lambda chunk: encoder.encode_text_share(tokenize(chunk)),
                                  encoder.process_batch_size)
         print(f"text cache: {built.texts} distinct texts, {built.embedded} of them embedded by process "
@@ -67,23 +71,35 @@ def sample_config(config, model_cfg) -> samples.SampleConfig:
         min_visible=data.min_visible, crop_scale=tuple(data.crop_scale), train=True)
 
 
+# The region step of the v4 preset takes 160 examples a host every 0.07 s (compile check estimate):
+# ~2,300 a second, 16 cores at the ~150 a core measured here (README, "Feeding a host").
+MAX_DATA_WORKERS = 32
+
+
 def data_workers(config) -> int:
     """config.data.workers grain worker processes per level, or for -1 the cores this process may use
     (SLURM's --cpus-per-task binds them) less one for the training loop, split between the levels
-    that draw batches at once (one, or all three for the joint step), at most 8 each: the workers of
-    the levels not in their turn sleep once their buffers are full, so alternating levels share the
-    cores in time."""
+    that draw batches at once (one, or all three for the joint step), at least 1 and at most
+    MAX_DATA_WORKERS each: the workers of the levels not in their turn sleep once their buffers are
+    full, so alternating levels share the cores in time, and each worker's read threads hide the
+    store's latency. With 0 on an accelerator every example is made in the training process, between
+    steps: said once."""
     workers = int(config.data.workers)
-    if workers >= 0:
-        return workers
-    at_once = len(LEVELS) if any(level == JOINT for level, _ in config.cycle) else 1
-    return min(8, max(0, (len(os.sched_getaffinity(0)) - 1) // at_once))
+    if workers < 0:
+        at_once = len(LEVELS) if any(level == JOINT for level, _ in config.cycle) else 1
+        workers = min(MAX_DATA_WORKERS, max(1, (len(os.sched_getaffinity(0)) - 1) // at_once))
+    if workers == 0 and jax.default_backend() != "cpu":
+        print(f"warning: config.data.workers is 0 on {jax.default_backend()}: every example is made in the "
+              "training process while the chips wait; set config.data.workers=-1 (from the cores this process "
+              "may use) or a count", file=sys.stderr, flush=True)
+    return workers
 
 
 def level_indexes(config, model_cfg) -> dict[str, pipeline.LevelIndex]:
     source = RecordSource(config.data.records, strict=config.data.strict)
     return pipeline.build_indexes(source, effective_recipe.cycle_levels(config), sample_config(config, model_cfg),
-                                  progress=jax.process_index() == 0)
+                                  progress=jax.process_index() == 0, process_index=jax.process_index(),
+                                  process_count=jax.process_count(), data_shards=config.data.get("data_shards", 0))
 
 
 def level_iterators(config, run: run_setup.Setup, indexes: dict, batch_sizes: dict, cache: str | None = None) -> dict:
@@ -96,13 +112,11 @@ def level_iterators(config, run: run_setup.Setup, indexes: dict, batch_sizes: di
         if batch_sizes[level] % process_count:
             raise UserError(f"the global {level} batch {batch_sizes[level]} is not divisible by the "
                             f"{process_count} processes; change config.data's batch sizes")
-        dataset = pipeline.make_dataset(config.data.records, level, batch_sizes[level] // process_count,
-                                        seed=config.seed, cfg=cfg, process_index=jax.process_index(),
-                                        process_count=process_count, strict=config.data.strict, num_epochs=None,
-                                        index=index, cached_images=config.data.get("cached_images", 0),
-                                        pack_children=(len(run.mesh.local_devices),
-                                                       run.dims.slots_per_shard(level, batch_sizes[level])))
-        iterators[level] = pipeline.batch_iterator(dataset, num_workers=workers)
+        iterators[level] = iter(pipeline.make_dataset(
+            config.data.records, level, batch_sizes[level] // process_count, seed=config.seed, cfg=cfg,
+            strict=config.data.strict, num_epochs=None, index=index, cached_images=config.data.get("cached_images", 0),
+            pack_children=(len(run.mesh.local_devices), run.dims.slots_per_shard(level, batch_sizes[level])),
+            workers=workers))
     return iterators
 
 
@@ -213,8 +227,9 @@ def train(config, workdir: str) -> dict:
     sharding.require_platform(config)
     use_compilation_cache(config.get("compilation_cache_dir", ""), workdir)
     indexes = level_indexes(config, get_preset(config.model))
-    config, recipe = run_setup.effective(config, items={level: len(index.rows) for level, index in indexes.items()},
-                                         child_counts={level: index.child_counts for level, index in indexes.items()})
+    config, recipe = run_setup.effective(config, items={level: index.total for level, index in indexes.items()},
+                                         child_histograms={level: index.child_histogram
+                                                           for level, index in indexes.items()})
     if jax.process_index() == 0:
         print("\n".join(recipe.lines()), flush=True)
         (workdir / "recipe.json").write_text(json.dumps(recipe.to_json(), indent=1))
@@ -223,10 +238,11 @@ def train(config, workdir: str) -> dict:
     mesh, model_cfg, state, frozen, cycle, steps = run.mesh, run.model_cfg, run.state, run.frozen, run.cycle, run.steps
     cache = build_text_cache(config, run, workdir / "text_cache") if config.data.get("text_cache") else None
     iterators = level_iterators(config, run, indexes, batch_sizes, cache)
-    skipped_records = next(iter(indexes.values())).skipped_records
-    if skipped_records:
-        print(f"skipping {skipped_records} records that failed to decode (config.data.strict=True stops instead)",
+    skipped_indexing = next(iter(indexes.values())).skipped_records
+    if skipped_indexing:
+        print(f"skipping {skipped_indexing} records that failed to decode (config.data.strict=True stops instead)",
               flush=True)
+    skipped_here = 0  # bad records this process's pipelines skipped since this start
     checkpoints = Checkpoints(workdir / "checkpoints", every=config.checkpoint_every, keep=config.keep_checkpoints)
     start = checkpoints.latest_step()
     if start is not None:
@@ -245,6 +261,8 @@ def train(config, workdir: str) -> dict:
             tick = time.perf_counter()
             host = ({name: next(iterators[name]) for name in LEVELS} if level == JOINT
                     else next(iterators[level]))
+            for one in host.values() if level == JOINT else [host]:
+                skipped_here += int(one.pop(pipeline.SKIPPED).sum())
             batch = to_global(host, mesh, mesh.axis_names)
             interval.data_wait += time.perf_counter() - tick
             tick = time.perf_counter()
@@ -264,7 +282,8 @@ def train(config, workdir: str) -> dict:
                 # One line per level trained in the interval, each term averaged over its steps. The guard
                 # is read here, not after every step: a per-step read would make the host wait for the
                 # device before fetching the next batch.
-                by_level, timing, ended = interval.fetch(skipped_records)
+                skipped = skipped_indexing + int(multihost_utils.process_allgather(np.int64(skipped_here)).sum())
+                by_level, timing, ended = interval.fetch(skipped)
                 for logged_level, last in by_level.items():
                     logger.write(step, logged_level, last, timing)
                 worst = max(m["skipped_in_a_row"] for m in by_level.values())

@@ -1,10 +1,13 @@
-"""python -m zoomin_jax.data.bench --records GLOB --level panel --workers 0,1,2 [--breakdown]
+"""python -m zoomin_jax.data.bench --records GLOB --level panel --workers 0,1,2 [--read-latency-ms 0,20,50]
+    [--breakdown]
 
-Samples per second of one level's pipeline (decode, crop, resize, tokenize, batch) for each worker
-count: the median of --repeats timed runs of --batches batches, after one warm-up batch. Examples
-are made as training makes them (random resized crops); --eval measures open_clip's eval transform.
---breakdown profiles the examples of one batch size x --batches in this process and prints the
-share of their time each stage takes."""
+Samples per second of one level's pipeline (read, decode, crop, resize, tokenize, batch) for each
+worker count and read latency: the median of --repeats timed runs of --batches batches, after one
+warm-up batch. Examples are made as training makes them (random resized crops); --eval measures
+open_clip's eval transform. --read-latency-ms N reads through a source that sleeps N ms before each
+record, as an object store (GCS through gcsfuse: tens of ms) would: what the read threads must hide.
+--breakdown profiles the examples of one batch size x --batches in this process, one at a time, and
+prints the share of their time each stage takes."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +16,7 @@ import pstats
 import statistics
 import time
 
-from zoomin_jax.data.pipeline import batch_iterator, build_index, make_dataset
+from zoomin_jax.data.pipeline import build_index, make_dataset
 from zoomin_jax.data.samples import SampleConfig
 from zoomin_jax.data.source import RecordSource
 
@@ -24,13 +27,27 @@ STAGES = {"read record": ("zoomin_jax/data/source.py", "__getitem__"),
           "resize": ("PIL/Image.py", "resize"), "tokenize": ("zoomin_jax/tokenizer.py", "tokenize")}
 
 
+class LatentSource(RecordSource):
+    """A record source that waits `latency_ms` before each read, like a remote store's round trip
+    (module level: grain's spawned workers unpickle it)."""
+
+    def __init__(self, patterns, latency_ms: float):
+        super().__init__(patterns)
+        self.latency_ms = latency_ms
+
+    def __getitem__(self, index: int):
+        time.sleep(self.latency_ms / 1000)
+        return super().__getitem__(index)
+
+
 def measure(records: str, level: str, workers: int, batch_size: int, batches: int, repeats: int,
-            cfg: SampleConfig, worker_buffer: int = 4) -> list[float]:
+            cfg: SampleConfig, worker_buffer: int = 4, latency_ms: float = 0.0, read_threads: int = 16) -> list[float]:
+    source = LatentSource(records, latency_ms)
     index = build_index(RecordSource(records), level, cfg)
     rates = []
     for repeat in range(repeats):
-        dataset = make_dataset(records, level, batch_size, seed=repeat, cfg=cfg, index=index, num_epochs=1000)
-        iterator = batch_iterator(dataset, num_workers=workers, worker_buffer=worker_buffer)
+        iterator = iter(make_dataset(source, level, batch_size, seed=repeat, cfg=cfg, index=index, num_epochs=None,
+                                     read_threads=read_threads, workers=workers, worker_buffer=worker_buffer))
         next(iterator)  # warm-up: worker start, first decode
         start = time.perf_counter()
         for _ in range(batches):
@@ -42,13 +59,13 @@ def measure(records: str, level: str, workers: int, batch_size: int, batches: in
 
 def breakdown(records: str, level: str, batch_size: int, batches: int, cfg: SampleConfig) -> dict[str, float]:
     """{stage: fraction of the time of making `batches` batches}, "other" being the rest (batching,
-    boxes, masks, the grain machinery)."""
-    dataset = make_dataset(records, level, batch_size, cfg=cfg, num_epochs=1000)
-    dataset[0]  # warm-up
+    boxes, masks, the grain machinery). In this thread (cProfile sees no other)."""
+    iterator = iter(make_dataset(records, level, batch_size, cfg=cfg, num_epochs=None, read_threads=0))
+    next(iterator)  # warm-up
     profile = cProfile.Profile()
     profile.enable()
-    for n in range(1, batches + 1):
-        dataset[n]
+    for _ in range(batches):
+        next(iterator)
     profile.disable()
     stats = pstats.Stats(profile).stats
     total = sum(tottime for _, _, tottime, _, _ in stats.values())
@@ -63,6 +80,8 @@ def main(argv=None) -> None:
     parser.add_argument("--records", required=True)
     parser.add_argument("--level", default="panel", choices=["figure", "panel", "region"])
     parser.add_argument("--workers", default="0,1,2")
+    parser.add_argument("--read-latency-ms", default="0", help="comma-separated milliseconds each record read waits")
+    parser.add_argument("--read-threads", type=int, default=16, help="threads making examples in each process")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--batches", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
@@ -73,11 +92,13 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     cfg = SampleConfig(image_size=args.image_size, train=not args.eval)
     views = "eval" if args.eval else "train"
-    for workers in map(int, args.workers.split(",")):
-        rates = measure(args.records, args.level, workers, args.batch_size, args.batches, args.repeats, cfg,
-                        args.worker_buffer)
-        print(f"level={args.level} views={views} workers={workers} samples/s median={statistics.median(rates):.1f} "
-              f"runs={[round(r, 1) for r in rates]}", flush=True)
+    for latency in map(float, args.read_latency_ms.split(",")):
+        for workers in map(int, args.workers.split(",")):
+            rates = measure(args.records, args.level, workers, args.batch_size, args.batches, args.repeats, cfg,
+                            args.worker_buffer, latency, args.read_threads)
+            print(f"level={args.level} views={views} workers={workers} read_threads={args.read_threads} "
+                  f"latency_ms={latency:g} samples/s median={statistics.median(rates):.1f} "
+                  f"runs={[round(r, 1) for r in rates]}", flush=True)
     if args.breakdown:
         shares = breakdown(args.records, args.level, args.batch_size, args.batches, cfg)
         print(f"level={args.level} views={views} time: " + ", ".join(f"{stage} {share:.0%}"

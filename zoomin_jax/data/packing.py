@@ -2,7 +2,7 @@
 number of child slots per device, instead of max_panels (max_regions) slots per example of which the
 median figure fills two (batch_layout says the layout).
 
-The slots per device are sized from the child counts the shard index holds: the `quantile` of a
+The slots per device are sized from the child counts the shard indexes hold (their histogram): the `quantile` of a
 device's total over its examples, those counts drawn independently (exact, by convolving their
 distribution). A batch whose children overflow its slots drops the overflow, evenly (each example's
 first child before any example's second) and counts it per example in `{child}_dropped`.
@@ -16,11 +16,29 @@ import numpy as np
 from zoomin_jax.batch_layout import LAYOUTS
 
 
-def slots_for(counts: np.ndarray, max_children: int, examples: int, quantile: float) -> int:
+def capped(histogram, max_children: int) -> np.ndarray:
+    """[max_children + 1] items per child count, counts above max_children counted at it (an example
+    holds at most that many)."""
+    histogram = np.asarray(histogram, np.int64)
+    out = np.zeros(max_children + 1, np.int64)
+    out[:min(len(histogram), max_children + 1)] = histogram[:max_children + 1]
+    out[max_children] += histogram[max_children + 1:].sum()
+    return out
+
+
+def median(histogram) -> float:
+    """The median child count of the items a histogram counts."""
+    cumulative = np.cumsum(histogram)
+    middle = np.searchsorted(cumulative, [(cumulative[-1] - 1) // 2, cumulative[-1] // 2], side="right")
+    return float(middle.mean())
+
+
+def slots_for(histogram, max_children: int, examples: int, quantile: float) -> int:
     """Child slots for `examples` examples: the `quantile` of their total child count, each
-    example's count (capped at `max_children`) drawn from `counts`; at least 1."""
-    capped = np.minimum(np.asarray(counts, np.int64), max_children)
-    single = np.bincount(capped, minlength=max_children + 1) / max(1, len(capped))
+    example's count (capped at `max_children`) drawn from the items `histogram` counts
+    (histogram[c]: items holding c children); at least 1."""
+    counts = capped(histogram, max_children)
+    single = counts / max(1, counts.sum())
     total = np.ones(1)
     for _ in range(examples):
         total = np.convolve(total, single)
