@@ -188,3 +188,25 @@ def test_shard_items_skip_records_that_fail_to_decode(synthesized, tmp_path):
     items, failed = shard_index.shard_items(RecordSource(str(path)), 0)
     assert failed == 1 and items.positions.tolist() == [0, 2]
     assert shard_index.level_rows(items, "figure", CONFIGS[0])[0].tolist() == [[0, -1], [2, -1]]
+
+
+def test_index_workers_give_the_indexes_one_process_gives(synthesized, tmp_path):
+    """Shard indexes read by 2 spawned processes (as a start over many shards does), one shard without
+    an index among them (decoded there): the same rows, histograms and skip counts, for 3 processes."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+    extra = tmp_path / "records-zz-extra.array_record"
+    writer = ArrayRecordWriter(str(extra), "group_size:1")
+    for data in (records.encode(next(records.iter_records(synthesized))), b"\x93 not msgpack"):
+        writer.write(data)
+    writer.close()
+    source = RecordSource([str(synthesized), str(extra)])
+    for process in range(3):
+        built = [build_indexes(source, LEVELS, CONFIGS[0], process_index=process, process_count=3, index_workers=workers)
+                 for workers in (0, 2)]
+        for level in LEVELS:
+            here, pooled = built[0][level], built[1][level]
+            np.testing.assert_array_equal(here.rows, pooled.rows)
+            np.testing.assert_array_equal(here.child_histogram, pooled.child_histogram)
+            assert (here.total, here.skipped_records, list(here.starts)) == (
+                pooled.total, pooled.skipped_records, list(pooled.starts))
+            assert here.skipped_records == 1 and len(here.rows) > 0

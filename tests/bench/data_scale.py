@@ -10,7 +10,8 @@ fresh process per (figures, processes), process 0 of P builds the three level in
 datasets' example makers as training does. Reported per process:
   start-up   seconds from the RecordSource to the three level indexes (median of --runs),
   RSS        peak resident memory of that process (ru_maxrss), and its part over what the imports
-             took: the indexes and everything built on the way,
+             took: the indexes and everything built on the way; and the largest of the processes
+             that read the shard indexes (pipeline._index_workers: 2 on 2 cores, from 64 shards on),
   rows file  the local disk the level rows take (the file the data workers memory-map),
   pickled    what each grain worker unpickles for its level (its copy of the dataset's state),
 and per figure count the text cache: distinct texts (1 + 2 per panel + 2 per region: caption,
@@ -102,6 +103,7 @@ def measure(pattern: str, processes: int, runs: int) -> dict:
         pickled = rows_bytes
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"startup_s": statistics.median(seconds), "rss_bytes": peak, "rss_over_imports_bytes": peak - before,
+            "index_worker_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
             "rows_bytes": rows_bytes, "pickled_per_worker_bytes": pickled,
             "items": {level: index.total if hasattr(index, "total") else len(index.rows)
                       for level, index in indexes.items()}}
@@ -144,7 +146,8 @@ def main(argv=None) -> None:
                                        str(args.runs)], env=env, capture_output=True, text=True, check=True)
                 got = json.loads(done.stdout.strip().splitlines()[-1])
                 print(f"  P={processes}: start-up {got['startup_s']:.1f} s (median of {args.runs}), RSS "
-                      f"{gib(got['rss_bytes'])} ({gib(got['rss_over_imports_bytes'])} over the imports), rows file {gib(got['rows_bytes'])}, pickled per worker "
+                      f"{gib(got['rss_bytes'])} ({gib(got['rss_over_imports_bytes'])} over the imports; the largest index "
+                      f"worker's {gib(got['index_worker_rss_bytes'])}), rows file {gib(got['rows_bytes'])}, pickled per worker "
                       f"{gib(got['pickled_per_worker_bytes'])}, items {got['items']}", flush=True)
 
 

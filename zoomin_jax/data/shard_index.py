@@ -72,6 +72,20 @@ def shard_items(source: RecordSource, shard: int) -> tuple[ShardItems, int]:
     return ShardItems.from_index(index, np.array([n for n, _ in decoded], np.int64)), len(positions) - len(decoded)
 
 
+def shard_levels(path: str, first_record: int, strict: bool, levels, cfg: SampleConfig) -> tuple[dict, int]:
+    """One shard's part of each level, as build_indexes takes them: {level: (int32 rows (record, item),
+    with records numbered from `first_record`; a histogram of the children each row's example can
+    hold)} and how many of its records failed to decode. Module level: a pool's spawned processes run
+    it, and what they send back is numbers only."""
+    items, failed = shard_items(RecordSource(path, strict=strict), 0)
+    items.positions += first_record
+    parts = {}
+    for level in levels:
+        rows, child_counts = level_rows(items, level, cfg)
+        parts[level] = rows.astype(np.int32), np.bincount(child_counts, minlength=1)
+    return parts, failed
+
+
 def _rows(records_of: np.ndarray, items: np.ndarray, kept: np.ndarray) -> np.ndarray:
     return np.stack([records_of[kept], items[kept]], axis=1)
 
