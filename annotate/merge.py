@@ -59,8 +59,7 @@ def _shard_index(files: ShardFiles, decoded: list[str]) -> dict:
             print(f"merge: {err}; decoding its records instead", file=sys.stderr, flush=True)
             decoded.append(str(err))
             held = records.index_of(records.iter_records(path))
-        for column, values in index.items():
-            values.extend(held[column])
+        records.add_index(index, held)
     return index
 
 

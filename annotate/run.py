@@ -493,9 +493,7 @@ def _pack(files: ShardFiles, file_records: int, stop: _StopOnSigterm, counts: co
     from array_record.python.array_record_module import ArrayRecordReader
     kept = records.new_index()
     for path in files.records_files():
-        index, _ = _part_index(path)
-        for n in range(len(index["ids"])):
-            records.add_entry(kept, records.entry_at(index, n))
+        records.add_index(kept, _part_index(path)[0])
     recorded = set(kept["ids"])
     groups, size = [], file_records  # runs of consecutive parts of at most file_records new records
     for part in files.parts():

@@ -228,26 +228,22 @@ def test_packing_the_parts_holds_the_shard_plus_one_file_on_disk(tmp_path, figur
     """Parts of 4 records become files of at most file_records: 4 renames each part (no copy), 10 joins
     two parts a file; the disk never holds more than the shard and the file being written."""
     import annotate.run as run
-    seen = {"writers": 0, "peak": 0, "shard": 0, "largest": 0}
+    out, seen, writers = tmp_path / "out", {"writers": 0, "peak": 0, "shard": 0, "largest": 0}, []
     pack, close = run._pack, records.RecordWriter.close
 
     def measured_pack(files, *args):
-        seen["shard"] = array_record_bytes(files.out)
+        seen["shard"] = array_record_bytes(out)
         seen["writers"] = -len(writers)
         return pack(files, *args)
-
-    writers = []
 
     def measured_close(writer):
         close(writer)
         writers.append(writer.path)
-        seen["peak"] = max(seen["peak"], array_record_bytes(writer.path.parent.parent if "parts-" in str(writer.path)
-                                                            else writer.path.parent))
+        seen["peak"] = max(seen["peak"], array_record_bytes(out))
         seen["largest"] = max(seen["largest"], writer.path.stat().st_size)
 
     monkeypatch.setattr(run, "_pack", measured_pack)
     monkeypatch.setattr(records.RecordWriter, "close", measured_close)
-    out = tmp_path / "out"
     summary = run_shard([str(figures / "manifest.jsonl")], out, HeuristicBackend(), batch_size=2, part_size=4,
                         file_records=file_records)
     written_by_pack = len(writers) + seen["writers"]

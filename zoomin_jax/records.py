@@ -199,6 +199,12 @@ def add_entry(index: dict, entry: dict) -> None:
         values.append(entry[column])
 
 
+def add_index(index: dict, other: dict) -> None:
+    """Every entry of `other`, in order (a shard's index after another's)."""
+    for column, values in index.items():
+        values.extend(other[column])
+
+
 def index_of(figures: Iterable[dict]) -> dict[str, list]:
     """The shard index of decoded records (a shard from before indexes)."""
     index = new_index()
