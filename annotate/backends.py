@@ -54,6 +54,8 @@ class PrefilteredBackend:
     keep the heuristic's proposal; the others go to the LVLM, with no label reading or marker finding
     spent on them here."""
 
+    reads_context = True  # pipeline.Backend: handed on to the LVLM with the figures it sees
+
     def __init__(self, lvlm, heuristic: HeuristicBackend | None = None):
         self.lvlm, self.heuristic = lvlm, heuristic or HeuristicBackend()
         self.name, self.model_id = f"{lvlm.name}+prefilter", lvlm.model_id
@@ -66,11 +68,14 @@ class PrefilteredBackend:
     def busy_seconds(self) -> float:
         return self.lvlm.busy_seconds
 
-    def propose(self, images: list[Image.Image], captions: list[str]) -> list[Proposal]:
+    def propose(self, images: list[Image.Image], captions: list[str],
+                contexts: list[list[str]] | None = None) -> list[Proposal]:
         boxes = [self.heuristic.panel_boxes(image) for image in images]
         multi = [n for n, found in enumerate(boxes) if len(found) != 1]
-        proposals = dict(zip(multi, self.lvlm.propose([images[n] for n in multi], [captions[n] for n in multi]),
-                             strict=True))
+        if contexts is None:
+            contexts = [[] for _ in images]
+        proposals = dict(zip(multi, self.lvlm.propose([images[n] for n in multi], [captions[n] for n in multi],
+                                                      [contexts[n] for n in multi]), strict=True))
         for n, found in enumerate(boxes):
             if n not in proposals:
                 proposals[n] = self.heuristic.proposal(images[n], captions[n], found)

@@ -130,7 +130,7 @@ def _candidates(caption: str, styles: Iterable[str]) -> list[Marker]:
     return sorted(kept, key=lambda m: m.start)
 
 
-def _sentence_starts(caption: str) -> list[int]:
+def sentence_starts(caption: str) -> list[int]:
     """Where each sentence starts: after ".", "!" or "?" and before a capital or a bracket, not after an
     abbreviation ("Fig.", "e.g.", "S. aureus")."""
     starts = [0]
@@ -144,7 +144,7 @@ def _sentence_starts(caption: str) -> list[int]:
 
 class _Sentences:
     def __init__(self, caption: str):
-        self.starts = _sentence_starts(caption)
+        self.starts = sentence_starts(caption)
         self.length = len(caption)
 
     def start(self, pos: int) -> int:
@@ -440,7 +440,7 @@ def _is_note(sentence: str) -> bool:
 
 
 def _sentences(text: str) -> list[str]:
-    starts = _sentence_starts(text)
+    starts = sentence_starts(text)
     return [text[a:b] for a, b in zip(starts, [*starts[1:], len(text)])]
 
 

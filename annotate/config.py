@@ -1,4 +1,4 @@
-"""Every threshold of the annotation pipeline, in one place with its default (DESIGN.md §10)."""
+"""Every threshold of the annotation pipeline, in one place with its default (docs/design.md §3)."""
 from __future__ import annotations
 
 import dataclasses

@@ -1,5 +1,5 @@
 """CPU marker finder: solid-colour, white and black arrows and asterisks in a panel (path A of the
-region mining, DESIGN.md §10).
+region mining, docs/design.md §3).
 
 Authors draw arrows in one saturated colour that stands out from the picture, or in white or black on
 grey images. So: pixels that are strongly saturated, grouped into connected components of one hue, and

@@ -60,7 +60,17 @@ class Backend(Protocol):
 
     def propose(self, images: list[Image.Image], captions: list[str]) -> list[Proposal]:
         """One proposal per image, in order. Raising is allowed (out of memory, one figure it cannot handle):
-        `propose_bisecting` retries the batch in halves."""
+        `propose_bisecting` retries the batch in halves. A backend with a true `reads_context` takes a third
+        list, each figure's citing paragraphs (`_propose`)."""
+
+
+def _propose(backend: Backend, images: list[Image.Image], captions: list[str],
+             contexts: list[list[str]]) -> list[Proposal]:
+    # Only an LVLM's caption split shows the citing paragraphs; a backend that reads no text but the
+    # caption keeps the two-list propose.
+    if getattr(backend, "reads_context", False):
+        return list(backend.propose(images, captions, contexts))
+    return list(backend.propose(images, captions))
 
 
 def build_record(figure: Figure, data: bytes, image: Image.Image, proposal: Proposal, backend: Backend,
@@ -104,7 +114,8 @@ def annotate_batch(figures: list[Figure], backend: Backend, cfg: AnnotateConfig,
     if decoded is None:
         decoded = [read_and_decode(figure, cfg) for figure in figures]
     good = [(figure, item) for figure, item in zip(figures, decoded, strict=True) if not isinstance(item, FigureError)]
-    proposals = iter(propose_bisecting(backend, [image for _, (_, image) in good], [f.caption for f, _ in good]))
+    proposals = iter(propose_bisecting(backend, [image for _, (_, image) in good], [f.caption for f, _ in good],
+                                       [f.context for f, _ in good]))
     seconds = (time.perf_counter() - start) / max(len(figures), 1)
     results: list[dict | FigureError] = []
     for figure, item in zip(figures, decoded, strict=True):
@@ -130,14 +141,15 @@ def annotate_batch(figures: list[Figure], backend: Backend, cfg: AnnotateConfig,
 _MAX_REASON_CHARS = 300
 
 
-def propose_bisecting(backend: Backend, images: list[Image.Image], captions: list[str]) -> list[Proposal | FigureError]:
+def propose_bisecting(backend: Backend, images: list[Image.Image], captions: list[str],
+                      contexts: list[list[str]]) -> list[Proposal | FigureError]:
     """The backend's proposals; when it raises on a batch, each half is retried on its own, so a batch too
     big for GPU memory shrinks until it fits and only a figure that fails alone becomes a FigureError.
     An error of the engine or its device (faults.engine_fault) is raised as an EngineFault instead."""
     if not images:
         return []
     try:
-        return list(backend.propose(images, captions))
+        return _propose(backend, images, captions, contexts)
     except Exception as err:  # not BaseException: Ctrl-C, SystemExit and faults.* stop the run
         if (fault := engine_fault(err)) is not None:
             raise fault from err  # the engine or its device broke: no figure of the batch is to blame
@@ -149,5 +161,5 @@ def propose_bisecting(backend: Backend, images: list[Image.Image], captions: lis
     if len(images) == 1:
         return [FigureError("propose", reason)]
     half = len(images) // 2
-    return (propose_bisecting(backend, images[:half], captions[:half])
-            + propose_bisecting(backend, images[half:], captions[half:]))
+    return (propose_bisecting(backend, images[:half], captions[:half], contexts[:half])
+            + propose_bisecting(backend, images[half:], captions[half:], contexts[half:]))

@@ -4,15 +4,16 @@ bump it with any edit.
 The request plan (qwen.py) asks four questions: FIGURE once per figure (panels with their labels and the
 markers drawn on them, one JSON list in Qwen2.5-VL's grounding format) and SPLIT_CAPTION once per caption
 (text only: the caption's text per panel label, after few-shot examples of the ways captions name
-panels, the fixed part first so that an engine's prefix cache keeps it); PANEL once per panel crop (its description and the boxes
-of its caption clauses, one JSON object); REGION once per region crop (its description and, for a
-caption box that no marker backs, whether it shows its phrase). The question comes before the image
-(engines.TransformersEngine.chat), so requests asking one question share a prefix (panel2patch-7; the
-image came first before).
+panels, the fixed part first so that an engine's prefix cache keeps it; SPLIT_CAPTION_WITH_CONTEXT where
+the article's paragraphs cite the figure, up to CONTEXT_CHARS of them, panel2patch-8); PANEL once
+per panel crop (its description and the boxes of its caption clauses, one JSON object); REGION once per
+region crop (its description and, for a caption box that no marker backs, whether it shows its phrase).
+The question comes before the image (engines.TransformersEngine.chat), so requests asking one question
+share a prefix (panel2patch-7; the image came first before).
 """
 import json
 
-VERSION = "panel2patch-7"
+VERSION = "panel2patch-8"
 
 FIGURE = ("This is a figure from a biomedical article. Locate every panel and read its panel label (the letter "
           "or number printed in it; \"\" if it has none), and locate every visual marker drawn on the figure: "
@@ -53,7 +54,7 @@ SPLIT_CAPTION_EXAMPLES = [
     ("Axial CT at the level of the aortic arch: (A) superior vena cava, (B) trachea, 1: oesophagus.", []),
     ("Type A dissection on CT with vitamin C levels in phase 2 (see Fig. 3B).", []),
 ]
-SPLIT_CAPTION = (
+_SPLIT_FIXED = (
     "Split the caption of a figure from a biomedical article into the text of each panel it labels. Use the "
     "caption's own labels (A, B, … or a, b, … or 1, 2, … or i, ii, … or left, right, top, bottom), one entry per "
     "panel: a group such as \"A–C\" or \"A and B\" gives each of its panels the group's text, and parts of a "
@@ -64,8 +65,24 @@ SPLIT_CAPTION = (
     "types or other figures inside one image are not panels: answer [] for a caption of one image. Answer only "
     "with one JSON list.\n"
     + "".join(f'Caption: "{caption}"\nAnswer: {json.dumps(answer, ensure_ascii=False)}\n'
-              for caption, answer in SPLIT_CAPTION_EXAMPLES).replace("{", "{{").replace("}", "}}")
-    + 'Caption: "{caption}"\nAnswer:')
+              for caption, answer in SPLIT_CAPTION_EXAMPLES).replace("{", "{{").replace("}", "}}"))
+SPLIT_CAPTION = _SPLIT_FIXED + 'Caption: "{caption}"\nAnswer:'
+# For a figure that the article's paragraphs cite: those paragraphs (`paragraphs`, one quoted per line)
+# after the fixed part, which the prefix cache keeps for every split, and before the caption, so that the
+# question still ends as each example does. The caption stays the text to split: an answer's texts are
+# checked against it alone (captions.split_from_answer).
+SPLIT_CAPTION_WITH_CONTEXT = (
+    _SPLIT_FIXED + "Context, not to split: paragraphs of the article that cite this figure, which may mention "
+    'its panels. Split only the caption below.\n{paragraphs}\nCaption: "{caption}"\nAnswer:')
+# The characters of citing paragraphs a split request shows (the label and quotes around them add ~130):
+# ~300 tokens of English at Qwen2.5's ~4 characters a token. That holds one typical citing paragraph
+# whole (28 of the 33 paragraphs citing the 17 figures in shared/data/jats fit; median 918 characters,
+# longest 6,055) and keeps the split the smaller request of its round: its fixed part (~2,800
+# characters, ~710 tokens) is the prefix the cache shares, and what each split computes afresh, context
+# and caption, stays near 500 tokens where a figure request shows up to 1,280 visual tokens
+# (AnnotateConfig.max_pixels), far inside any context length cap (--max-model-len 16384 in README.md).
+# A change here changes the questions, so VERSION goes up with it.
+CONTEXT_CHARS = 1200
 REGION = ("This is a small region of a figure from a biomedical article. Describe what it shows in a few words."
           ' Answer only with a JSON object such as {"description": "..."}.')
 REGION_WITH_PHRASE = (

@@ -8,10 +8,12 @@ The plan, per batch of figures, in three rounds of requests through the engine:
    asking twice would return the same answer. Panels of all scales are pooled by non-maximum
    suppression among boxes whose labels identify the same panel ("A", "(a)", "Panel A"); markers come
    from the full-scale answer. In the same round, SPLIT_CAPTION once per caption (text only): the
-   caption's text per panel label, checked against the caption (`captions.split_from_answer`); where
-   it is unusable (unparsable, a label the caption does not name, a text not drawn from the caption)
-   the rule-based split stands in for that caption, with a warning. The split's labels are the ones
-   the panel labels read off the figure are matched to, and its texts become the panels' texts.
+   caption's text per panel label, with the paragraphs that cite the figure as context where it has any
+   (the first prompts.CONTEXT_CHARS of them, `citing_context`), checked against the caption alone
+   (`captions.split_from_answer`); where it is unusable (unparsable, a label the caption does not name,
+   a text not drawn from the caption) the rule-based split stands in for that caption, with a warning.
+   The split's labels are the ones the panel labels read off the figure are matched to, and its texts
+   become the panels' texts.
 2. PANEL, once per panel crop: a short description of it (`text_lvlm`) and boxes for its own caption
    clauses (path B), in one answer.
 3. REGION, once per region crop: the regions that fusion (regions.fuse_regions) makes of the panel's
@@ -37,12 +39,13 @@ Prompts are versioned in `prompts.py`.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 from PIL import Image
 
 from annotate import prompts
-from annotate.captions import (caption_label, groundable_clauses, label_key, panel_label, split_caption,
-                               split_from_answer, with_context)
+from annotate.captions import (caption_label, groundable_clauses, label_key, panel_label, sentence_starts,
+                               split_caption, split_from_answer, with_context)
 from annotate.config import AnnotateConfig
 from annotate.engine_worker import EngineWorker
 from annotate.engines import Answer, Engine, Request
@@ -135,6 +138,32 @@ def _quoted(text: str) -> str:
     return text.replace('"', "'")
 
 
+def _cut_text(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters after its last sentence that fits, else its last word that
+    fits ("" where not even its first word does)."""
+    if ends := [start for start in sentence_starts(text) if 0 < start <= limit]:
+        return text[:ends[-1]].rstrip()
+    space = text.rfind(" ", 0, limit + 1)
+    return text[:space].rstrip() if space > 0 else ""
+
+
+def citing_context(paragraphs: Sequence[str]) -> str:
+    """The citing paragraphs a caption split request shows (prompts.SPLIT_CAPTION_WITH_CONTEXT), "" for
+    none: in order, each quoted on a line of its own, within prompts.CONTEXT_CHARS. The paragraph that
+    would cross the budget is cut at a sentence (else a word) and ends in " …", and the ones after it are
+    left out: the article's first paragraph to cite a figure is usually the one that introduces it."""
+    shown, left = [], prompts.CONTEXT_CHARS
+    for paragraph in paragraphs:
+        text = _quoted(" ".join(paragraph.split()))
+        if len(text) > left:
+            if kept := _cut_text(text, left - 2):  # room for the " …"
+                shown.append(kept + " …")
+            break
+        shown.append(text)
+        left -= len(text)
+    return "\n".join(f'"{text}"' for text in shown)
+
+
 def _panel_question(phrases: list[str]) -> str:
     if not phrases:
         return prompts.PANEL
@@ -150,6 +179,8 @@ def _phrase_key(text: str) -> str:
 
 
 class QwenBackend:
+    reads_context = True  # pipeline.Backend: propose takes each figure's citing paragraphs
+
     def __init__(self, engine: Engine, cfg: AnnotateConfig = AnnotateConfig()):
         self.engine, self.cfg = engine, cfg
         self.name, self.model_id = engine.name, engine.model_id
@@ -196,12 +227,23 @@ class QwenBackend:
         shown = image if image.size == (width, height) else image.resize((width, height), Image.BICUBIC)
         return Request(question, shown, self.cfg.max_new_tokens)
 
-    def _split_request(self, caption: str) -> Request:
-        return Request(prompts.SPLIT_CAPTION.format(caption=_quoted(caption)), None, self.cfg.max_new_tokens)
+    def _split_request(self, caption: str, context: Sequence[str] = ()) -> Request:
+        """The caption split request, which both engines run, showing `context`, the paragraphs citing the
+        figure, where it has any."""
+        if paragraphs := citing_context(context):
+            question = prompts.SPLIT_CAPTION_WITH_CONTEXT.format(paragraphs=paragraphs, caption=_quoted(caption))
+        else:
+            question = prompts.SPLIT_CAPTION.format(caption=_quoted(caption))
+        return Request(question, None, self.cfg.max_new_tokens)
 
-    def propose(self, images: list[Image.Image], captions: list[str]) -> list[Proposal]:
+    def propose(self, images: list[Image.Image], captions: list[str],
+                contexts: list[list[str]] | None = None) -> list[Proposal]:
+        """One proposal per image; `contexts`, where given, holds each figure's citing paragraphs, which its
+        caption split request shows."""
         if not images:
             return []
+        if contexts is None:
+            contexts = [[] for _ in captions]
         # Round 1: each figure at each scale that shows the model an image of a size not asked yet, and
         # each caption's split.
         asks = []  # (figure index, scale, image shown)
@@ -213,7 +255,8 @@ class QwenBackend:
                     sizes.add(size)
                     asks.append((n, scale, shown))
         answers = self._ask([self._request(prompts.FIGURE, shown) for _, _, shown in asks]
-                            + [self._split_request(caption) for caption in captions])
+                            + [self._split_request(caption, context)
+                               for caption, context in zip(captions, contexts, strict=True)])
         splits = [_read_split(caption, answer) for caption, answer in zip(captions, answers[len(asks):], strict=True)]
         by_figure: list[list[tuple[float, Parsed]]] = [[] for _ in images]
         for (n, scale, _), answer in zip(asks, answers[:len(asks)], strict=True):

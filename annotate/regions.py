@@ -1,4 +1,4 @@
-"""Region fusion rules (DESIGN.md §10): marker-proximity gate, dilation, NMS, clipping, degenerate filter.
+"""Region fusion rules (docs/design.md §3): marker-proximity gate, dilation, NMS, clipping, degenerate filter.
 
 Path A gives marker boxes (arrows, asterisks, circles…), path B caption-phrase boxes. A phrase box
 near a marker is the region that marker points at ('fused'); a marker that no phrase box claims

@@ -17,10 +17,10 @@ from annotate.backends import LvlmOptions, PrefilteredBackend, make_backend
 from annotate.captions import clean_label, split_caption, with_context
 from annotate.config import AnnotateConfig
 from annotate.engines import Answer, Request, TransformersEngine
-from annotate.inputs import Figure
+from annotate.inputs import Figure, read_jats
 from annotate.lvlm_output import resized_size
 from annotate.pipeline import build_record
-from annotate.qwen import QwenBackend
+from annotate.qwen import QwenBackend, citing_context
 from annotate.run import run_shard
 from annotate.synth import synthesize
 from conftest import DATA, roco_captions
@@ -123,6 +123,7 @@ def test_the_request_plan_one_figure_one_split_one_per_panel_and_one_per_region(
     assert scripted.calls == [(["split", "figure"], CFG.max_new_tokens), (["panel", "panel"], CFG.max_new_tokens),
                               (["region", "region"], CFG.max_new_tokens)]
     assert backend.counts == {"requests": 6, "generate_calls": 3} and proposal.warnings == []
+    assert scripted.answer.contexts == [None]  # no citing paragraphs given: none shown
     record = build_record(Figure("f", "src", caption), b"png", image, proposal, backend, CFG, 0.0)
     assert [(r["panel_id"], r["source"], r["text_sub"], r["text_lvlm"]) for r in record["regions"]] == [
         (0, "fused", "arrows mark crescents", "A dark nucleus."),
@@ -224,9 +225,11 @@ def test_prefilter_sends_single_panel_figures_past_the_lvlm_and_reads_nothing_el
     double = Image.new("RGB", (420, 200), "white")
     double.paste(Image.new("RGB", (190, 180), (90, 60, 120)), (10, 10))
     double.paste(Image.new("RGB", (190, 180), (30, 120, 60)), (220, 10))
-    proposals = PrefilteredBackend(backend).propose([single, double], ["A cell.", "(A) x. (B) y."])
+    proposals = PrefilteredBackend(backend).propose([single, double], ["A cell.", "(A) x. (B) y."],
+                                                    [["Fig. 1 shows a cell."], ["Fig. 2A shows x."]])
     assert proposals[0].warnings == ["prefilter: one panel found, LVLM skipped"]
     assert len(proposals[1].panels) == 2
+    assert scripted.answer.contexts == [citing_context(["Fig. 2A shows x."])]  # the figure the LVLM sees
     assert [kinds for kinds, _ in scripted.calls if "figure" in kinds] == [["split", "figure"]]
     # Labels and markers only for the figure the LVLM does not see (one find_markers call per panel).
     assert read == {"read_labels": 1, "find_markers": 1}
@@ -262,6 +265,59 @@ def test_lvlm_caption_split_keeps_the_shared_context(tiny_model):
     assert cut_warnings == ["answer cut at 4096 tokens", "truncated or malformed JSON; kept the complete objects"]
 
 
+def test_the_caption_split_request_shows_the_citing_paragraphs_between_its_fixed_part_and_the_caption(tiny_model):
+    backend = qwen_backend(tiny_model)
+    caption = "Kidney. (A) PAS stain. (B) Electron micrograph."
+    fixed = prompts.SPLIT_CAPTION.format(caption="\0").split('Caption: "\0"')[0]
+    asked = f'Caption: "{caption}"\nAnswer:'
+    # Without paragraphs the question is panel2patch-7's: the fixed part, then the caption.
+    assert backend._split_request(caption).question == backend._split_request(caption, []).question == fixed + asked
+    paragraphs = ['As Fig. 1A shows, the "crescent" is\ncellular.', "Fig. 1B shows   fibrosis."]
+    question = backend._split_request(caption, paragraphs).question
+    # Quotes and line breaks delimit the paragraphs and the caption, so a paragraph's own do not reach the
+    # question; the fixed part stays the prefix every split shares, and the caption the last thing asked.
+    assert question == prompts.SPLIT_CAPTION_WITH_CONTEXT.format(
+        paragraphs="\"As Fig. 1A shows, the 'crescent' is cellular.\"\n\"Fig. 1B shows fibrosis.\"", caption=caption)
+    assert question.startswith(fixed) and question.endswith(asked) and "cite this figure" in question
+    assert "cite this figure" not in fixed + asked
+
+
+def shown_paragraphs(shown: str) -> list[str]:
+    lines = shown.split("\n")
+    assert all(line.startswith('"') and line.endswith('"') for line in lines)
+    return [line[1:-1] for line in lines]
+
+
+def jats_figure(source: str) -> Figure:
+    article, fig = source.split("#")
+    return next(f for f in read_jats(DATA / "jats" / article) if f.source.endswith(f"#{fig}"))
+
+
+def test_citing_paragraphs_are_taken_in_order_and_cut_at_a_sentence_within_the_budget():
+    # Real citing paragraphs of 945, 727, 918 and 1142 characters: the first whole, the second cut after
+    # its last sentence within what is left of the budget, the others left out.
+    figure = jats_figure("1471-2180-11-174.nxml#F3")
+    first, second = shown_paragraphs(citing_context(figure.context))
+    assert first == figure.context[0] and second.endswith(". …")
+    assert figure.context[1].startswith(second[:-2]) and figure.context[1][len(second) - 2] == " "
+    assert len(first) + len(second) <= prompts.CONTEXT_CHARS < len(first) + len(figure.context[1])
+    # One paragraph of 6,055 characters: its first four sentences, 879 characters. The fifth runs on into
+    # the text of a table the paragraph holds ("respectively).Table 3.Association …"), past the budget.
+    figure = jats_figure("mds526.nxml#MDS526F1")
+    (cut,) = shown_paragraphs(citing_context(figure.context))
+    assert figure.context[0].startswith(cut[:-2])
+    assert cut.endswith("(P = 0.01 for endometrial and P < 0.001 for others). …")
+    assert len(cut) == 881 and figure.context[0][879:].startswith(" Conversely, older patients")
+
+
+def test_a_paragraph_without_a_sentence_end_in_the_budget_is_cut_at_a_word():
+    (cut,) = shown_paragraphs(citing_context(["lesions " * 400]))
+    assert cut == "lesions " * (len(cut) // 8) + "…"
+    assert prompts.CONTEXT_CHARS - 10 < len(cut) <= prompts.CONTEXT_CHARS
+    # Not even a word fits: nothing to show, the question asked without context.
+    assert citing_context(["x" * 2000]) == citing_context([]) == ""
+
+
 def panels_reading(*labels: str):
     """A figure answer: one panel per label, side by side, as the model read them; an arrow in the first, by
     the box Scripted grounds its phrases at."""
@@ -290,7 +346,9 @@ def test_annotate_run_writes_the_lvlm_split_and_region_descriptions(tmp_path, ti
     caption, answer = hand_split(name)
     assert [p["label"] for p in answer] == [clean_label(label).lower() for label in read]
     Image.new("RGB", (200 * len(read), 200), "white").save(tmp_path / "figure.png")
-    (tmp_path / "manifest.jsonl").write_text(json.dumps({"id": "f", "image": "figure.png", "caption": caption}) + "\n")
+    context = [f"Figure 4 shows the {len(read)} panels.", "As in Figure 4, the rest did not change."]
+    (tmp_path / "manifest.jsonl").write_text(
+        json.dumps({"id": "f", "image": "figure.png", "caption": caption, "context": context}) + "\n")
     cfg = dataclasses.replace(CFG, panel_scales=(1.0,))
     backend, scripted = scripted_backend(tiny_model, cfg, figure=panels_reading(*read), split=lambda _: answer)
     run_shard([str(tmp_path / "manifest.jsonl")], tmp_path / "out", backend, cfg=cfg)
@@ -301,9 +359,12 @@ def test_annotate_run_writes_the_lvlm_split_and_region_descriptions(tmp_path, ti
     assert record["regions"] and all(r["text_lvlm"] == "A dark nucleus." for r in record["regions"])
     assert {r["panel_id"] for r in record["regions"] if r["source"] != "marker"} == set(range(len(read)))
     annotation = record["annotation"]
-    assert annotation["prompt_version"] == prompts.VERSION == "panel2patch-7" and annotation["warnings"] == []
+    assert annotation["prompt_version"] == prompts.VERSION == "panel2patch-8" and annotation["warnings"] == []
     kinds = collections.Counter(kind for call, _ in scripted.calls for kind in call)
     assert kinds == {"figure": 1, "split": 1, "panel": len(read), "region": len(record["regions"])}
+    # The record's citing paragraphs reached the model in its caption split request, as the tokens it read.
+    assert record["context"] == context and scripted.answer.contexts == [citing_context(context)]
+    assert citing_context(context) == "\n".join(f'"{paragraph}"' for paragraph in context)
 
 
 def test_an_unusable_caption_split_falls_back_to_the_rules_for_that_caption_alone(tiny_model):
@@ -417,6 +478,34 @@ def test_node_flags_reach_the_vllm_engine(tiny_model, monkeypatch):
     assert answers[0].seen == resized_size(1500, 2000, CFG.min_pixels, CFG.max_pixels)
     assert options == LvlmOptions(tensor_parallel_size=8, gpu_memory_utilization=0.8, max_model_len=16384,
                                   max_num_seqs=512)
+
+
+def test_the_vllm_engine_asks_the_caption_split_with_its_citing_paragraphs(tiny_model, monkeypatch):
+    """The vLLM backend plans the same requests as the transformers one: the split prompt vLLM gets (its
+    chat template applied) holds the figure's citing paragraphs."""
+    made, asked = {}, []
+
+    class LLM:
+        def __init__(self, **kwargs):
+            made.update(kwargs)
+
+        def get_default_sampling_params(self):
+            return types.SimpleNamespace(clone=types.SimpleNamespace)
+
+        def generate(self, prompts, params, use_tqdm):
+            asked.extend(prompts)
+            return [types.SimpleNamespace(
+                prompt_token_ids=vllm_prompt_tokens(prompt, made) if "multi_modal_data" in prompt else [],
+                outputs=[types.SimpleNamespace(text="[]", finish_reason="stop")]) for prompt in prompts]
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM))
+    backend = make_backend("vllm", str(tiny_model), dataclasses.replace(CFG, panel_scales=(1.0,)))
+    made["image_token_id"] = backend.engine.image_token_id
+    caption, context = "Kidney. (A) PAS stain. (B) Electron micrograph.", ["Figure 1A shows a crescent."]
+    backend.propose([Image.new("RGB", (400, 200), "white")], [caption], [context])
+    (split,) = [prompt["prompt"] for prompt in asked if "multi_modal_data" not in prompt]
+    question = prompts.SPLIT_CAPTION_WITH_CONTEXT.format(paragraphs=citing_context(context), caption=caption)
+    assert split == backend.engine.chat(question, False) and '"Figure 1A shows a crescent."' in split
 
 
 def vllm_prompt_tokens(prompt: dict, made: dict) -> list[int]:

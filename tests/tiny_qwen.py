@@ -2,6 +2,7 @@
 built processor, tiny widths; saved with save_pretrained so tests load it by path like a real model."""
 from __future__ import annotations
 
+import string
 from pathlib import Path
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
@@ -67,9 +68,17 @@ def rule_answer(caption: str) -> list[dict]:
 
 
 def _between(text: str, template: str, field: str) -> str | None:
-    """What `template` (a prompts.py format string) was filled with at `field` in `text`, or None."""
-    before, after = (part.replace("{{", "{").replace("}}", "}") for part in template.split("{" + field + "}"))
-    start = text.find(before)
+    """What `template` (a prompts.py format string) was filled with at `field` in `text`, or None: the text
+    between the template's words on either side of the field, after their last place in `text` (the words
+    in front of the caption of a split with context, '\nCaption: "', are in front of each example's too)."""
+    words, fields = [""], []  # the words between fields, "{{" and "}}" read as "{" and "}"
+    for literal, name, _, _ in string.Formatter().parse(template):
+        words[-1] += literal
+        if name is not None:
+            fields.append(name)
+            words.append("")
+    before, after = words[fields.index(field)], words[fields.index(field) + 1]
+    start = text.rfind(before)
     if start < 0:
         return None
     start += len(before)
@@ -80,12 +89,14 @@ class GoodAnswers:
     """How a good Qwen2.5-VL answers each question of the request plan (`prompt` holds the question), in
     pixels of the (height, width) image it saw: a figure question gets `figure(height, width)` (a list of
     {"bbox_2d", "label"}; default two panels side by side and an arrow); a caption split `split(caption)`
-    (default `rule_answer`); a panel question a description and a box (a fifth to a half of the crop's
-    sides) for each phrase it asks about; a region question a description and, where it names a phrase,
-    `shows(phrase)` (default True) as its verdict. Returns (the question's kind, the answer)."""
+    (default `rule_answer`), the citing paragraphs it shows (None for none) kept in `contexts`; a panel
+    question a description and a box (a fifth to a half of the crop's sides) for each phrase it asks
+    about; a region question a description and, where it names a phrase, `shows(phrase)` (default True)
+    as its verdict. Returns (the question's kind, the answer)."""
 
     def __init__(self, figure=side_by_side(2), split=rule_answer, shows=lambda phrase: True):
         self.figure, self.split, self.shows = figure, split, shows
+        self.contexts: list[str] = []
 
     def __call__(self, prompt: str, height: int | None, width: int | None) -> tuple[str, str]:
         import json
@@ -94,7 +105,10 @@ class GoodAnswers:
         from annotate import prompts
         if prompts.FIGURE in prompt:
             return "figure", "```json\n" + json.dumps(self.figure(height, width)) + "\n```"
-        if (caption := _between(prompt, prompts.SPLIT_CAPTION, "caption")) is not None:
+        paragraphs = _between(prompt, prompts.SPLIT_CAPTION_WITH_CONTEXT, "paragraphs")
+        split = prompts.SPLIT_CAPTION if paragraphs is None else prompts.SPLIT_CAPTION_WITH_CONTEXT
+        if (caption := _between(prompt, split, "caption")) is not None:
+            self.contexts.append(paragraphs)
             return "split", json.dumps(self.split(caption))
         if prompts.REGION.split(" Describe")[0] in prompt:
             phrase = _between(prompt, prompts.REGION_WITH_PHRASE, "phrase")
