@@ -2,8 +2,9 @@
 
   python -m zoomin_jax.train --config configs/zoomin_vitl14.py:init=DIR,records=GLOB[,variant=V] --workdir DIR
 
-init: BMC-CLIP converted with `python -m zoomin_jax.convert import --model ViT-L-14` (empty: random
-init, for smoke tests only). variant: zoomin (default) or figure_only, panel_only, region_only, joint.
+init: BMC-CLIP converted with `python -m zoomin_jax.convert import --model ViT-L-14` (or
+--config.model_init=DIR); train refuses to start without one unless init=random (a random init, for
+smoke tests only). variant: zoomin (default) or figure_only, panel_only, region_only, joint.
 eval_records: held-out records for retrieval at the three levels; zeroshot_data_dir: the TFDS data
 dir of the MedMNIST builders (breastmnist, pneumoniamnist) for zero-shot; both every 5000 steps.
 hardware: a preset for v5e, v4, v5p or h100 (HARDWARE below), chosen with the compile check
@@ -13,6 +14,12 @@ by config.lr_scaling and the warm-up kept as its share of the run (effective_rec
 Only the last 5 vision blocks, ln_post, proj and logit_scale train; the text tower is frozen, so
 each text is embedded once before training (workdir/text_cache), and the frozen blocks run without
 a backward pass. Text-side message passing is still computed: logit_scale trains on it (losses.py).
+Length: config.epochs = 20 passes over the figures with one figure, one panel and one region step
+per cycle, so every level trains the same steps and the panels and regions get fewer passes (at the
+paper's 350k figures, 1.3M panels, 1.6M regions: 5.4 and 4.4); train prints each level's items,
+steps, batch and passes at start-up. --config.level_passes.figure=20 --config.level_passes.panel=5
+--config.level_passes.region=4 sets each level's passes instead: the cycle interleaves the levels in
+the ratio of the steps those take (zoomin_jax.effective_recipe).
 """
 import ml_collections
 from ml_collections import config_dict
@@ -40,7 +47,9 @@ def get_config(arg=None):
     config = ml_collections.ConfigDict()
     config.model = "ViT-L-14"
     # A placeholder, not None, so that --config.model_init=DIR can set it.
-    config.model_init = args["init"] or config_dict.placeholder(str)
+    config.model_init = config_dict.placeholder(str) if args["init"] in ("", "random") else args["init"]
+    # The paper starts from BMC-CLIP: a forgotten init must not train ViT-L-14 from scratch unnoticed.
+    config.allow_random_init = args["init"] == "random"
     config.seed = 0
     config.platform = "accelerator"  # stop on CPU (JAX's fallback without its GPU/TPU plugin); "any" allows it
     config.mesh = (("data", -1), ("fsdp", 1))  # over one TPU slice's devices when dcn_mesh is set
@@ -76,7 +85,16 @@ def get_config(arg=None):
     config.data = dict(records=args["records"], batch_size=dict(figure=320, panel=320, region=320),
                        workers=-1,  # grain workers per level from the host's cores (see train.data_workers)
                        strict=False, max_panels=6, max_regions=4, region_margin=0.1, lvlm_text_prob=0.5,
-                       context_text_prob=0.0, drop_panel_kinds=("chart",), min_box_side=16.0, min_visible=0.5,
+                       # Figures pair with their captions only. The paper mines the surrounding text for
+                       # the LVLM annotation (the records' citing paragraphs reach the panel and region
+                       # texts that way), not as figure texts to train on; drawing them here would be a
+                       # departure from its figure-caption objective, and would put every paragraph in
+                       # the text cache besides.
+                       context_text_prob=0.0,
+                       # No panel kind dropped: the paper drops none, and the annotator's "chart" kind
+                       # (mostly flat light background, few colours) also takes Western blots, schematics
+                       # and sparse histology.
+                       drop_panel_kinds=(), min_box_side=16.0, min_visible=0.5,
                        crop_scale=(0.9, 1.0),  # data.samples.SampleConfig says why these
                        # Panel (region) crops packed into the 95th percentile of a device's total in the
                        # records' shard index (data.packing; overflow dropped and logged as panel_dropped),
@@ -105,6 +123,9 @@ def get_config(arg=None):
     # M -> P -> R cycle each level takes a third of the steps): total_steps is derived from the records
     # and the global batch at start-up; --config.total_steps=N sets it instead.
     config.epochs = 20
+    # Passes per level instead of equal steps (see the docstring); unset, config.epochs decides.
+    config.level_passes = dict(figure=config_dict.placeholder(float), panel=config_dict.placeholder(float),
+                               region=config_dict.placeholder(float))
     config.total_steps = config_dict.placeholder(int)
     # JAX's persistent compilation cache in the workdir: a restart (Spot preemption, SLURM requeue)
     # loads the compiled ViT-L-14 steps instead of compiling them again (minutes each on 8 host cores).

@@ -101,7 +101,7 @@ def test_a_hardware_preset_trains_40_per_device_with_the_lr_scaled_from_the_pape
     assert v5e.lr == pytest.approx(1e-5 * math.sqrt(8)) and v5e.warmup_steps == 125  # 1,000 x 8,220 / 65,640
     assert v5e.total_steps == 20 * 137 * 3  # 350k figures are 137 batches of 2,560
     assert "lr 2.828e-05 (stated 1e-05, batches by per_device_batch=40)" in v5e.lines()[0]
-    assert "figure: global batch 2560 (stated 320), 40 per device" in v5e.lines()[1]
+    assert "figure: global batch 2560 (stated 320), 40 per device" in v5e.lines()[2]
     assert effective_recipe.derive(paper_config("hardware=v4"), 32, ITEMS).batch["figure"] == 1280  # a v4-64
     h100 = paper_config("hardware=h100")
     assert (h100.compute_dtype, h100.attention, h100.per_device_batch) == ("bfloat16", "xla", 40)

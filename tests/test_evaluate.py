@@ -13,7 +13,7 @@ from conftest import DATA, REPO, run_cli, two_processes
 from zoomin_jax import run_dir, sharding
 from zoomin_jax.convert.__main__ import main as convert_main
 from zoomin_jax.encoder import CLIPEncoder
-from zoomin_jax.evaluators import recall_at_k, retrieval, retrieval_metrics, run_evaluators, zeroshot_eval
+from zoomin_jax.evaluators import recall_at_k, retrieval, retrieval_hits, run_evaluators, zeroshot_eval
 from zoomin_jax.models.clip import CLIP
 from zoomin_jax.models.config import get_preset
 from zoomin_jax.model_dir import default_preprocess_cfg
@@ -39,7 +39,7 @@ def test_recall_at_k_hand_made_with_ties():
     assert hits.tolist() == [[True, True, True], [False, True, True], [False, False, True], [False, True, True]]
 
 
-def test_retrieval_metrics_equal_a_loop_reference():
+def test_retrieval_hits_equal_a_loop_reference():
     rng = np.random.default_rng(0)
     images, texts = 40, 12
     text_of_image = rng.integers(0, texts, images)  # texts repeat across images
@@ -48,14 +48,14 @@ def test_retrieval_metrics_equal_a_loop_reference():
     image_emb = np.round(rng.normal(size=(images, 8)), 1).astype(np.float32)
     text_emb = np.round(rng.normal(size=(texts, 8)), 1).astype(np.float32)
     text_emb[3] = text_emb[4]                       # two texts with the same embedding
-    got = retrieval_metrics(image_emb, text_emb, text_of_image, chunk=7)
+    got = retrieval_hits(image_emb, text_emb, text_of_image, chunk=7)
     i2t_relevant = text_of_image[:, None] == np.arange(texts)[None]
-    for k in (1, 5, 10):
-        assert got[f"i2t_r{k}"] == pytest.approx(reference_hits(image_emb @ text_emb.T, i2t_relevant, k).mean())
-        assert got[f"t2i_r{k}"] == pytest.approx(reference_hits(text_emb @ image_emb.T, i2t_relevant.T, k).mean())
+    for n, k in enumerate((1, 5, 10)):
+        assert np.array_equal(got["i2t"][:, n], reference_hits(image_emb @ text_emb.T, i2t_relevant, k))
+        assert np.array_equal(got["t2i"][:, n], reference_hits(text_emb @ image_emb.T, i2t_relevant.T, k))
     # Embeddings that cannot tell anything apart retrieve nothing.
-    flat = retrieval_metrics(np.ones((images, 8), np.float32), np.ones((texts, 8), np.float32), text_of_image)
-    assert flat["i2t_r1"] == 0 and flat["t2i_r1"] == 0
+    flat = retrieval_hits(np.ones((images, 8), np.float32), np.ones((texts, 8), np.float32), text_of_image)
+    assert not flat["i2t"].any() and not flat["t2i"].any()
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +123,10 @@ def test_trained_run_evaluate_and_export(tmp_path, truth_records, capsys):
     result = run_cli("-m", "zoomin_jax.evaluate", f"--workdir={workdir}")
     written = json.loads((workdir / "eval-6.json").read_text())
     assert written["step"] == 6 and "heldout/panel/i2t_r1" in result.stdout
+    # Held-out items are kept as the run's training kept its own (config.data), and both files say so.
+    kept = {"heldout": {"drop_panel_kinds": [], "min_box_side": 8.0, "region_margin": 0.1}}
+    assert written["heldout_items"] == kept
+    assert json.loads((workdir / "recipe.json").read_text())["heldout_items"] == kept
     # Standalone on the final checkpoint gives what training logged at that step.
     for key in ("heldout/panel/i2t_r1", "heldout/panel/t2i_r5", "heldout/panel/items"):
         assert written[key] == during[6][key]

@@ -160,7 +160,7 @@ def test_paper_config_runs_one_step_per_level_with_vit_l14(tmp_path, records):
                  "--config.data.max_panels=1", "--config.data.max_regions=1", "--config.optim.warmup_steps=1",
                  *(f"--config.data.batch_size.{level}=1" for level in ("figure", "panel", "region"))]
     command = [sys.executable, "-m", "zoomin_jax.train",
-               f"--config={REPO / 'configs' / 'zoomin_vitl14.py'}:records={records}", f"--workdir={tmp_path}",
+               f"--config={REPO / 'configs' / 'zoomin_vitl14.py'}:init=random,records={records}", f"--workdir={tmp_path}",
                "--config.log_every=1", *overrides]
     result = subprocess.run(command, env=ENV | {"XLA_FLAGS": ""}, capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]

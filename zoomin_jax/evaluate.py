@@ -2,7 +2,9 @@
 python -m zoomin_jax.evaluate --model MODEL_DIR --config configs/X.py[:arg]
 
 Runs the evaluators of a config (zoomin_jax.evaluators; default: those of the config the run saved)
-on a trained run's checkpoint or a model directory, prints each metric and writes them as JSON.
+on a trained run's checkpoint or a model directory, prints each metric and writes them as JSON, with
+the item settings each retrieval kept its items by: a run's own config.data's (training's), else
+those of --config's data.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import jax
 from zoomin_jax import run_dir, sharding
 from zoomin_jax.encoder import CLIPEncoder
 from zoomin_jax.errors import UserError
-from zoomin_jax.evaluators import run_evaluators
+from zoomin_jax.evaluators import retrieval_items, run_evaluators
 
 
 def main(workdir: str | None, model_src: str | None, config, out: str | None) -> int:
@@ -33,8 +35,9 @@ def main(workdir: str | None, model_src: str | None, config, out: str | None) ->
         config = config or model.config
         if not config.get("evals"):
             raise UserError("the config declares no evaluators (config.evals); pass --config with some")
+        data = (model.config or config).get("data")
         encoder = CLIPEncoder(model.cfg, model.params, model.preprocess_cfg)
-        metrics = run_evaluators(config.evals, encoder, progress=True)
+        metrics = run_evaluators(config.evals, encoder, progress=True, data=data)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -44,7 +47,9 @@ def main(workdir: str | None, model_src: str | None, config, out: str | None) ->
         print(f"{key} {value:.4f}")
     out = out or (run_dir.workdir_of(src) / f"eval-{model.step}.json" if workdir else None)
     if out:
-        epath.Path(out).write_text(json.dumps({"src": str(src), "step": model.step, **metrics}, indent=1) + "\n")
+        items = retrieval_items(config.evals, data)
+        epath.Path(out).write_text(json.dumps({"src": str(src), "step": model.step, **metrics,
+                                               "heldout_items": items}, indent=1) + "\n")
         print(f"wrote {out}")
     return 0
 

@@ -62,13 +62,22 @@ def build_text_cache(config, run: run_setup.Setup, directory: epath.Path) -> str
 
 
 def sample_config(config, model_cfg) -> samples.SampleConfig:
+    """The training examples' settings; the item settings are those held-out retrieval uses too."""
     data = config.data
     return samples.SampleConfig(
         image_size=model_cfg.vision.image_size, patch_size=model_cfg.vision.patch_size,
-        max_panels=data.max_panels, max_regions=data.max_regions, region_margin=data.region_margin,
-        lvlm_text_prob=data.lvlm_text_prob, context_text_prob=data.context_text_prob,
-        drop_panel_kinds=tuple(data.drop_panel_kinds), min_box_side=data.min_box_side,
-        min_visible=data.min_visible, crop_scale=tuple(data.crop_scale), train=True)
+        max_panels=data.max_panels, max_regions=data.max_regions, lvlm_text_prob=data.lvlm_text_prob,
+        context_text_prob=data.context_text_prob, min_visible=data.min_visible, crop_scale=tuple(data.crop_scale),
+        train=True, **evaluators.item_settings(data))
+
+
+def check_init(config) -> None:
+    """A config that trains from a pretrained model (config.allow_random_init False: the paper's) and
+    names none would train from a random init without a word: refuse it."""
+    if not config.get("model_init") and not config.get("allow_random_init", True):
+        raise UserError("config.model_init is not set: give the converted model's directory (config argument "
+                        "init=DIR or --config.model_init=DIR), or the config argument init=random to train from "
+                        "a random init")
 
 
 # The region step of the v4 preset takes 160 examples a host every 0.07 s (compile check estimate):
@@ -189,7 +198,7 @@ class Interval:
 
 
 class Preemption:
-    """Stopping on SIGTERM (SLURM, spot VMs) or a TPU maintenance notice, pod-wide (DESIGN.md §8).
+    """Stopping on SIGTERM (SLURM, spot VMs) or a TPU maintenance notice, pod-wide (docs/design.md §9).
     With several processes, JAX's preemption service (started by jax.distributed.initialize; its own
     SIGTERM handler, and the TPU notice) makes every process agree on one step: `reached(step)` turns
     True on all of them at that step, so they save it together. A Python SIGTERM handler would replace
@@ -221,6 +230,7 @@ def use_compilation_cache(directory: str, workdir: epath.Path) -> None:
 
 def train(config, workdir: str) -> dict:
     """Runs (or resumes) training to config.total_steps; returns the last logged metrics."""
+    check_init(config)
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     sharding.initialize_distributed()
@@ -230,9 +240,13 @@ def train(config, workdir: str) -> dict:
     config, recipe = run_setup.effective(config, items={level: index.total for level, index in indexes.items()},
                                          child_histograms={level: index.child_histogram
                                                            for level, index in indexes.items()})
+    heldout = evaluators.retrieval_items(config.get("evals", {}), config.data)
     if jax.process_index() == 0:
         print("\n".join(recipe.lines()), flush=True)
-        (workdir / "recipe.json").write_text(json.dumps(recipe.to_json(), indent=1))
+        for name, items in heldout.items():
+            print(f"evals.{name}: retrieval items by " + ", ".join(f"{key}={value}" for key, value in items.items())
+                  + " (config.data's, where the eval sets none)", flush=True)
+        (workdir / "recipe.json").write_text(json.dumps(recipe.to_json() | {"heldout_items": heldout}, indent=1))
     batch_sizes = dict(recipe.batch)
     run = run_setup.setup(config)
     mesh, model_cfg, state, frozen, cycle, steps = run.mesh, run.model_cfg, run.state, run.frozen, run.cycle, run.steps
@@ -296,7 +310,7 @@ def train(config, workdir: str) -> dict:
                 tick = time.perf_counter()
                 encoder = CLIPEncoder(model_cfg, merge(state["params"], frozen),
                                       run_dir.preprocess_cfg(config, model_cfg), mesh)
-                logger.write(step, "eval", evaluators.run_evaluators(evals, encoder))
+                logger.write(step, "eval", evaluators.run_evaluators(evals, encoder, data=config.data))
                 interval.pause(time.perf_counter() - tick)  # evaluation time is not step time
             if preempted:
                 print(f"preempted: stopped at step {step} with its checkpoint saved; rerun to resume", flush=True)

@@ -1,5 +1,5 @@
 """The training step: trainable/frozen split by regex rules, AdamW with warmup + cosine, one jitted
-step per granularity level, and a guard that skips non-finite updates (DESIGN.md §5–§7).
+step per granularity level, and a guard that skips non-finite updates (docs/design.md §5, §6, §8).
 
 Params are nested dicts as `nnx.to_pure_dict` gives them. Frozen leaves live outside the train
 state: they get no optimizer state, are never written to checkpoints, and reach the step as a
@@ -16,7 +16,7 @@ import optax
 from flax import traverse_util
 
 from zoomin_jax.losses import LossConfig, level_losses
-from zoomin_jax.models.clip import from_params, merge
+from zoomin_jax.models.clip import LOGIT_SCALE_MAX, from_params, merge
 from zoomin_jax.models.config import CLIPConfig
 from zoomin_jax.recipes import JOINT, LEVELS
 from zoomin_jax.sharding import match_rules, path_name
@@ -90,6 +90,15 @@ def make_optimizer(cfg: OptimConfig, part: Partition) -> optax.GradientTransform
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), groups) if cfg.grad_clip_norm else groups
 
 
+def clamp_logit_scale(params: dict) -> dict:
+    """The trainable params with logit_scale (when it trains) put back into [0, log 100], as open_clip
+    does after each optimizer step (`logit_scale.clamp_(0, math.log(100))`): the forward uses it
+    unclamped, so at the cap it still has a gradient and can come back down."""
+    if "logit_scale" not in params:
+        return params
+    return {**params, "logit_scale": jnp.clip(params["logit_scale"], 0.0, LOGIT_SCALE_MAX)}
+
+
 def make_train_step(model_cfg: CLIPConfig, level: str, loss_cfg: LossConfig, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, compute_dtype=None, scan_layers: bool = False,
                     attention: str = "xla"):
@@ -98,7 +107,8 @@ def make_train_step(model_cfg: CLIPConfig, level: str, loss_cfg: LossConfig, tx:
     optimizer state stay float32; `scan_layers` and `attention`: see models.clip.CLIP.
     state = {"params", "opt_state", "step",
     "skipped"}; an update whose loss or gradient is not finite is skipped (state kept, `skipped`
-    counts the run of them, reset by the next good step)."""
+    counts the run of them, reset by the next good step); logit_scale is clamped after the update
+    (clamp_logit_scale)."""
 
     def loss_fn(trainable, frozen, batch):
         model = from_params(model_cfg, merge(trainable, frozen), compute_dtype, scan_layers, attention)
@@ -112,7 +122,7 @@ def make_train_step(model_cfg: CLIPConfig, level: str, loss_cfg: LossConfig, tx:
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+        params = clamp_logit_scale(optax.apply_updates(state["params"], updates))
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         new_state = {"params": keep(params, state["params"]), "opt_state": keep(opt_state, state["opt_state"]),
                      "step": state["step"] + 1, "skipped": jnp.where(finite, 0, state["skipped"] + 1)}

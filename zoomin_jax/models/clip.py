@@ -1,8 +1,9 @@
 """Flax NNX CLIP whose parameter tree reads like open_clip's state_dict.
 
-Numerics follow open_clip's `CLIP` (DESIGN.md §4): exact-erf GELU unless `quick_gelu`, LayerNorm
+Numerics follow open_clip's `CLIP` (docs/design.md §4): exact-erf GELU unless `quick_gelu`, LayerNorm
 eps 1e-5 with the two-pass variance, causal text mask, EOT (argmax) pooling, projections as x @ W,
-logit_scale stored as a log.
+logit_scale stored as a log, used as exp(logit_scale) and kept in [0, log 100] by the training step
+after each update (trainer.clamp_logit_scale), as open_clip's training loop keeps it.
 """
 from __future__ import annotations
 
@@ -269,8 +270,9 @@ class CLIP(nnx.Module):
         return x @ self.text_projection[...].astype(x.dtype)
 
     def scale(self):
-        """exp(logit_scale), clamped at 100 like open_clip's training loop."""
-        return jnp.exp(jnp.minimum(self.logit_scale[...], LOGIT_SCALE_MAX))
+        """exp(logit_scale), as open_clip's forward: not clamped here, where a cap would give the
+        stored value no gradient above it (the training step clamps the stored value instead)."""
+        return jnp.exp(self.logit_scale[...])
 
     def __call__(self, pixels, tokens):
         return self.encode_image(pixels), self.encode_text(tokens), self.scale()
