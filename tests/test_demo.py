@@ -24,3 +24,17 @@ def test_demo_end_to_end_small(tmp_path):
     assert list((out / "runs" / "zoomin-seed0" / "tensorboard").iterdir())
     verify = (out / "demo.log").read_text()
     assert verify.count(" ok\n") >= 2  # convert verify: image and text embeddings match open_clip's
+    header = "| task | metric | n | initial | figure-only | zoom-in | figure-only − initial | zoom-in − initial |"
+    assert header in lines
+    benchmark = json.loads((out / "benchmark" / "benchmark.json").read_text())
+    assert {name: task["status"] for name, task in benchmark["tasks"].items()} == {
+        "panel2patch_heldout": "ok", "breastmnist": "ok", "pneumoniamnist": "ok"}
+    # The benchmark reads the runs back from their checkpoints: the zoom-in run's held-out retrieval is
+    # the one its last evaluation during training logged (same items: the demo config's are the defaults).
+    heldout = benchmark["tasks"]["panel2patch_heldout"]["metrics"]
+    for level in ("figure", "panel", "region"):
+        assert heldout[f"{level}/i2t_r1"]["n"] == results["zoomin"]["0"][f"heldout/{level}/items"]
+        for key in ("i2t_r1", "t2i_r5"):
+            assert heldout[f"{level}/{key}"]["models"]["zoom-in"]["value"] == pytest.approx(
+                results["zoomin"]["0"][f"heldout/{level}/{key}"], abs=1e-9)
+    assert benchmark["tasks"]["pneumoniamnist"]["metrics"]["top1"]["n"] == 624

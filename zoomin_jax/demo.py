@@ -5,7 +5,9 @@ synthetic compound figures (real layouts and MedMNIST pictures when ../shared/da
 `annotate run --backend heuristic` -> records and an overlay gallery -> for each seed, train the
 zoom-in demo config and the figure-only ablation from the same init, the two at once -> retrieval
 at figure, panel and region level on held-out figures (ground-truth annotations) -> export the
-zoom-in model to open_clip and verify it -> one results table (also OUT/results.json).
+zoom-in model to open_clip and verify it -> one results table (also OUT/results.json) -> the
+benchmark table of seed 0's initial, figure-only and zoom-in models on the held-out figures and the
+two MedMNIST sets of ../shared/data (OUT/benchmark/benchmark.md).
 """
 from __future__ import annotations
 
@@ -143,12 +145,25 @@ def main(argv=None) -> int:
                                                    "--open-clip", str(out / "open_clip"), "--model", "test-tiny"]),
                env=cache)
 
+    suite = out / "benchmark_suite.json"
+    suite.write_text(json.dumps({"tasks": [{"name": "panel2patch_heldout", "path": str(heldout)},
+                                           {"name": "breastmnist"}, {"name": "pneumoniamnist"}]}, indent=1) + "\n")
+    runs = {name: out / "runs" / f"{variant}-seed{seeds[0]}" for variant, name in VARIANTS}
+    stages.run(("benchmark: initial vs figure-only vs zoom-in",
+                ["-m", "zoomin_jax.benchmark", "--model", f"initial={runs['zoom-in'] / '0'}",
+                 *(arg for name, run in runs.items() for arg in ("--model", f"{name}={run}")), "--suite", str(suite),
+                 "--data-root", str(SHARED), "--out", str(out / "benchmark")]), env=cache)
+
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     print(f"\nheld-out retrieval, R@k = mean of image->text and text->image "
           f"({int(results['zoomin'][seeds[0]]['heldout/figure/items'])} figures, "
           f"{int(results['zoomin'][seeds[0]]['heldout/panel/items'])} panels, "
           f"{int(results['zoomin'][seeds[0]]['heldout/region/items'])} regions):")
     print(table(results, seeds))
+    print(f"\nbenchmark of seed {seeds[0]}'s models, a miniature (tiny models, {args.figures} synthetic training "
+          f"figures, 28-pixel MedMNIST): R@k per direction and level, zero-shot top-1 and balanced accuracy; "
+          f"differences from the initial model:")
+    print((out / "benchmark" / "benchmark.md").read_text())
     print(f"\ndone in {stages.elapsed() / 60:.1f} min. Files:\n"
           f"  records      {out / 'records'}\n  gallery      {out / 'gallery' / 'index.html'}\n"
           f"  TensorBoard  tensorboard --logdir {out / 'runs'}\n  open_clip    {out / 'open_clip'} "

@@ -1,6 +1,7 @@
 """The model a source path holds: a model directory (`convert import`), or a training run's workdir
 (latest step, or WORKDIR/STEP): its trainable leaves from the orbax checkpoint merged with the
-frozen ones, rebuilt from the config the run saved (model_init, or the seeded random init). Reading
+frozen ones, rebuilt from the config the run saved (model_init, or the seeded random init);
+WORKDIR/0 is the model the run started from (what a benchmark compares a run against). Reading
 a run rebuilds neither its optimizer nor its data pipeline (see zoomin_jax.checkpoint)."""
 from __future__ import annotations
 
@@ -60,9 +61,12 @@ class Model:
 
 
 def _run_model(src) -> Model:
-    config, step = run_config(src)
+    workdir, step = _workdir_and_step(epath.Path(src))
+    config, step = run_config(src) if step != 0 else (run_config(workdir)[0], 0)
     cfg = get_preset(config.model)
     initial = model_dir.initial_params(config.get("model_init"), cfg, config.seed)
+    if step == 0:
+        return Model(cfg, jax.tree.map(np.asarray, initial), preprocess_cfg(config, cfg), config, step)
     # This process's own device: jax.devices()[0] belongs to process 0 alone.
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     trained = checkpoint.read_params(workdir_of(src) / CHECKPOINTS, step, initial, device)
@@ -70,7 +74,8 @@ def _run_model(src) -> Model:
 
 
 def load(src) -> Model:
-    """The model of a model directory, or of a training run's checkpoint (WORKDIR or WORKDIR/STEP)."""
+    """The model of a model directory, or of a training run's checkpoint (WORKDIR or WORKDIR/STEP;
+    WORKDIR/0: the run's initial model)."""
     if is_run(src):
         return _run_model(src)
     meta = model_dir.read_meta(src)

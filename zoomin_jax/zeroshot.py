@@ -22,24 +22,66 @@ from zoomin_jax.errors import UserError
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """Prompt text per label id (`classnames[i]` names label i) and the templates, `{}` = class name."""
+    """Prompt text per label id (`classnames[i]` names label i) and the templates, `{}` = class name.
+    A multi-label task (ChestMNIST) scores each class on its own: label i present or not."""
     classnames: tuple[str, ...]
     templates: tuple[str, ...]
+    multilabel: bool = False
 
 
-# Class names are written for prompts, not copied from the datasets' label names
-# (MedMNIST calls BreastMNIST's label 1 "normal, benign").
+def _templates(*subjects: str) -> tuple[str, ...]:
+    return (*(f"{subject} {{}}." for subject in subjects), "a medical image of {}.", "{}")
+
+
+_ORGANS = ("the bladder", "the left femur", "the right femur", "the heart", "the left kidney", "the right kidney",
+           "the liver", "the left lung", "the right lung", "the pancreas", "the spleen")
+
+# The 12 MedMNIST+ 2D sets, label i in MedMNIST's order (its INFO "label" tables). Class names are
+# written for prompts, not copied from the datasets' label names (MedMNIST calls BreastMNIST's label 1
+# "normal, benign", OrganAMNIST's "femur-left"); templates name each set's modality.
 TASKS = {
-    "breastmnist": Task(
-        classnames=("malignant breast tumor", "normal or benign breast tissue"),
-        templates=("a breast ultrasound image of {}.", "an ultrasound scan showing {}.",
-                   "breast ultrasound: {}.", "a medical image of {}.", "{}"),
-    ),
+    "pathmnist": Task(
+        classnames=("adipose tissue", "background", "debris", "lymphocytes", "mucus", "smooth muscle",
+                    "normal colon mucosa", "cancer-associated stroma", "colorectal adenocarcinoma epithelium"),
+        templates=_templates("an H&E stained histology image of", "a colorectal tissue patch showing")),
+    "chestmnist": Task(
+        classnames=("atelectasis", "cardiomegaly", "pleural effusion", "infiltration", "a lung mass",
+                    "a lung nodule", "pneumonia", "pneumothorax", "consolidation", "pulmonary edema",
+                    "emphysema", "pulmonary fibrosis", "pleural thickening", "a hernia"),
+        templates=_templates("a chest x-ray showing", "a chest radiograph with"), multilabel=True),
+    "dermamnist": Task(
+        classnames=("actinic keratosis or intraepithelial carcinoma", "basal cell carcinoma", "benign keratosis",
+                    "dermatofibroma", "melanoma", "a melanocytic nevus", "a vascular lesion"),
+        templates=_templates("a dermatoscopic image of", "a skin lesion photograph showing")),
+    "octmnist": Task(
+        classnames=("choroidal neovascularization", "diabetic macular edema", "drusen", "a normal retina"),
+        templates=_templates("a retinal OCT scan showing", "an optical coherence tomography image of")),
     "pneumoniamnist": Task(
         classnames=("normal lungs", "pneumonia"),
         templates=("a chest x-ray showing {}.", "a chest radiograph with {}.", "an x-ray image of {}.",
                    "a medical image of {}.", "{}"),
     ),
+    "retinamnist": Task(
+        classnames=("no diabetic retinopathy", "mild diabetic retinopathy", "moderate diabetic retinopathy",
+                    "severe diabetic retinopathy", "proliferative diabetic retinopathy"),
+        templates=_templates("a fundus photograph showing", "a retinal image with")),
+    "breastmnist": Task(
+        classnames=("malignant breast tumor", "normal or benign breast tissue"),
+        templates=("a breast ultrasound image of {}.", "an ultrasound scan showing {}.",
+                   "breast ultrasound: {}.", "a medical image of {}.", "{}"),
+    ),
+    "bloodmnist": Task(
+        classnames=("a basophil", "an eosinophil", "an erythroblast", "an immature granulocyte", "a lymphocyte",
+                    "a monocyte", "a neutrophil", "a platelet"),
+        templates=_templates("a blood smear microscopy image of", "a peripheral blood cell image showing")),
+    "tissuemnist": Task(
+        classnames=("collecting duct or connecting tubule cells", "distal convoluted tubule cells",
+                    "glomerular endothelial cells", "interstitial endothelial cells", "leukocytes", "podocytes",
+                    "proximal tubule cells", "thick ascending limb cells"),
+        templates=_templates("a kidney cortex microscopy image of", "a tissue image showing")),
+    "organamnist": Task(classnames=_ORGANS, templates=_templates("an axial abdominal CT slice of", "a CT image of")),
+    "organcmnist": Task(classnames=_ORGANS, templates=_templates("a coronal abdominal CT slice of", "a CT image of")),
+    "organsmnist": Task(classnames=_ORGANS, templates=_templates("a sagittal abdominal CT slice of", "a CT image of")),
 }
 
 
@@ -196,8 +238,9 @@ def tfds_examples(name: str, split: str, data_dir: str | Path) -> Examples:
     return Examples(len(source), get, names)
 
 
-def read_npz_split(path: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 [N, H, W] or [N, H, W, C], labels int64 [N]) of one split of a MedMNIST npz."""
+def read_npz_split(path: str | Path, split: str, multilabel: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N, H, W] or [N, H, W, C], labels int64 [N], or [N, classes] of 0/1 when
+    `multilabel`) of one split of a MedMNIST npz."""
     path = Path(path)
     try:
         arrays = np.load(path)
@@ -212,18 +255,26 @@ def read_npz_split(path: str | Path, split: str) -> tuple[np.ndarray, np.ndarray
     if images.dtype != np.uint8 or images.ndim not in (3, 4) or len(images) != len(labels):
         raise UserError(f"{path}: {split}_images must be uint8 [N, H, W(, C)] with one row of "
                         f"{split}_labels per image; got {images.dtype} {images.shape} and {labels.shape}.")
+    if multilabel:
+        if labels.ndim != 2:
+            raise UserError(f"{path}: {split}_labels has shape {labels.shape}; a multi-label task needs "
+                            f"[N, classes] of 0/1.")
+        return images, labels.astype(np.int64)
     if labels.ndim == 2 and labels.shape[1] != 1:
         raise UserError(f"{path}: {split}_labels has shape {labels.shape}; only single-label tasks "
                         f"((N,) or (N, 1)) are supported.")
     return images, labels.reshape(-1).astype(np.int64)
 
 
-def npz_examples(path: str | Path, split: str) -> Examples:
+def npz_examples(path: str | Path, split: str, multilabel: bool = False) -> Examples:
     """(image uint8 [H, W(, C)], label) from a MedMNIST-style npz: `{split}_images`, `{split}_labels`.
 
-    Labels may be [N] or [N, 1]. The npz carries no label names, so `.names` is None.
+    Labels may be [N] or [N, 1]; with `multilabel` [N, classes], each label an int64 [classes] of 0/1.
+    The npz carries no label names, so `.names` is None.
     """
-    images, labels = read_npz_split(path, split)
+    images, labels = read_npz_split(path, split, multilabel)
+    if multilabel:
+        return Examples(len(images), lambda i: (images[i], labels[i]), None)
     return Examples(len(images), lambda i: (images[i], int(labels[i])), None)
 
 

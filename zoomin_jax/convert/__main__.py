@@ -46,40 +46,13 @@ def _verify_images(paths: list[str]):
 
 def cmd_import(args) -> None:
     from zoomin_jax import model_dir
-    from zoomin_jax.convert.formats import HUB_CONFIG, read_source
-    from zoomin_jax.convert.mapping import state_dict_to_params
-    from zoomin_jax.models.config import CLIPConfig, ConfigError, architecture_differences, get_preset
+    from zoomin_jax.convert import open_clip_source
 
     start = time.perf_counter()
     _log(f"reading {args.src}")
-    state_dict, hub_config = read_source(args.src)
-    if hub_config is not None:
-        found = CLIPConfig.from_open_clip(hub_config["model_cfg"], where=f"{Path(args.src) / HUB_CONFIG}")
-    cfg = get_preset(args.model) if args.model else None
-    if cfg is None and hub_config is None:
-        raise UserError(f"{args.src} carries no architecture; pass --model (one of the presets).")
-    if cfg is None:
-        cfg = found
-    elif hub_config is not None:
-        where = Path(args.src) / HUB_CONFIG
-        if found.quick_gelu != cfg.quick_gelu:
-            raise ConfigError(f"{where} says quick_gelu={found.quick_gelu} but --model {args.model} uses "
-                              f"quick_gelu={cfg.quick_gelu}; pass the preset with the activation these "
-                              f"weights were trained with.")
-        diffs = architecture_differences(cfg, found)
-        if diffs:
-            raise ConfigError(f"{where} describes another architecture than --model {args.model} "
-                              f"({'; '.join(diffs)}); pass the matching --model.")
-    preprocess_cfg = model_dir.default_preprocess_cfg(cfg)
-    if hub_config is not None:
-        preprocess_cfg.update({k: v for k, v in hub_config.get("preprocess_cfg", {}).items()
-                               if k in preprocess_cfg})
-    activation = "QuickGELU" if cfg.quick_gelu else "exact GELU"
-    _log(f"converting {len(state_dict)} tensors to {args.model or 'the hub config'} ({activation})")
-    params = state_dict_to_params(state_dict, cfg, args.model or "the hub config", str(args.src), progress=True)
-    del state_dict
+    model = open_clip_source.read(args.src, args.model, progress=True)
     _log(f"writing {args.out}")
-    model_dir.save(args.out, cfg, params, preprocess_cfg, preset=args.model)
+    model_dir.save(args.out, model.cfg, model.params, model.preprocess_cfg, preset=args.model)
     _log(f"import done in {time.perf_counter() - start:.1f}s")
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks comparing models side by side: `python -m zoomin_jax.benchmark` (see __main__)."""
