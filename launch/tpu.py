@@ -1,6 +1,6 @@
 """Drive a Cloud TPU VM pod slice with gcloud: create, set up, train, watch, stop, delete.
 
-Every worker of a slice runs the same command (DESIGN.md §7); jax.distributed.initialize() finds
+Every worker of a slice runs the same command (docs/design.md §11); jax.distributed.initialize() finds
 its peers on a pod by itself, so a launch is "the same command on --worker=all". Each subcommand
 builds plain gcloud argv lists; --dry-run prints them (one per line, shell-quoted) and runs
 nothing. Run from the repository root. A v5e-16 slice (4 workers x 4 chips), start to end:

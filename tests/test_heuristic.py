@@ -17,7 +17,7 @@ from conftest import DATA
 def test_panel_f1_and_labels_on_600_real_layouts(zou_composites):
     """The backend as `annotate run` calls it: panels grouped into labelled units with the caption's
     labels, then labels read. A third of zou's figures have panels without a letter, which the backend
-    joins to the labelled panel beside them (DESIGN.md §10) while the layout keeps them apart."""
+    joins to the labelled panel beside them (docs/design.md §3) while the layout keeps them apart."""
     truths = [json.loads(line) for line in (zou_composites / "gt.jsonl").read_text().splitlines()]
     images = [Image.open(zou_composites / "images" / f"{truth['id']}.png") for truth in truths]
     proposals = HeuristicBackend().propose(images, [truth["caption"] for truth in truths])

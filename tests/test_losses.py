@@ -22,7 +22,7 @@ def same_ids(ids):
 
 
 def numpy_clip_loss(a, b, scale, mask=None, same=None):
-    """DESIGN.md §5's L_CLIP, row by row: each valid pair (i, i) against the valid rows that are not
+    """docs/design.md §5's L_CLIP, row by row: each valid pair (i, i) against the valid rows that are not
     the same pair as i (same[i][j]: identical texts)."""
     n = len(a)
     keep = np.ones(n, bool) if mask is None else np.asarray(mask, bool)
@@ -219,7 +219,7 @@ def hand_made_batch(level, rng):
 
 
 def numpy_level_losses(batch, level, weights):
-    """DESIGN.md §5 for one level, in NumPy: its intra-level term, message passing (parents against
+    """docs/design.md §5 for one level, in NumPy: its intra-level term, message passing (parents against
     the masked mean of their L2-normalised children, text side positives where parents' or
     children's texts are the same), and for panels the ROI term (a region box's covered-token mean
     through the head against the region crop, over every valid region of the batch)."""

@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a training run (DESIGN.md §8): the train state (trainable params, optimizer
+"""Orbax checkpoints of a training run (docs/design.md §9): the train state (trainable params, optimizer
 state, step), every process's Grain iterator position per level, and the config. Saves are async;
 keep-last-N plus an optional periodic keep; resume reads the latest complete step (orbax writes
 into a temporary directory and renames it when done, so a killed save is never picked up).

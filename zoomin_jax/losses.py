@@ -1,4 +1,4 @@
-"""Zoom-in objectives (DESIGN.md §5): CLIP InfoNCE within each level, message passing between
+"""Zoom-in objectives (docs/design.md §5): CLIP InfoNCE within each level, message passing between
 levels (children averaged into their parent), and ROI consistency between a panel's patch tokens
 and its regions' crops.
 

@@ -7,7 +7,7 @@ from zoomin_jax.errors import UserError
 LEVELS = ("figure", "panel", "region")
 JOINT = "joint"  # all three levels' losses in one step (the joint-not-alternating ablation)
 
-# The terms each level's step computes (DESIGN.md §5), each weighted by config.loss_weights[term].
+# The terms each level's step computes (docs/design.md §5), each weighted by config.loss_weights[term].
 LEVEL_TERMS = {"figure": ("figure", "figure_panel_image", "figure_panel_text"),
                "panel": ("panel", "panel_region_image", "panel_region_text", "roi"),
                "region": ("region",)}

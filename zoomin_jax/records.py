@@ -1,4 +1,4 @@
-"""Figure records: the one contract between annotate/ and zoomin_jax.data (DESIGN.md §3).
+"""Figure records: the one contract between annotate/ and zoomin_jax.data (docs/design.md §2).
 
 One ArrayRecord record = one figure with its panels and regions, msgpack-encoded (never pickle),
 versioned by `schema_version`. Pure Python: annotate imports this module without jax or torch.
@@ -8,7 +8,7 @@ Next to every shard RecordWriter writes its shard index (records-….index.msgpa
 figure id, each panel's kind and shorter box side, each region's panel (its position among the
 record's panels) and shorter box side, and the annotation warnings. That is all the training
 level indexes, their filters (drop_panel_kinds, min_box_side) and annotate merge read, so a start
-reads a few hundred bytes per figure instead of the figure (DESIGN.md §7). msgpack, as the records:
+reads a few hundred bytes per figure instead of the figure (docs/design.md §7). msgpack, as the records:
 floats stay exact float64 (a level index from the index file is the one from the records, also at a
 box side right on min_box_side), it is about half the size of JSON and parses faster, and it needs
 nothing beyond this module; columns of per-record lists, so a writer copying records keeps their

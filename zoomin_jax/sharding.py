@@ -1,4 +1,4 @@
-"""Device mesh, parameter partitioning by regex rules, and multi-host start-up (DESIGN.md §7).
+"""Device mesh, parameter partitioning by regex rules, and multi-host start-up (docs/design.md §8).
 
 Parameters are addressed by their path in the param tree joined with "/" (open_clip's names:
 "visual/transformer/resblocks/23/mlp/c_fc/kernel"). Rules are (regex, how) pairs, first match wins:

@@ -1,4 +1,4 @@
-"""What a run writes, on local disk or in a bucket (DESIGN.md §7: every path goes through etils.epath,
+"""What a run writes, on local disk or in a bucket (docs/design.md §9: every path goes through etils.epath,
 so gs://BUCKET/run works as a workdir).
 
 Object stores have no append, which metrics.jsonl and TensorBoard event files rely on locally.

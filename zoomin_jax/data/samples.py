@@ -8,7 +8,7 @@ panel:  a panel crop + text, and up to max_regions region crops + texts + their 
         crop's patch-token grid, with a mask (panel<->region and ROI consistency).
 region: a region crop (with a context margin) + text_sub or text_lvlm, one drawn per example.
 
-Children (DESIGN.md §5). A parent is paired with the children its view shows: a child takes part
+Children (docs/design.md §7). A parent is paired with the children its view shows: a child takes part
 when at least min_visible of its box is in the parent's view, and its crop is cut to what that view
 shows, so the parent is never asked to match content its crop cut away. When more children than the
 padded maximum are visible, that many are drawn at random (by the example's rng: seeded, new each

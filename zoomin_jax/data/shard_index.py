@@ -1,4 +1,4 @@
-"""Level indexes from the shard indexes: a start that reads no image bytes (DESIGN.md §7).
+"""Level indexes from the shard indexes: a start that reads no image bytes (docs/design.md §7).
 
     python -m zoomin_jax.data.shard_index build SHARD_OR_GLOB...
 

@@ -1,4 +1,4 @@
-"""Frozen-text embeddings computed once per distinct text and run (DESIGN.md §5).
+"""Frozen-text embeddings computed once per distinct text and run (docs/design.md §7).
 
 With the text tower frozen every text embedding is a constant, so training looks them up instead
 of running the text tower each step. The cache is built by all processes of a run together into one
