@@ -144,8 +144,9 @@ def test_demo_retrieval_with_the_stored_text_embeddings_is_float32s_wherever_flo
     args = (run.model_cfg, merge(run.state["params"], run.frozen), run_dir.preprocess_cfg(config, run.model_cfg),
             run.mesh)
     embedded = []  # what the evaluator compares: image and text embeddings, each image's text
-    hits = evaluators.retrieval_hits
-    monkeypatch.setattr(evaluators, "retrieval_hits", lambda *arrays: embedded.append(arrays) or hits(*arrays))
+    retrieval_hits = evaluators.retrieval_hits
+    monkeypatch.setattr(evaluators, "retrieval_hits",
+                        lambda *arrays: embedded.append(arrays) or retrieval_hits(*arrays))
     for level in LEVELS:
         embedded.clear()
         exact, stored = (evaluators.retrieval(encoder, str(heldout), level, batch_size=64)
