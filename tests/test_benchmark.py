@@ -190,3 +190,57 @@ def test_clip_benchmark_gives_the_same_zero_shot_accuracy(models, tmp_path):
     assert ours["top1"]["models"]["B"]["value"] == pytest.approx(theirs["acc1"], abs=1e-12)
     assert ours["balanced_accuracy"]["models"]["B"]["value"] == pytest.approx(theirs["mean_per_class_recall"], abs=1e-12)
     assert len(set(predicted.tolist())) == 2  # a model that predicts both classes: a real comparison
+
+
+def test_csv_and_webdataset_layouts_give_the_numbers_of_folders_and_jsonl(models, tmp_path):
+    """The same images laid out four ways: class folders and a CSV of path,label (labels as names and
+    as indexes); MedICaT's JSONL and WebDataset shards of its pairs."""
+    import tarfile
+
+    task = zeroshot.TASKS["breastmnist"]
+    images, labels = zeroshot.read_npz_split(SHARED / "medmnist" / "breastmnist.npz", "test")
+    rows = ["path,label"]
+    for n, (image, label) in enumerate(zip(images[:40], labels[:40])):
+        path = tmp_path / "breast" / f"class{label}" / f"{n:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(path)
+        rows.append(f"breast/class{label}/{n:04d}.png,{task.classnames[label] if n % 2 else label}")
+    (tmp_path / "breast.csv").write_text("\n".join(rows) + "\n")
+    lines = [json.loads(line) for line in (MEDICAT / "sample.jsonl").read_text().splitlines()]
+    for shard, part in enumerate((lines[:6], lines[6:])):
+        with tarfile.open(tmp_path / f"medicat-{shard}.tar", "w") as tar:
+            for n, row in enumerate(part):
+                tar.add(MEDICAT / f"{row['pdf_hash']}_{row['fig_uri']}", arcname=f"{shard}{n:03d}.png")
+                caption = tmp_path / f"{shard}{n:03d}.txt"
+                caption.write_text(row["s2_caption"])
+                tar.add(caption, arcname=caption.name)
+    prompts = {"classnames": list(task.classnames), "templates": list(task.templates)}
+    suite = tmp_path / "suite.json"
+    suite.write_text(json.dumps({"tasks": [
+        {"name": "folder", "kind": "zeroshot", "format": "folder", "path": "breast", **prompts},
+        {"name": "csv", "kind": "zeroshot", "format": "csv", "path": "breast.csv", **prompts},
+        {"name": "medicat", "path": str(MEDICAT / "sample.jsonl")},
+        {"name": "wds", "kind": "retrieval", "format": "wds", "path": "medicat-*.tar"}]}))
+    assert benchmark_main(["--model", f"B={models / 'b'}", "--suite", str(suite), "--data-root", str(tmp_path),
+                           "--out", str(tmp_path / "out"), "--bootstrap", "10"]) == 0
+    tasks = json.loads((tmp_path / "out" / "benchmark.json").read_text())["tasks"]
+
+    def values(name):  # intervals differ: each task draws its own resamples
+        return {metric: (entry["n"], entry["models"]["B"]["value"]) for metric, entry in tasks[name]["metrics"].items()}
+
+    assert values("csv") == values("folder") and values("csv")["top1"][0] == 40
+    assert values("wds") == values("medicat") and values("wds")["i2t_r1"][0] == 10
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"name": "x", "kind": "zeroshot", "format": "npz", "path": "a.npz", "colour": 1}, "unknown key 'colour'"),
+    ({"name": "x", "kind": "retrieval", "format": "npz", "path": "a"}, "has kind 'retrieval' and format 'npz'"),
+    ({"name": "x", "kind": "zeroshot", "format": "npz", "path": "a.npz"}, "needs classnames and templates"),
+    ({"name": "x"}, "is missing a field"),
+])
+def test_a_bad_suite_is_one_line_naming_the_task(tmp_path, capsys, entry, message):
+    suite = tmp_path / "suite.json"
+    suite.write_text(json.dumps({"tasks": [entry]}))
+    assert benchmark_main(["--model", "m", "--suite", str(suite), "--data-root", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {suite}: ") and message in err and "\n" not in err
