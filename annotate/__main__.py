@@ -1,4 +1,4 @@
-"""python -m annotate {run,merge,captions,synth,eval,eval-captions,show}: the Panel2Patch annotation stage's command line.
+"""python -m annotate {run,merge,captions,synth,eval,eval-captions,show,audit}: the Panel2Patch annotation stage's command line.
 
   run --input PATH|DIR|@LIST... --out DIR --backend heuristic|qwen|vllm [--model DIR] [--num-shards N
       [--shard-index I]] [--shard-by auto|file|figure] [--max-failure-rate R --failure-window M]
@@ -28,6 +28,14 @@
       single-panel ones, per slice (tune, heldout); per style and per caption in the JSON.
   show --records DIR --out DIR [--limit N]
       overlay PNGs (panels, labels, regions, texts) and an index.html.
+  audit sample --records [NAME=]DIR [--records [NAME=]DIR2 ...] --n N --seed S --out AUDIT
+      a seeded sample of the figures every run holds, stratified (panel count, source, single vs compound).
+  audit serve AUDIT [--port P]
+      the review page on http://127.0.0.1:P/: runs side by side, answered per aspect with the keyboard;
+      each finished figure one line of AUDIT/verdicts.jsonl (reviewer, UTC time); resumes per reviewer.
+  audit report AUDIT
+      share correct per run, aspect and stratum (95% Wilson), paired differences of runs (Newcombe),
+      Cohen's kappa between reviewers, the figures judged wrong: AUDIT/report/report.md, .json, wrong/.
 """
 from __future__ import annotations
 
@@ -225,6 +233,24 @@ def cmd_show(args) -> int:
     return 0
 
 
+def cmd_audit(args) -> int:
+    if args.audit == "sample":
+        from annotate.audit.sample import make_sample
+        path = make_sample(args.records, args.n, args.seed, args.out)
+        print(f"audit: sample of {args.n} figures in {path}; review it with `python -m annotate audit serve "
+              f"{args.out}`", file=sys.stderr)
+    elif args.audit == "serve":
+        from annotate.audit.server import serve
+        serve(args.dir, args.port)
+    else:
+        from annotate.audit.report import write_report
+        path, skipped = write_report(args.dir)
+        for problem in skipped:
+            print(f"warning: {problem}", file=sys.stderr)
+        print(f"audit: report in {path}", file=sys.stderr)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m annotate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -302,9 +328,23 @@ def main(argv=None) -> int:
     p.add_argument("--records", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--limit", type=int)
+    p = sub.add_parser("audit", help="judge runs' annotations in a browser and report their quality")
+    audit = p.add_subparsers(dest="audit", required=True)
+    q = audit.add_parser("sample", help="a seeded, stratified sample of the figures every run holds")
+    q.add_argument("--records", action="append", required=True,
+                   help="[NAME=]DIR: an `annotate run` output folder (NAME defaults to its folder name); repeat "
+                        "for each run to compare on the same figures")
+    q.add_argument("--n", type=int, default=2000, help="figures in the sample (default 2000)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", required=True, help="the audit folder (sample.json, the sampled records, verdicts)")
+    q = audit.add_parser("serve", help="the review page on 127.0.0.1")
+    q.add_argument("dir", help="the audit folder `audit sample` made")
+    q.add_argument("--port", type=int, default=8765, help="default 8765; 0 picks a free one")
+    q = audit.add_parser("report", help="shares, paired differences, agreement and the figures judged wrong")
+    q.add_argument("dir", help="the audit folder")
     args = parser.parse_args(argv)
     commands = {"run": cmd_run, "merge": cmd_merge, "captions": cmd_captions, "synth": cmd_synth, "eval": cmd_eval,
-                "eval-captions": cmd_eval_captions, "show": cmd_show}
+                "eval-captions": cmd_eval_captions, "show": cmd_show, "audit": cmd_audit}
     try:
         return commands[args.command](args)
     except OSError as err:
