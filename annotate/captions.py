@@ -109,6 +109,18 @@ def _expand(group: str) -> list[str]:
     return labels
 
 
+# A figure reference that names panels: "Figure 3B", "Fig. 2(A–C)", "Figs. 3B and 3D", "Figure 2A, B".
+# The figure's number is not checked: the paragraphs that cite a figure are the ones searched.
+_FIGURE_PANELS = re.compile(rf"\b(?i:fig(?:ure)?s?)\.?\s*\d+\s*\(?\s*([A-Za-z](?:(?:{_RANGE}|{_JOIN})\d*[A-Za-z])*)"
+                            r"(?![A-Za-z])")
+
+
+def referenced_panels(sentence: str) -> set[str]:
+    """The panel letters (case-folded) that the sentence's figure references name."""
+    return {re.sub(r"\d", "", label).casefold()
+            for group in _FIGURE_PANELS.findall(sentence) for label in _expand(group)}
+
+
 def _find(caption: str, style: str) -> list[Marker]:
     found = []
     for pattern in _STYLES[style]:

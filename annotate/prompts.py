@@ -9,7 +9,8 @@ the article's paragraphs cite the figure, up to CONTEXT_CHARS of them, panel2pat
 per panel crop (its description and the boxes of its caption clauses, one JSON object); REGION once per
 region crop (its description and, for a caption box that no marker backs, whether it shows its phrase).
 The question comes before the image (engines.TransformersEngine.chat), so requests asking one question
-share a prefix (panel2patch-7; the image came first before).
+share a prefix (panel2patch-7; the image came first before). A PANEL question for a panel that the
+citing paragraphs name is followed by those sentences (PANEL_MENTIONS, panel2patch-8).
 """
 import json
 
@@ -22,6 +23,15 @@ FIGURE = ("This is a figure from a biomedical article. Locate every panel and re
           "panel labelled with its panel label, a marker with its kind.")
 PANEL = ("This is one panel of a figure from a biomedical article. Describe what it shows in one short sentence."
          ' Answer only with a JSON object such as {"description": "..."}.')
+# After either panel question, for a labelled panel that the citing paragraphs name ("Figure 3B shows …"):
+# those sentences, up to PANEL_CONTEXT_CHARS (qwen.panel_mentions). After the fixed question, so that the
+# prefix cache still shares it; the answer is still a description of the crop, not of the text.
+PANEL_MENTIONS = (' The article says of this panel: "{mentions}" Use it to name what you see, but describe only '
+                  "what the panel shows.")
+# ~100 tokens: one or two sentences, what the paragraphs typically say of one panel (the 33 citing
+# paragraphs in shared/data/jats name a panel in 18, one or two sentences a panel), at little cost to a
+# request that shows a median 108 visual tokens.
+PANEL_CONTEXT_CHARS = 400
 PANEL_WITH_PHRASES = (
     "This is one panel of a figure from a biomedical article. Describe what it shows in one short sentence, "
     "and locate each of these phrases in it: {phrases}. Answer only with a JSON object such as "

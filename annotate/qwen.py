@@ -15,7 +15,8 @@ The plan, per batch of figures, in three rounds of requests through the engine:
    The split's labels are the ones the panel labels read off the figure are matched to, and its texts
    become the panels' texts.
 2. PANEL, once per panel crop: a short description of it (`text_lvlm`) and boxes for its own caption
-   clauses (path B), in one answer.
+   clauses (path B), in one answer; for a labelled panel that the citing paragraphs name ("Figure 3B"),
+   with those sentences (`panel_mentions`).
 3. REGION, once per region crop: the regions that fusion (regions.fuse_regions) makes of the panel's
    markers and phrase boxes, each described in a few words (the region's `text_lvlm`). For a phrase box
    in a panel without markers the same answer says whether the crop shows the phrase: the verification
@@ -44,8 +45,8 @@ from collections.abc import Sequence
 from PIL import Image
 
 from annotate import prompts
-from annotate.captions import (caption_label, groundable_clauses, label_key, panel_label, sentence_starts,
-                               split_caption, split_from_answer, with_context)
+from annotate.captions import (caption_label, clean_label, groundable_clauses, label_key, panel_label,
+                               referenced_panels, sentence_starts, split_caption, split_from_answer, with_context)
 from annotate.config import AnnotateConfig
 from annotate.engine_worker import EngineWorker
 from annotate.engines import Answer, Engine, Request
@@ -164,10 +165,28 @@ def citing_context(paragraphs: Sequence[str]) -> str:
     return "\n".join(f'"{text}"' for text in shown)
 
 
-def _panel_question(phrases: list[str]) -> str:
-    if not phrases:
-        return prompts.PANEL
-    return prompts.PANEL_WITH_PHRASES.format(phrases=", ".join(f'"{p}"' for p in phrases))
+def panel_mentions(paragraphs: Sequence[str], label: str) -> str:
+    """The sentences of the citing paragraphs whose figure references name panel `label` ("Figure 3B",
+    "Fig. 3A–C"), in order, cut to prompts.PANEL_CONTEXT_CHARS; "" for an unlabelled panel or none."""
+    key = clean_label(label).casefold()
+    if not key:
+        return ""
+    sentences = []
+    for paragraph in paragraphs:
+        text = _quoted(" ".join(paragraph.split()))
+        bounds = [*sentence_starts(text), len(text)]
+        sentences += [text[start:end].strip() for start, end in zip([0, *bounds], bounds) if start < end
+                      and key in referenced_panels(text[start:end])]
+    mentions = " ".join(sentences)
+    if len(mentions) <= prompts.PANEL_CONTEXT_CHARS:
+        return mentions
+    return kept + " …" if (kept := _cut_text(mentions, prompts.PANEL_CONTEXT_CHARS - 2)) else ""
+
+
+def _panel_question(phrases: list[str], mentions: str) -> str:
+    question = (prompts.PANEL_WITH_PHRASES.format(phrases=", ".join(f'"{p}"' for p in phrases)) if phrases
+                else prompts.PANEL)
+    return question + (prompts.PANEL_MENTIONS.format(mentions=mentions) if mentions else "")
 
 
 def _description(text: str) -> str:
@@ -264,7 +283,7 @@ class QwenBackend:
             by_figure[n].append((scale, Parsed(parsed.items, _cut(answer) + parsed.problems)))
         proposals = [self._figure_proposal(image, split, parsed)
                      for image, split, parsed in zip(images, splits, by_figure, strict=True)]
-        self._describe_and_ground(images, splits, proposals)
+        self._describe_and_ground(images, splits, proposals, contexts)
         self._describe_regions(images, proposals)
         return proposals
 
@@ -292,11 +311,11 @@ class QwenBackend:
         return proposal
 
     def _describe_and_ground(self, images: list[Image.Image], splits: list[CaptionSplit],
-                             proposals: list[Proposal]) -> None:
+                             proposals: list[Proposal], contexts: list[list[str]]) -> None:
         """Round 2: each panel crop's description and the boxes of its own caption clauses, mapped back to
-        the figure."""
-        asks = []  # (figure index, panel index, crop, phrases)
-        for n, (image, split, proposal) in enumerate(zip(images, splits, proposals, strict=True)):
+        the figure; a panel the citing paragraphs name is asked with what they say of it."""
+        asks = []  # (figure index, panel index, crop, phrases, mentions)
+        for n, (image, split, proposal, context) in enumerate(zip(images, splits, proposals, contexts, strict=True)):
             labels = list(split.own)
             own = {label_key(label, labels): text for label, text in split.own.items()}
             for k, panel in enumerate(proposal.panels):
@@ -308,9 +327,10 @@ class QwenBackend:
                                              f"max_aspect_ratio={self.cfg.max_aspect_ratio:g}")
                 elif min(crop.size) >= _MIN_CROP_SIDE:
                     phrases = [_quoted(p) for p in groundable_clauses(own.get(label_key(panel["label"], labels), ""))]
-                    asks.append((n, k, crop, phrases))
-        answers = self._ask([self._request(_panel_question(phrases), crop) for _, _, crop, phrases in asks])
-        for (n, k, crop, phrases), answer in zip(asks, answers, strict=True):
+                    asks.append((n, k, crop, phrases, panel_mentions(context, panel["label"])))
+        answers = self._ask([self._request(_panel_question(phrases, mentions), crop)
+                             for _, _, crop, phrases, mentions in asks])
+        for (n, k, crop, phrases, _), answer in zip(asks, answers, strict=True):
             proposal = proposals[n]
             description, parsed = parse_panel_answer(answer.text, (crop.height, crop.width), answer.seen)
             proposal.panel_descriptions[k] = _description(description)

@@ -20,7 +20,7 @@ from annotate.engines import Answer, Request, TransformersEngine
 from annotate.inputs import Figure, read_jats
 from annotate.lvlm_output import resized_size
 from annotate.pipeline import build_record
-from annotate.qwen import QwenBackend, citing_context
+from annotate.qwen import QwenBackend, citing_context, panel_mentions
 from annotate.run import run_shard
 from annotate.synth import synthesize
 from conftest import DATA, roco_captions
@@ -544,3 +544,22 @@ def test_a_panel_crop_too_thin_for_the_processor_is_not_asked_about(tiny_model):
     assert any(w.startswith("panel 0 not described: its 8000x") and "max_aspect_ratio=200" in w
                for w in proposal.warnings), proposal.warnings
     assert 0 not in proposal.panel_descriptions and 1 in proposal.panel_descriptions
+
+
+def test_a_panel_is_asked_with_what_the_citing_paragraphs_say_of_it(tiny_model):
+    # Real paragraphs citing a figure of four panels (pone.0046493, Figure 3): "Figure 3A–C" names A, B and
+    # C, "Figure 3D" (twice, in two paragraphs) names D.
+    figure = jats_figure("pone.0046493.nxml#pone-0046493-g003")
+    abc = "At xI = 20, mass increments of +286, +317 and +273 Da were observed within global masses of LipH, " \
+          "LipN and LipY, respectively (Figure 3A–C)."
+    assert panel_mentions(figure.context, "B") == panel_mentions(figure.context, "(b)") == abc
+    assert panel_mentions(figure.context, "C").startswith(abc + " ")
+    assert panel_mentions(figure.context, "D").count("Figure 3D") == 2
+    assert panel_mentions(figure.context, "E") == panel_mentions(figure.context, "") == ""
+    assert len(panel_mentions(["Fig. 2B shows cells. " * 60], "B")) <= prompts.PANEL_CONTEXT_CHARS
+    # Through the transformers engine: the panel request of B (side by side with A) carries its sentence,
+    # after the fixed question; A's has none.
+    backend, scripted = scripted_backend(tiny_model)
+    image = Image.new("RGB", (420, 200), "white")
+    backend.propose([image], ["(A) Liver. (B) Kidney."], [["Liver and kidney in Fig. 2. Fig. 2B shows the kidney cortex."]])
+    assert scripted.answer.mentions == [None, "Fig. 2B shows the kidney cortex."]

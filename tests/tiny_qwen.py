@@ -91,12 +91,13 @@ class GoodAnswers:
     {"bbox_2d", "label"}; default two panels side by side and an arrow); a caption split `split(caption)`
     (default `rule_answer`), the citing paragraphs it shows (None for none) kept in `contexts`; a panel
     question a description and a box (a fifth to a half of the crop's sides) for each phrase it asks
-    about; a region question a description and, where it names a phrase, `shows(phrase)` (default True)
+    about, what it says the article says of the panel (None for nothing) kept in `mentions`; a region question a description and, where it names a phrase, `shows(phrase)` (default True)
     as its verdict. Returns (the question's kind, the answer)."""
 
     def __init__(self, figure=side_by_side(2), split=rule_answer, shows=lambda phrase: True):
         self.figure, self.split, self.shows = figure, split, shows
         self.contexts: list[str] = []
+        self.mentions: list[str | None] = []
 
     def __call__(self, prompt: str, height: int | None, width: int | None) -> tuple[str, str]:
         import json
@@ -114,6 +115,7 @@ class GoodAnswers:
             phrase = _between(prompt, prompts.REGION_WITH_PHRASE, "phrase")
             verdict = {} if phrase is None else {"shows": self.shows(phrase)}
             return "region", json.dumps({"description": "A dark nucleus."} | verdict)
+        self.mentions.append(_between(prompt, prompts.PANEL_MENTIONS, "mentions"))
         listed = re.search(r"phrases in it: (.*?)\. Answer only", prompt, re.DOTALL)
         phrases = re.findall(r'"([^"]*)"', listed.group(1)) if listed else []
         box = [width // 5, height // 5, width // 2, height // 2]
