@@ -121,6 +121,7 @@ def test_slurm_train_runs_two_tasks_that_find_each_other_through_slurm(tmp_path)
         path.name for path in (workdir / "checkpoints" / "2" / "data_figure").iterdir()}
 
 
+@pytest.mark.slow
 def test_slurm_train_gives_srun_its_cpus_and_requeues_a_run_stopped_before_its_end(tmp_path):
     """SIGTERM to the task, as SLURM sends it before the time limit: the trainer saves its step and
     exits 0, and the script requeues the job once. srun gets the job's --cpus-per-task, which it no
