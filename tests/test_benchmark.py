@@ -244,3 +244,32 @@ def test_a_bad_suite_is_one_line_naming_the_task(tmp_path, capsys, entry, messag
     assert benchmark_main(["--model", "m", "--suite", str(suite), "--data-root", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {suite}: ") and message in err and "\n" not in err
+
+
+def test_a_multi_label_task_scores_as_sklearn_and_clip_benchmark_do(models, tmp_path):
+    """ChestMNIST's layout (labels [N, 14]) made of PneumoniaMNIST's real test images, pneumonia in its
+    column and the other findings absent: mean AUC over the one class with both outcomes is sklearn's
+    AUC of it; mean AP is clip_benchmark's (a class without positives counts 0)."""
+    from clip_benchmark.metrics.zeroshot_classification import average_precision_per_class
+    from sklearn.metrics import roc_auc_score
+
+    task = zeroshot.TASKS["chestmnist"]
+    images, labels = zeroshot.read_npz_split(SHARED / "medmnist" / "pneumoniamnist.npz", "test")
+    images, labels = images[:200], labels[:200]
+    multi = np.zeros((len(labels), len(task.classnames)), np.int64)
+    multi[:, task.classnames.index("pneumonia")] = labels
+    np.savez(tmp_path / "chest.npz", test_images=images, test_labels=multi)
+    suite = tmp_path / "suite.json"
+    suite.write_text(json.dumps({"tasks": [{"name": "chestmnist", "path": "chest.npz"}]}))
+    assert benchmark_main(["--model", f"B={models / 'b'}", "--suite", str(suite), "--data-root", str(tmp_path),
+                           "--out", str(tmp_path / "out"), "--bootstrap", "10"]) == 0
+    metrics = json.loads((tmp_path / "out" / "benchmark.json").read_text())["tasks"]["chestmnist"]["metrics"]
+
+    encoder = load_clip(models / "b")
+    pixels = np.stack([encoder.preprocess(zeroshot.to_pil(image)) for image in images])
+    scores = encoder.encode_image(pixels, normalize=True) @ zeroshot.classifier(encoder, task.classnames, task.templates).T
+    column = task.classnames.index("pneumonia")
+    assert metrics["mean_auc"]["n"] == 200
+    assert metrics["mean_auc"]["models"]["B"]["value"] == pytest.approx(roc_auc_score(labels, scores[:, column]), abs=1e-9)
+    expected_ap = float(average_precision_per_class(torch.from_numpy(scores), torch.from_numpy(multi)).mean())
+    assert metrics["mean_ap"]["models"]["B"]["value"] == pytest.approx(expected_ap, abs=1e-6)
