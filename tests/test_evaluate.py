@@ -78,6 +78,7 @@ def test_retrieval_is_the_same_on_1_and_8_devices(truth_records, level):
     assert 0 <= found[1]["i2t_r1"] <= found[1]["i2t_r5"] <= found[1]["i2t_r10"] <= 1
 
 
+@pytest.mark.slow
 def test_two_processes_each_embed_their_share_and_get_the_metrics_of_one(tmp_path, truth_records):
     """Retrieval and zero-shot on 2 processes x 4 devices: each reads and embeds about half of the
     items, and both get the metrics one process over 8 devices gets."""
