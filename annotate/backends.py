@@ -39,7 +39,9 @@ class HeuristicBackend:
         return Proposal([{"box": box, "label": label, "score": 1.0} for box, label in zip(boxes, labels)],
                         markers=markers)
 
-    def propose(self, images: list[Image.Image], captions: list[str]) -> list[Proposal]:
+    def propose(self, images: list[Image.Image], captions: list[str],
+                contexts: list[list[str]] | None = None) -> list[Proposal]:
+        """`contexts` are not read: the heuristic reads the image and the caption only."""
         proposals = []
         for image, caption in zip(images, captions, strict=True):
             caption_labels = [p["label"] for p in split_caption(caption) if p["label"]]
@@ -53,8 +55,6 @@ class PrefilteredBackend:
     """The heuristic's panel split first: figures it finds to be one panel skip the (expensive) LVLM and
     keep the heuristic's proposal; the others go to the LVLM, with no label reading or marker finding
     spent on them here."""
-
-    reads_context = True  # pipeline.Backend: handed on to the LVLM with the figures it sees
 
     def __init__(self, lvlm, heuristic: HeuristicBackend | None = None):
         self.lvlm, self.heuristic = lvlm, heuristic or HeuristicBackend()

@@ -58,19 +58,11 @@ class Backend(Protocol):
     name: str
     model_id: str
 
-    def propose(self, images: list[Image.Image], captions: list[str]) -> list[Proposal]:
-        """One proposal per image, in order. Raising is allowed (out of memory, one figure it cannot handle):
-        `propose_bisecting` retries the batch in halves. A backend with a true `reads_context` takes a third
-        list, each figure's citing paragraphs (`_propose`)."""
-
-
-def _propose(backend: Backend, images: list[Image.Image], captions: list[str],
-             contexts: list[list[str]]) -> list[Proposal]:
-    # Only an LVLM's caption split shows the citing paragraphs; a backend that reads no text but the
-    # caption keeps the two-list propose.
-    if getattr(backend, "reads_context", False):
-        return list(backend.propose(images, captions, contexts))
-    return list(backend.propose(images, captions))
+    def propose(self, images: list[Image.Image], captions: list[str],
+                contexts: list[list[str]] | None = None) -> list[Proposal]:
+        """One proposal per image, in order; `contexts`: each figure's citing paragraphs (what a backend
+        reading only the image and caption ignores). Raising is allowed (out of memory, one figure it
+        cannot handle): `propose_bisecting` retries the batch in halves."""
 
 
 def build_record(figure: Figure, data: bytes, image: Image.Image, proposal: Proposal, backend: Backend,
@@ -149,7 +141,7 @@ def propose_bisecting(backend: Backend, images: list[Image.Image], captions: lis
     if not images:
         return []
     try:
-        return _propose(backend, images, captions, contexts)
+        return list(backend.propose(images, captions, contexts))
     except Exception as err:  # not BaseException: Ctrl-C, SystemExit and faults.* stop the run
         if (fault := engine_fault(err)) is not None:
             raise fault from err  # the engine or its device broke: no figure of the batch is to blame

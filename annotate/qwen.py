@@ -16,7 +16,7 @@ The plan, per batch of figures, in three rounds of requests through the engine:
    become the panels' texts.
 2. PANEL, once per panel crop: a short description of it (`text_lvlm`) and boxes for its own caption
    clauses (path B), in one answer; for a labelled panel that the citing paragraphs name ("Figure 3B"),
-   with those sentences (`panel_mentions`).
+   with those sentences (`panel_references`, `panel_mentions`).
 3. REGION, once per region crop: the regions that fusion (regions.fuse_regions) makes of the panel's
    markers and phrase boxes, each described in a few words (the region's `text_lvlm`). For a phrase box
    in a panel without markers the same answer says whether the crop shows the phrase: the verification
@@ -148,6 +148,11 @@ def _cut_text(text: str, limit: int) -> str:
     return text[:space].rstrip() if space > 0 else ""
 
 
+def _flat(paragraph: str) -> str:
+    """A paragraph as a request shows it: one line, its double quotes made single (it is quoted)."""
+    return _quoted(" ".join(paragraph.split()))
+
+
 def citing_context(paragraphs: Sequence[str]) -> str:
     """The citing paragraphs a caption split request shows (prompts.SPLIT_CAPTION_WITH_CONTEXT), "" for
     none: in order, each quoted on a line of its own, within prompts.CONTEXT_CHARS. The paragraph that
@@ -155,7 +160,7 @@ def citing_context(paragraphs: Sequence[str]) -> str:
     left out: the article's first paragraph to cite a figure is usually the one that introduces it."""
     shown, left = [], prompts.CONTEXT_CHARS
     for paragraph in paragraphs:
-        text = _quoted(" ".join(paragraph.split()))
+        text = _flat(paragraph)
         if len(text) > left:
             if kept := _cut_text(text, left - 2):  # room for the " …"
                 shown.append(kept + " …")
@@ -165,19 +170,24 @@ def citing_context(paragraphs: Sequence[str]) -> str:
     return "\n".join(f'"{text}"' for text in shown)
 
 
-def panel_mentions(paragraphs: Sequence[str], label: str) -> str:
-    """The sentences of the citing paragraphs whose figure references name panel `label` ("Figure 3B",
-    "Fig. 3A–C"), in order, cut to prompts.PANEL_CONTEXT_CHARS; "" for an unlabelled panel or none."""
-    key = clean_label(label).casefold()
-    if not key:
-        return ""
-    sentences = []
+def panel_references(paragraphs: Sequence[str]) -> list[tuple[str, set[str]]]:
+    """Each sentence of the citing paragraphs that names panels, with the panel letters it names
+    ("Figure 3B", "Fig. 3A–C": captions.referenced_panels): read once per figure, for all its panels."""
+    found = []
     for paragraph in paragraphs:
-        text = _quoted(" ".join(paragraph.split()))
+        text = _flat(paragraph)
         bounds = [*sentence_starts(text), len(text)]
-        sentences += [text[start:end].strip() for start, end in zip([0, *bounds], bounds) if start < end
-                      and key in referenced_panels(text[start:end])]
-    mentions = " ".join(sentences)
+        for start, end in zip([0, *bounds], bounds):
+            if start < end and (named := referenced_panels(text[start:end])):
+                found.append((text[start:end].strip(), named))
+    return found
+
+
+def panel_mentions(references: list[tuple[str, set[str]]], label: str) -> str:
+    """The sentences of `panel_references` that name panel `label`, in order, cut to
+    prompts.PANEL_CONTEXT_CHARS; "" for an unlabelled panel or none."""
+    key = clean_label(label).casefold()
+    mentions = " ".join(sentence for sentence, named in references if key and key in named)
     if len(mentions) <= prompts.PANEL_CONTEXT_CHARS:
         return mentions
     return kept + " …" if (kept := _cut_text(mentions, prompts.PANEL_CONTEXT_CHARS - 2)) else ""
@@ -198,8 +208,6 @@ def _phrase_key(text: str) -> str:
 
 
 class QwenBackend:
-    reads_context = True  # pipeline.Backend: propose takes each figure's citing paragraphs
-
     def __init__(self, engine: Engine, cfg: AnnotateConfig = AnnotateConfig()):
         self.engine, self.cfg = engine, cfg
         self.name, self.model_id = engine.name, engine.model_id
@@ -316,6 +324,7 @@ class QwenBackend:
         the figure; a panel the citing paragraphs name is asked with what they say of it."""
         asks = []  # (figure index, panel index, crop, phrases, mentions)
         for n, (image, split, proposal, context) in enumerate(zip(images, splits, proposals, contexts, strict=True)):
+            references = panel_references(context)
             labels = list(split.own)
             own = {label_key(label, labels): text for label, text in split.own.items()}
             for k, panel in enumerate(proposal.panels):
@@ -327,7 +336,7 @@ class QwenBackend:
                                              f"max_aspect_ratio={self.cfg.max_aspect_ratio:g}")
                 elif min(crop.size) >= _MIN_CROP_SIDE:
                     phrases = [_quoted(p) for p in groundable_clauses(own.get(label_key(panel["label"], labels), ""))]
-                    asks.append((n, k, crop, phrases, panel_mentions(context, panel["label"])))
+                    asks.append((n, k, crop, phrases, panel_mentions(references, panel["label"])))
         answers = self._ask([self._request(_panel_question(phrases, mentions), crop)
                              for _, _, crop, phrases, mentions in asks])
         for (n, k, crop, phrases, _), answer in zip(asks, answers, strict=True):

@@ -27,7 +27,7 @@ class ScriptedBackend:
         self.batch_sizes: list[int] = []
         self.sizes_seen: set[tuple[int, int]] = set()
 
-    def propose(self, images: list[Image.Image], captions: list[str]) -> list[Proposal]:
+    def propose(self, images: list[Image.Image], captions: list[str], contexts=None) -> list[Proposal]:
         self.batch_sizes.append(len(images))
         self.sizes_seen.update(image.size for image in images)
         if len(images) > self.max_batch:
@@ -114,7 +114,7 @@ def test_max_aspect_ratio_is_the_limit_of_qwens_smart_resize():
 
 def test_ctrl_c_in_the_backend_still_stops_the_run(tmp_path):
     class Interrupted(ScriptedBackend):
-        def propose(self, images, captions):
+        def propose(self, images, captions, contexts=None):
             raise KeyboardInterrupt
 
     Image.new("RGB", (64, 48), "white").save(tmp_path / "a.png")
@@ -127,7 +127,7 @@ class OddAnswers(ScriptedBackend):
     a label, description and warning no encoder takes, "score" a score that is not a number (building the
     record raises), "set" a warning msgpack cannot encode (writing it raises)."""
 
-    def propose(self, images, captions):
+    def propose(self, images, captions, contexts=None):
         proposals = super().propose(images, captions)
         for proposal, caption in zip(proposals, captions, strict=True):
             kind = caption.split(" ")[0]

@@ -233,10 +233,10 @@ def test_failures_after_many_good_figures_stop_the_shard_within_the_window(tmp_p
     failing = {line["caption"] for line in lines[4:]}
 
     class FailsFromTheFifth(ScriptedBackend):
-        def propose(self, images, captions):
+        def propose(self, images, captions, contexts=None):
             if failing.intersection(captions):
                 raise ValueError("the processor refused the prompt")
-            return super().propose(images, captions)
+            return super().propose(images, captions, contexts)
 
     with pytest.raises(SystemExit) as stop:
         run_shard([manifest], tmp_path / "out", FailsFromTheFifth(max_batch=8), batch_size=BATCH, failure_window=4)

@@ -154,11 +154,11 @@ from annotate.run import run_shard
 class KilledDuring(HeuristicBackend):
     calls = 0
 
-    def propose(self, images, captions):
+    def propose(self, images, captions, contexts=None):
         self.calls += 1
         if self.calls == KILL_AT:
             os.kill(os.getpid(), signal.SIGKILL)
-        return super().propose(images, captions)
+        return super().propose(images, captions, contexts)
 
 inputs, out, settings = json.loads(sys.argv[1])
 run_shard(inputs, out, KilledDuring(), **settings)

@@ -172,11 +172,11 @@ class SigtermDuring(HeuristicBackend):
         super().__init__()
         self.batch = batch
 
-    def propose(self, images, captions):
+    def propose(self, images, captions, contexts=None):
         self.batch -= 1
         if self.batch == 0:
             os.kill(os.getpid(), signal.SIGTERM)
-        return super().propose(images, captions)
+        return super().propose(images, captions, contexts)
 
 
 def test_the_timer_closes_parts_and_old_or_repeating_parts_still_resume(tmp_path, figures):

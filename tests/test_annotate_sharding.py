@@ -23,7 +23,7 @@ class Warns:
     """Every figure one panel, with the warnings an LVLM backend gives, numbers and phrases differing."""
     name, model_id = "scripted", "scripted-warnings"
 
-    def propose(self, images, captions):
+    def propose(self, images, captions, contexts=None):
         proposals = whole_figure(images)
         for n, proposal in enumerate(proposals):
             proposal.warnings = [f"panels@1.0: box [{n}, 0, {9 + n}, 5] clipped to the image",
@@ -114,10 +114,10 @@ class Held(ScriptedBackend):
         super().__init__(max_batch=8)
         self.proposing, self.release = threading.Event(), threading.Event()
 
-    def propose(self, images, captions):
+    def propose(self, images, captions, contexts=None):
         self.proposing.set()
         assert self.release.wait(60)
-        return super().propose(images, captions)
+        return super().propose(images, captions, contexts)
 
 
 def test_a_second_process_on_a_running_shard_exits_1_naming_it(tmp_path):
@@ -148,10 +148,10 @@ class FailsMost(ScriptedBackend):
         super().__init__(max_batch=8)
         self.good = set(good_captions)
 
-    def propose(self, images, captions):
+    def propose(self, images, captions, contexts=None):
         if not self.good.issuperset(captions):
             raise ValueError("the processor refused the prompt")
-        return super().propose(images, captions)
+        return super().propose(images, captions, contexts)
 
 
 def test_most_figures_failing_stops_the_shard_and_a_rerun_retries_them(tmp_path, capsys):

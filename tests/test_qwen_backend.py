@@ -20,7 +20,7 @@ from annotate.engines import Answer, Request, TransformersEngine
 from annotate.inputs import Figure, read_jats
 from annotate.lvlm_output import resized_size
 from annotate.pipeline import build_record
-from annotate.qwen import QwenBackend, citing_context, panel_mentions
+from annotate.qwen import QwenBackend, citing_context, panel_mentions, panel_references
 from annotate.run import run_shard
 from annotate.synth import synthesize
 from conftest import DATA, roco_captions
@@ -552,11 +552,12 @@ def test_a_panel_is_asked_with_what_the_citing_paragraphs_say_of_it(tiny_model):
     figure = jats_figure("pone.0046493.nxml#pone-0046493-g003")
     abc = "At xI = 20, mass increments of +286, +317 and +273 Da were observed within global masses of LipH, " \
           "LipN and LipY, respectively (Figure 3A–C)."
-    assert panel_mentions(figure.context, "B") == panel_mentions(figure.context, "(b)") == abc
-    assert panel_mentions(figure.context, "C").startswith(abc + " ")
-    assert panel_mentions(figure.context, "D").count("Figure 3D") == 2
-    assert panel_mentions(figure.context, "E") == panel_mentions(figure.context, "") == ""
-    assert len(panel_mentions(["Fig. 2B shows cells. " * 60], "B")) <= prompts.PANEL_CONTEXT_CHARS
+    references = panel_references(figure.context)
+    assert panel_mentions(references, "B") == panel_mentions(references, "(b)") == abc
+    assert panel_mentions(references, "C").startswith(abc + " ")
+    assert panel_mentions(references, "D").count("Figure 3D") == 2
+    assert panel_mentions(references, "E") == panel_mentions(references, "") == ""
+    assert len(panel_mentions(panel_references(["Fig. 2B shows cells. " * 60]), "B")) <= prompts.PANEL_CONTEXT_CHARS
     # Through the transformers engine: the panel request of B (side by side with A) carries its sentence,
     # after the fixed question; A's has none.
     backend, scripted = scripted_backend(tiny_model)
