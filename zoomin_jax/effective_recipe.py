@@ -151,18 +151,16 @@ def level_passes_cycle(wanted: dict[str, float]) -> tuple[tuple[str, int], ...]:
     return tuple((level, steps) for level, steps in order)
 
 
-def run_cycle(config, batches: dict[str, int], items: dict[str, int] | None) -> tuple:
-    """The cycle the run trains: config.level_passes' when set and the records were read (see the
-    module docstring), else config.cycle."""
-    asked = asked_passes(config)
+def run_cycle(config, asked: dict[str, float], batches: dict[str, int], items: dict[str, int] | None) -> tuple:
+    """The cycle the run trains: the one `asked` (asked_passes) derives when set and the records were
+    read (see the module docstring), else config.cycle."""
     if items is None or not asked:
         return tuple((level, int(steps)) for level, steps in config.cycle)
     return level_passes_cycle(passes_steps(asked, batches, items))
 
 
-def run_length(config, batches: dict[str, int], items: dict[str, int]) -> int:
-    """The run's steps from the records: the sum of config.level_passes' steps, else config.epochs'."""
-    asked = asked_passes(config)
+def run_length(config, asked: dict[str, float], batches: dict[str, int], items: dict[str, int]) -> int:
+    """The run's steps from the records: the sum of the steps `asked` passes take, else config.epochs'."""
     if not asked:
         return epoch_steps(config, batches, items)
     return max(1, round(sum(passes_steps(asked, batches, items).values())))
@@ -276,12 +274,13 @@ def derive(config, devices: int, items: dict[str, int] | None = None,
     ratio = sum(batch.values()) / sum(stated.values())
     stated_lr, warmup = float(config.optim["lr"]), int(config.optim.get("warmup_steps", 0))
     total = config.get("total_steps")
-    cycle, asked = run_cycle(config, batch, items), asked_passes(config)
+    asked = asked_passes(config)
+    cycle = run_cycle(config, asked, batch, items)
     if total is None:
         if items is None:
             raise UserError("config.total_steps is not set and the records were not read: set --config.total_steps")
-        total = run_length(config, batch, items)
-        warmup = round(warmup * total / run_length(config, stated, items))
+        total = run_length(config, asked, batch, items)
+        warmup = round(warmup * total / run_length(config, asked, stated, items))
         length_from = ("config.level_passes: each level's steps make its passes" if asked else
                        f"config.epochs={config.epochs:g} passes over the {epoch_level(cycle)}s, the other levels' "
                        "passes as the cycle's steps give them (config.level_passes sets each level's instead)")

@@ -105,10 +105,15 @@ def retrieval_level(encoder: CLIPEncoder, records: str, level: str, *, batch_siz
     return LevelRetrieval(hits, len(text_of_image), len(texts))
 
 
+def hits_by_metric(hits: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """{"i2t_r1": [N] bool, …, "t2i_r10": [T] bool}: `retrieval_hits`' columns under the metrics' names."""
+    return {f"{name}_r{k}": found[:, n] for name, found in hits.items() for n, k in enumerate(KS)}
+
+
 def retrieval(encoder: CLIPEncoder, records: str, level: str, **kwargs) -> dict[str, float]:
     """R@k both ways (the means of `retrieval_level`'s hits) and the item and text counts."""
     found = retrieval_level(encoder, records, level, **kwargs)
-    return ({f"{name}_r{k}": float(hits[:, n].mean()) for name, hits in found.hits.items() for n, k in enumerate(KS)}
+    return ({metric: float(hits.mean()) for metric, hits in hits_by_metric(found.hits).items()}
             | {"items": float(found.items), "texts": float(found.texts)})
 
 

@@ -61,15 +61,15 @@ class Model:
 
 
 def _run_model(src) -> Model:
-    workdir, step = _workdir_and_step(epath.Path(src))
-    config, step = run_config(src) if step != 0 else (run_config(workdir)[0], 0)
+    workdir, asked = _workdir_and_step(epath.Path(src))
+    config, step = run_config(workdir if asked == 0 else src)  # step 0 has no checkpoint: the latest's config
     cfg = get_preset(config.model)
     initial = model_dir.initial_params(config.get("model_init"), cfg, config.seed)
-    if step == 0:
-        return Model(cfg, jax.tree.map(np.asarray, initial), preprocess_cfg(config, cfg), config, step)
+    if asked == 0:
+        return Model(cfg, jax.tree.map(np.asarray, initial), preprocess_cfg(config, cfg), config, 0)
     # This process's own device: jax.devices()[0] belongs to process 0 alone.
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    trained = checkpoint.read_params(workdir_of(src) / CHECKPOINTS, step, initial, device)
+    trained = checkpoint.read_params(workdir / CHECKPOINTS, step, initial, device)
     return Model(cfg, jax.tree.map(np.asarray, merge(trained, initial)), preprocess_cfg(config, cfg), config, step)
 
 

@@ -141,22 +141,28 @@ def _batches(examples: Iterable, batch_size: int):
         yield batch
 
 
+def embed_images(encoder, images: Iterable, batch_size: int = 64) -> np.ndarray:
+    """float32 [N, D] L2-normalised embeddings of images (PIL or uint8 arrays), preprocessed and
+    encoded `batch_size` at a time."""
+    out = [_l2_normalize(np.asarray(encoder.encode_image(np.stack([encoder.preprocess(to_pil(image))
+                                                                     for image in batch])), np.float32))
+           for batch in _batches(images, batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
 def predict(encoder, images: Iterable, class_weights: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """int64 [N] predicted class of each image (PIL or uint8 array) against `classifier(...)` weights,
-    preprocessed and encoded `batch_size` at a time."""
-    predictions = []
-    for batch in _batches(images, batch_size):
-        pixels = np.stack([encoder.preprocess(to_pil(image)) for image in batch])
-        features = np.asarray(encoder.encode_image(pixels), np.float32)
-        predictions.append(np.argmax(_l2_normalize(features) @ class_weights.T, axis=-1))
-    return np.concatenate(predictions) if predictions else np.zeros((0,), np.int64)
+    """int64 [N] predicted class of each image (PIL or uint8 array) against `classifier(...)` weights."""
+    embeddings = embed_images(encoder, images, batch_size)
+    return np.argmax(embeddings @ class_weights.T, axis=-1) if len(embeddings) else np.zeros((0,), np.int64)
 
 
 def balanced_accuracy(labels: np.ndarray, predictions: np.ndarray) -> float:
     """Mean over the classes present in `labels` of the recall of that class (sklearn's definition)."""
-    labels, predictions = np.asarray(labels), np.asarray(predictions)
-    recalls = [np.mean(predictions[labels == c] == c) for c in np.unique(labels)]
-    return float(np.mean(recalls))
+    labels = np.asarray(labels, np.int64)
+    totals = np.bincount(labels)
+    correct = np.bincount(labels, weights=np.asarray(predictions) == labels, minlength=len(totals))
+    present = totals > 0
+    return float(np.mean(correct[present] / totals[present]))
 
 
 def evaluate(encoder, examples: Iterable, classnames: Sequence[str],

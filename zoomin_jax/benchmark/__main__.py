@@ -44,6 +44,8 @@ def run(model_specs: list[str], suite: str, data_root: Path, *, bootstrap: int =
         else:
             runnable.append(task)
     measured = {task.name: {} for task in runnable}
+    # Each model is loaded once (a ViT-L takes seconds and GBs) and runs every task; a task's data is
+    # read again for each model rather than held across all of them.
     for label, path in labelled:
         start = time.perf_counter()
         encoder = models.load(path, open_clip_model, batch_size)

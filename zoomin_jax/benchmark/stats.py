@@ -9,6 +9,8 @@ from typing import Callable
 import numpy as np
 from scipy.stats import rankdata
 
+from zoomin_jax import zeroshot
+
 LEVEL = 0.95
 
 
@@ -31,16 +33,8 @@ def mean_of(values: np.ndarray) -> Measure:
     return Measure((np.asarray(values, np.float64),), np.mean)
 
 
-def _balanced_accuracy(labels: np.ndarray, correct: np.ndarray) -> float:
-    """Mean over the classes present of their recall (sklearn's balanced_accuracy_score)."""
-    totals = np.bincount(labels)
-    present = totals > 0
-    return float(np.mean(np.bincount(labels, weights=correct, minlength=len(totals))[present] / totals[present]))
-
-
 def balanced_accuracy(labels: np.ndarray, predictions: np.ndarray) -> Measure:
-    labels = np.asarray(labels, np.int64)
-    return Measure((labels, (np.asarray(predictions) == labels).astype(np.float64)), _balanced_accuracy)
+    return Measure((np.asarray(labels, np.int64), np.asarray(predictions)), zeroshot.balanced_accuracy)
 
 
 def _auc(positive: np.ndarray, scores: np.ndarray) -> float:

@@ -69,22 +69,9 @@ def _csv_examples(task: Task, location: Path) -> zeroshot.Examples:
     return zeroshot.Examples(len(rows), get, task.classnames)
 
 
-def _image_embeddings(encoder, images, batch_size: int) -> np.ndarray:
-    """L2-normalised [N, D] of PIL images or uint8 arrays, through the model's eval preprocess."""
-    out, batch = [], []
-    for image in images:
-        batch.append(encoder.preprocess(zeroshot.to_pil(image)))
-        if len(batch) == batch_size:
-            out.append(encoder.encode_image(np.stack(batch), normalize=True))
-            batch = []
-    if batch:
-        out.append(encoder.encode_image(np.stack(batch), normalize=True))
-    return np.concatenate(out) if out else np.zeros((0, encoder.config.embed_dim), np.float32)
-
-
 def _measure_zeroshot(task: Task, examples, encoder, batch_size: int) -> dict[str, stats.Measure]:
     weights = zeroshot.classifier(encoder, task.classnames, task.templates)
-    scores = _image_embeddings(encoder, (image for image, _ in examples), batch_size) @ weights.T
+    scores = zeroshot.embed_images(encoder, (image for image, _ in examples), batch_size) @ weights.T
     labels = np.array([label for _, label in examples])
     if task.multilabel:
         if labels.ndim != 2 or labels.shape[1] != len(task.classnames):
@@ -142,20 +129,19 @@ def _open(image) -> Image.Image:
 
 
 def _hit_measures(hits: dict[str, np.ndarray]) -> dict[str, stats.Measure]:
-    return {f"{name}_r{k}": stats.mean_of(found[:, n]) for name, found in hits.items()
-            for n, k in enumerate(evaluators.KS)}
+    return {metric: stats.mean_of(found) for metric, found in evaluators.hits_by_metric(hits).items()}
 
 
 def _measure_retrieval(pairs, encoder, batch_size: int) -> dict[str, stats.Measure]:
     """Identical captions (same tokens) are one gallery entry, relevant to all their images, as in
     the held-out retrieval evaluator."""
-    images = _image_embeddings(encoder, (_open(image) for image, _ in pairs), batch_size)
+    images = zeroshot.embed_images(encoder, (_open(image) for image, _ in pairs), batch_size)
     texts, text_of_image = np.unique(tokenize([caption for _, caption in pairs]), axis=0, return_inverse=True)
     return _hit_measures(evaluators.retrieval_hits(images, encoder.encode_text(texts, normalize=True),
                                                    text_of_image.reshape(-1)))
 
 
-def _measure_panel2patch(task: Task, location: Path, encoder, batch_size: int) -> dict[str, stats.Measure]:
+def _measure_panel2patch(location: Path, encoder, batch_size: int) -> dict[str, stats.Measure]:
     """Items as SampleConfig's defaults keep them, the same for every model compared (not a run's own
     filters, which may differ between the models)."""
     measures = {}
@@ -168,9 +154,15 @@ def _measure_panel2patch(task: Task, location: Path, encoder, batch_size: int) -
 def measure(task: Task, data_root: Path, encoder, batch_size: int) -> dict[str, stats.Measure]:
     """Each metric of `task` for the model behind `encoder`, per unit."""
     location = task.location(data_root)
+    if task.kind == "panel2patch":
+        return _measure_panel2patch(location, encoder, batch_size)
     if task.kind == "zeroshot":
-        return _measure_zeroshot(task, _limited(_zeroshot_examples(task, location), task.limit), encoder, batch_size)
-    if task.kind == "retrieval":
-        pairs = _jsonl_pairs(task, location) if task.format == "jsonl" else _wds_pairs(task, location)
-        return _measure_retrieval(_limited(pairs, task.limit), encoder, batch_size)
-    return _measure_panel2patch(task, location, encoder, batch_size)
+        examples = _limited(_zeroshot_examples(task, location), task.limit)
+    else:
+        examples = _limited(_jsonl_pairs(task, location) if task.format == "jsonl" else _wds_pairs(task, location),
+                            task.limit)
+    if not len(examples):
+        raise UserError(f"task {task.name}: {location} holds no examples; check its layout ({task.get or task.format})")
+    if task.kind == "zeroshot":
+        return _measure_zeroshot(task, examples, encoder, batch_size)
+    return _measure_retrieval(examples, encoder, batch_size)
